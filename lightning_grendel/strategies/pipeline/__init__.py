@@ -1,0 +1,26 @@
+"""Pipeline parallelism with cross-mesh resharding: meshes, specs, planner, executors, schedules, strategy."""
+
+from lightning_grendel.strategies.pipeline.executors import GroupCache, simulate_plan, start_plan
+from lightning_grendel.strategies.pipeline.mesh import Mesh, ShardingSpec
+from lightning_grendel.strategies.pipeline.plan import EXECUTORS, ReshardPlan, make_plan
+from lightning_grendel.strategies.pipeline.planner import Tile, UnitTask, tiles, unit_tasks
+from lightning_grendel.strategies.pipeline.reshard import reshard
+from lightning_grendel.strategies.pipeline.senders import SENDER_MODES, select_senders
+
+__all__ = [
+    "EXECUTORS",
+    "SENDER_MODES",
+    "GroupCache",
+    "Mesh",
+    "ReshardPlan",
+    "ShardingSpec",
+    "Tile",
+    "UnitTask",
+    "make_plan",
+    "reshard",
+    "select_senders",
+    "simulate_plan",
+    "start_plan",
+    "tiles",
+    "unit_tasks",
+]

@@ -1,0 +1,70 @@
+"""``reshard()``: move a tensor from one mesh layout to another mesh layout, without Lightning.
+
+DTensor cannot redistribute across different meshes; this is the missing piece, usable on its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+
+from lightning_grendel.strategies.pipeline.executors import GroupCache, start_plan
+from lightning_grendel.strategies.pipeline.mesh import Mesh, ShardingSpec, box_slices, local_box, local_shape
+from lightning_grendel.strategies.pipeline.plan import make_plan
+
+_DEFAULT_GROUPS: GroupCache | None = None
+
+
+def reshard(tensor_or_shard: torch.Tensor | None, src_mesh: Mesh, src_spec: str | ShardingSpec, dst_mesh: Mesh,
+            dst_spec: str | ShardingSpec, mode: str = "broadcast", *, shape: Sequence[int] | None = None,
+            dtype: torch.dtype | None = None, sender_mode: str = "normal", seed: int = 0,
+            groups: GroupCache | None = None) -> torch.Tensor | None:
+    """Return this rank's shard of the tensor under ``dst_spec`` on ``dst_mesh`` (None off that mesh).
+
+    Collective over the default process group: every rank calls it with the same layouts, ``shape``
+    and ``dtype`` (source ranks may omit them by passing the full tensor). Source ranks pass either
+    the full tensor or their local shard; the other ranks pass None. ``mode`` is the executor
+    (``send_recv``, ``allgather``, ``broadcast``); ``sender_mode`` the sender selection.
+    """
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("reshard() needs an initialised torch.distributed process group")
+    rank = dist.get_rank()
+    if shape is None or dtype is None:
+        if tensor_or_shard is None:
+            raise ValueError(f"rank {rank} passed no tensor, so it must pass shape= and dtype=")
+        shape = tuple(tensor_or_shard.shape) if shape is None else shape
+        dtype = tensor_or_shard.dtype if dtype is None else dtype
+    shape = tuple(int(s) for s in shape)
+    plan = make_plan(shape, dtype, src_mesh, src_spec, dst_mesh, dst_spec, mode, sender_mode, seed=seed)
+    world = dist.get_world_size()
+    if max(*src_mesh.ranks, *dst_mesh.ranks) >= world:
+        raise ValueError(f"mesh ranks must be below the world size {world}")
+    local = None
+    if rank in src_mesh.ranks:
+        local = _local_shard(tensor_or_shard, plan.src_mesh, plan.src_spec, shape, rank)
+        if local.dtype != dtype:
+            raise ValueError(f"tensor dtype {local.dtype} differs from the declared dtype {dtype}")
+    global _DEFAULT_GROUPS
+    if groups is None:
+        _DEFAULT_GROUPS = _DEFAULT_GROUPS or GroupCache()
+        groups = _DEFAULT_GROUPS
+    groups.ensure(plan.groups())
+    return start_plan(plan, rank, local, groups).wait()
+
+
+def _local_shard(tensor: torch.Tensor | None, mesh: Mesh, spec: ShardingSpec, shape: tuple[int, ...],
+                 rank: int) -> torch.Tensor:
+    """Accept the full tensor or this rank's shard; anything else is a clear error."""
+    if tensor is None:
+        raise ValueError(f"rank {rank} is in the source mesh but passed no tensor")
+    expected = local_shape(mesh, spec, shape, rank)
+    if tuple(tensor.shape) == shape:
+        return tensor[box_slices(local_box(mesh, spec, shape, rank))]
+    if tuple(tensor.shape) == expected:
+        return tensor
+    raise ValueError(
+        f"rank {rank}: tensor of shape {tuple(tensor.shape)} is neither the full tensor {shape} nor the local "
+        f"shard {expected} under spec {spec} on mesh {mesh.shape}"
+    )
