@@ -1,0 +1,511 @@
+// Tile-based 3DGS rasterizer for one image on the CPU: binning, depth sort, alpha compositing and its
+// backward. Follows lightning_grendel/splatting/rasterize_torch.py (the reference) operation by operation
+// so that both backends agree to rounding: float32 tile bounds, stable depth order, transmittance
+// accumulated in double (as torch's CPU cumprod does), alpha = min(0.99, o * exp(-sigma)).
+//
+// Parallel over 16x16 tiles with OpenMP. The backward pass writes one gradient record per (tile, splat)
+// intersection and reduces them per splat in intersection order, so gradients are bit-identical for any
+// thread count and schedule.
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <utility>
+#include <vector>
+
+namespace {
+
+constexpr int kTile = 16;
+constexpr int kTilePixels = kTile * kTile;
+constexpr int kSplatGrads = 6;  // mean x, mean y, conic a, b, c, opacity; colour grads follow
+
+// The pixel rectangle being rendered and the tile rows that cover it.
+struct Grid {
+  int64_t width, height, row_start, row_end;
+  int64_t tiles_x, tiles_y, tile_row_start, tile_row_end;
+
+  Grid(int64_t w, int64_t h, int64_t r0, int64_t r1)
+      : width(w), height(h), row_start(r0), row_end(r1), tiles_x((w + kTile - 1) / kTile),
+        tiles_y((h + kTile - 1) / kTile), tile_row_start(r0 / kTile), tile_row_end((r1 + kTile - 1) / kTile) {}
+
+  int64_t num_tiles() const { return tiles_x * (tile_row_end - tile_row_start); }
+  int64_t rows() const { return row_end - row_start; }
+};
+
+// The rendered pixels of one tile: columns [x0, x1), rows [y0, y1); local index (y - oy) * 16 + (x - ox).
+struct TileRect {
+  int64_t ox, oy, x0, x1, y0, y1;
+
+  TileRect(const Grid& g, int64_t tile) {
+    const int64_t tx = tile % g.tiles_x, ty = tile / g.tiles_x + g.tile_row_start;
+    ox = tx * kTile;
+    oy = ty * kTile;
+    x0 = ox;
+    x1 = std::min(ox + kTile, g.width);
+    y0 = std::max(oy, g.row_start);
+    y1 = std::min(oy + kTile, g.row_end);
+  }
+  int64_t count() const { return std::max<int64_t>(x1 - x0, 0) * std::max<int64_t>(y1 - y0, 0); }
+  int local(int64_t x, int64_t y) const { return static_cast<int>((y - oy) * kTile + (x - ox)); }
+};
+
+// ---------------------------------------------------------------------------------------------------
+// Binning: the float32 tile rectangle of tiles.tile_bounds, then splat ids per tile in stable depth order.
+
+struct TileLists {
+  torch::Tensor offsets_tensor, ids_tensor;
+  const int64_t* offsets;  // [num_tiles + 1]
+  const int32_t* ids;      // [intersections], tile-major, depth-sorted inside a tile
+  int64_t size;            // number of intersections
+
+  TileLists(torch::Tensor offsets_in, torch::Tensor ids_in)
+      : offsets_tensor(std::move(offsets_in)), ids_tensor(std::move(ids_in)),
+        offsets(offsets_tensor.data_ptr<int64_t>()), ids(ids_tensor.data_ptr<int32_t>()), size(ids_tensor.numel()) {}
+};
+
+inline float clamp_index(float v, float hi) { return std::fmin(std::fmax(v, 0.0f), hi); }
+
+// Order-preserving integer key of a depth; -0 == +0 and NaN sorts last, as in torch.sort.
+inline uint64_t depth_key(double depth) {
+  if (std::isnan(depth)) return std::numeric_limits<uint64_t>::max();
+  depth += 0.0;
+  uint64_t bits;
+  std::memcpy(&bits, &depth, sizeof bits);
+  return (bits >> 63) ? ~bits : (bits | (uint64_t{1} << 63));
+}
+
+template <typename scalar_t>
+TileLists bin_splats(const scalar_t* means, const float* radii, const scalar_t* depths, int64_t n, const Grid& g) {
+  struct Rect {
+    int32_t x0, x1, y0, y1;
+  };
+  std::vector<Rect> rects(n);
+  const float tx = static_cast<float>(g.tiles_x), ty = static_cast<float>(g.tiles_y);
+  const int32_t r0 = static_cast<int32_t>(g.tile_row_start), r1 = static_cast<int32_t>(g.tile_row_end);
+  const float tile = static_cast<float>(kTile);
+#pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
+  for (int64_t i = 0; i < n; ++i) {
+    const float mx = static_cast<float>(means[2 * i]), my = static_cast<float>(means[2 * i + 1]);
+    const float r = radii[i];
+    Rect rect{0, 0, 0, 0};
+    if (r > 0.0f) {
+      rect.x0 = static_cast<int32_t>(clamp_index(std::floor((mx - r) / tile), tx));
+      rect.x1 = static_cast<int32_t>(clamp_index(std::ceil((mx + r) / tile), tx));
+      rect.y0 = std::clamp(static_cast<int32_t>(clamp_index(std::floor((my - r) / tile), ty)), r0, r1);
+      rect.y1 = std::clamp(static_cast<int32_t>(clamp_index(std::ceil((my + r) / tile), ty)), r0, r1);
+    }
+    rects[i] = rect;
+  }
+
+  std::vector<std::pair<uint64_t, int32_t>> order;
+  for (int64_t i = 0; i < n; ++i) {
+    const Rect& r = rects[i];
+    if (r.x1 > r.x0 && r.y1 > r.y0) order.emplace_back(depth_key(static_cast<double>(depths[i])), static_cast<int32_t>(i));
+  }
+  std::sort(order.begin(), order.end());  // (depth, index): the stable depth sort of the reference
+
+  const int64_t num_tiles = g.num_tiles();
+  auto offsets = torch::zeros({num_tiles + 1}, torch::kInt64);
+  int64_t* off = offsets.data_ptr<int64_t>();
+  for (const auto& entry : order) {
+    const Rect& r = rects[entry.second];
+    for (int32_t y = r.y0; y < r.y1; ++y) {
+      int64_t* row = off + 1 + (y - r0) * g.tiles_x;
+      for (int32_t x = r.x0; x < r.x1; ++x) ++row[x];
+    }
+  }
+  for (int64_t t = 0; t < num_tiles; ++t) off[t + 1] += off[t];
+  auto ids = torch::empty({off[num_tiles]}, torch::kInt32);
+  int32_t* id = ids.data_ptr<int32_t>();
+  std::vector<int64_t> cursor(off, off + num_tiles);
+  for (const auto& entry : order) {
+    const Rect& r = rects[entry.second];
+    for (int32_t y = r.y0; y < r.y1; ++y) {
+      int64_t* row = cursor.data() + (y - r0) * g.tiles_x;
+      for (int32_t x = r.x0; x < r.x1; ++x) id[row[x]++] = entry.second;
+    }
+  }
+  return TileLists(offsets, ids);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Per-splat constants: the exact inputs of the per-pixel test plus a conservative ellipse that bounds
+// the pixels where alpha >= 1/255 can hold, so that most pixels of a tile are never visited.
+
+template <typename scalar_t>
+struct Splat {
+  scalar_t mx, my, a, b, c, o;
+  double cut;     // sigma above which alpha < 1/255 for certain (with margin); < 0: the splat never blends
+  double det;     // a c - b^2 in double; <= 0 (or non-finite inputs) means the ellipse is not bounded
+  double half_y;  // half height of the ellipse sigma <= cut
+  bool bounded;
+};
+
+template <typename scalar_t>
+constexpr scalar_t kMinAlpha = static_cast<scalar_t>(1.0 / 255.0);
+template <typename scalar_t>
+constexpr scalar_t kMaxAlpha = static_cast<scalar_t>(0.99);
+template <typename scalar_t>
+constexpr scalar_t kMinTransmittance = static_cast<scalar_t>(1e-4);
+
+template <typename scalar_t>
+std::vector<Splat<scalar_t>> prepare_splats(const scalar_t* means, const scalar_t* conics, const scalar_t* opacities,
+                                            int64_t n) {
+  std::vector<Splat<scalar_t>> splats(n);
+  const double eps = std::numeric_limits<scalar_t>::epsilon();
+#pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
+  for (int64_t i = 0; i < n; ++i) {
+    Splat<scalar_t> s;
+    s.mx = means[2 * i];
+    s.my = means[2 * i + 1];
+    s.a = conics[3 * i];
+    s.b = conics[3 * i + 1];
+    s.c = conics[3 * i + 2];
+    s.o = opacities[i];
+    const double a = s.a, b = s.b, c = s.c;
+    s.det = a * c - b * b;
+    s.bounded = std::isfinite(s.det) && a > 0.0 && s.det > 0.0 && std::isfinite(static_cast<double>(s.mx)) &&
+                std::isfinite(static_cast<double>(s.my));
+    s.half_y = 0.0;
+    if (!(s.o >= kMinAlpha<scalar_t>)) {
+      s.cut = -1.0;  // alpha = o * exp(-sigma) <= o < 1/255 everywhere
+    } else if (!s.bounded) {
+      s.cut = std::numeric_limits<double>::infinity();
+    } else {
+      // sigma is computed in scalar_t; its rounding error grows with the conic's condition number.
+      const double mid = 0.5 * (a + c);
+      const double big = mid + std::sqrt(std::max(mid * mid - s.det, 0.0));
+      const double condition = big * big / s.det;
+      const double exact = std::log(static_cast<double>(s.o) / static_cast<double>(kMinAlpha<scalar_t>));
+      s.cut = exact * (1.01 + 64.0 * eps * condition) + 0.01;
+      s.half_y = std::sqrt(2.0 * s.cut * a / s.det);
+    }
+    splats[i] = s;
+  }
+  return splats;
+}
+
+inline int64_t clamp_pixel(double v, int64_t lo, int64_t hi) {
+  return static_cast<int64_t>(std::fmin(std::fmax(v, static_cast<double>(lo)), static_cast<double>(hi)));
+}
+
+// Calls visit(x, y) for the rendered pixels of the tile that may lie inside the splat's ellipse.
+template <typename scalar_t, typename Visit>
+inline void for_each_pixel(const Splat<scalar_t>& s, const TileRect& r, Visit&& visit) {
+  if (!s.bounded) {
+    for (int64_t y = r.y0; y < r.y1; ++y)
+      for (int64_t x = r.x0; x < r.x1; ++x) visit(x, y);
+    return;
+  }
+  const double mx = s.mx, my = s.my;
+  const int64_t ya = clamp_pixel(std::ceil(my - s.half_y - 0.5), r.y0, r.y1);
+  const int64_t yb = clamp_pixel(std::floor(my + s.half_y - 0.5) + 1.0, r.y0, r.y1);
+  const double a = s.a, b = s.b, two_a_cut = 2.0 * a * s.cut;
+  for (int64_t y = ya; y < yb; ++y) {
+    const double dy = static_cast<double>(y) + 0.5 - my;
+    const double q = two_a_cut - s.det * dy * dy;
+    if (q < 0.0) continue;
+    const double centre = mx - b * dy / a, half = std::sqrt(q) / a;
+    const int64_t xa = clamp_pixel(std::ceil(centre - half - 0.5), r.x0, r.x1);
+    const int64_t xb = clamp_pixel(std::floor(centre + half - 0.5) + 1.0, r.x0, r.x1);
+    for (int64_t x = xa; x < xb; ++x) visit(x, y);
+  }
+}
+
+// The reference's per-pixel test. Returns false where the splat is skipped at this pixel.
+template <typename scalar_t>
+struct Sample {
+  scalar_t dx, dy, vis, raw, alpha;
+
+  inline bool eval(const Splat<scalar_t>& s, int64_t x, int64_t y) {
+    dx = (static_cast<scalar_t>(x) + static_cast<scalar_t>(0.5)) - s.mx;
+    dy = (static_cast<scalar_t>(y) + static_cast<scalar_t>(0.5)) - s.my;
+    const scalar_t sigma = static_cast<scalar_t>(0.5) * (s.a * dx * dx + s.c * dy * dy) + s.b * dx * dy;
+    if (!(sigma >= 0) || static_cast<double>(sigma) > s.cut) return false;
+    vis = std::exp(-sigma);
+    raw = s.o * vis;
+    alpha = raw > kMaxAlpha<scalar_t> ? kMaxAlpha<scalar_t> : raw;
+    return alpha >= kMinAlpha<scalar_t>;
+  }
+};
+
+// Channel count known at compile time for the common case (RGB), at run time otherwise.
+template <int Static>
+struct Channels {
+  int64_t runtime;
+  constexpr int64_t get() const { return Static > 0 ? Static : runtime; }
+};
+
+// ---------------------------------------------------------------------------------------------------
+// Forward
+
+template <typename scalar_t, int StaticD>
+void forward_tiles(const Grid& g, const TileLists& lists, const std::vector<Splat<scalar_t>>& splats,
+                   const scalar_t* colors, const scalar_t* background, Channels<StaticD> channels, scalar_t* image,
+                   scalar_t* final_t, int32_t* last, int64_t* blended) {
+  const int64_t D = channels.get();
+  const int64_t num_tiles = g.num_tiles();
+  int64_t total_blended = 0;
+#pragma omp parallel num_threads(at::get_num_threads()) reduction(+ : total_blended)
+  {
+    std::vector<double> trans(kTilePixels), color(kTilePixels * D);
+    std::vector<int32_t> last_local(kTilePixels);
+    std::vector<uint8_t> done(kTilePixels);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t tile = 0; tile < num_tiles; ++tile) {
+      const TileRect r(g, tile);
+      const int64_t active = r.count();
+      if (active == 0) continue;
+      std::fill(trans.begin(), trans.end(), 1.0);
+      std::fill(color.begin(), color.end(), 0.0);
+      std::fill(last_local.begin(), last_local.end(), -1);
+      std::fill(done.begin(), done.end(), 0);
+      int64_t finished = 0;
+      const int64_t begin = lists.offsets[tile], count = lists.offsets[tile + 1] - begin;
+      for (int64_t k = 0; k < count && finished < active; ++k) {
+        const Splat<scalar_t>& s = splats[lists.ids[begin + k]];
+        if (s.cut < 0.0) continue;
+        const scalar_t* col = colors + static_cast<int64_t>(lists.ids[begin + k]) * D;
+        for_each_pixel(s, r, [&](int64_t x, int64_t y) {
+          const int p = r.local(x, y);
+          if (done[p]) return;
+          Sample<scalar_t> px;
+          if (!px.eval(s, x, y)) return;
+          const scalar_t one_minus = static_cast<scalar_t>(1) - px.alpha;
+          const double next = trans[p] * static_cast<double>(one_minus);
+          if (static_cast<scalar_t>(next) < kMinTransmittance<scalar_t>) {
+            done[p] = 1;
+            ++finished;
+            return;
+          }
+          const double weight = static_cast<double>(px.alpha * static_cast<scalar_t>(trans[p]));
+          double* c = color.data() + p * D;
+          for (int64_t d = 0; d < D; ++d) c[d] += weight * static_cast<double>(col[d]);
+          trans[p] = next;
+          last_local[p] = static_cast<int32_t>(k);
+          ++total_blended;
+        });
+      }
+      for (int64_t y = r.y0; y < r.y1; ++y) {
+        for (int64_t x = r.x0; x < r.x1; ++x) {
+          const int p = r.local(x, y);
+          const int64_t out = (y - g.row_start) * g.width + x;
+          const scalar_t t = static_cast<scalar_t>(trans[p]);
+          for (int64_t d = 0; d < D; ++d)
+            image[out * D + d] = static_cast<scalar_t>(color[p * D + d]) + t * background[d];
+          final_t[out] = t;
+          last[out] = last_local[p];
+        }
+      }
+    }
+  }
+  *blended = total_blended;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Backward: each tile's list back to front from the saved final transmittance and last contributor.
+
+template <typename scalar_t, int StaticD>
+void backward_tiles(const Grid& g, const TileLists& lists, const std::vector<Splat<scalar_t>>& splats,
+                    const scalar_t* colors, const scalar_t* background, Channels<StaticD> channels,
+                    const scalar_t* final_t, const int32_t* last, const scalar_t* grad_image, scalar_t* records) {
+  const int64_t D = channels.get();
+  const int64_t K = kSplatGrads + D;
+  const int64_t num_tiles = g.num_tiles();
+#pragma omp parallel num_threads(at::get_num_threads())
+  {
+    std::vector<double> trans(kTilePixels), behind(kTilePixels * D), upstream(kTilePixels * D), acc(K);
+    std::vector<int32_t> last_local(kTilePixels);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t tile = 0; tile < num_tiles; ++tile) {
+      const TileRect r(g, tile);
+      if (r.count() == 0) continue;
+      int32_t deepest = -1;
+      std::fill(last_local.begin(), last_local.end(), -1);
+      for (int64_t y = r.y0; y < r.y1; ++y) {
+        for (int64_t x = r.x0; x < r.x1; ++x) {
+          const int p = r.local(x, y);
+          const int64_t out = (y - g.row_start) * g.width + x;
+          trans[p] = static_cast<double>(final_t[out]);
+          for (int64_t d = 0; d < D; ++d) {
+            behind[p * D + d] = static_cast<double>(final_t[out] * background[d]);
+            upstream[p * D + d] = static_cast<double>(grad_image[out * D + d]);
+          }
+          last_local[p] = last[out];
+          deepest = std::max(deepest, last[out]);
+        }
+      }
+      const int64_t begin = lists.offsets[tile];
+      for (int64_t k = deepest; k >= 0; --k) {
+        const int32_t id = lists.ids[begin + k];
+        const Splat<scalar_t>& s = splats[id];
+        if (s.cut < 0.0) continue;
+        const scalar_t* col = colors + static_cast<int64_t>(id) * D;
+        std::fill(acc.begin(), acc.end(), 0.0);
+        bool touched = false;
+        const double a = s.a, b = s.b, c = s.c, o = s.o;
+        for_each_pixel(s, r, [&](int64_t x, int64_t y) {
+          const int p = r.local(x, y);
+          if (k > last_local[p]) return;
+          Sample<scalar_t> px;
+          if (!px.eval(s, x, y)) return;
+          touched = true;
+          const double alpha = px.alpha, one_minus = static_cast<double>(static_cast<scalar_t>(1) - px.alpha);
+          const double t = trans[p] / one_minus;
+          const double weight = alpha * t;
+          const double* gp = upstream.data() + p * D;
+          double* bp = behind.data() + p * D;
+          double grad_alpha = 0.0;
+          for (int64_t d = 0; d < D; ++d) {
+            const double cd = static_cast<double>(col[d]);
+            grad_alpha += gp[d] * (cd * t - bp[d] / one_minus);
+            bp[d] += cd * weight;
+            acc[kSplatGrads + d] += gp[d] * weight;
+          }
+          trans[p] = t;
+          if (px.raw <= kMaxAlpha<scalar_t>) {  // the 0.99 clamp passes no gradient where it clamps
+            const double vis = px.vis, dx = px.dx, dy = px.dy;
+            const double grad_sigma = -o * vis * grad_alpha;
+            acc[0] -= grad_sigma * (a * dx + b * dy);
+            acc[1] -= grad_sigma * (b * dx + c * dy);
+            acc[2] += grad_sigma * 0.5 * dx * dx;
+            acc[3] += grad_sigma * dx * dy;
+            acc[4] += grad_sigma * 0.5 * dy * dy;
+            acc[5] += grad_alpha * vis;
+          }
+        });
+        if (!touched) continue;
+        scalar_t* rec = records + (begin + k) * K;
+        for (int64_t j = 0; j < K; ++j) rec[j] = static_cast<scalar_t>(acc[j]);
+      }
+    }
+  }
+}
+
+// Sums the intersection records of each splat in intersection order; threads own disjoint splat ranges.
+template <typename scalar_t>
+void reduce_records(const TileLists& lists, const scalar_t* records, int64_t n, int64_t D, scalar_t* grad_means,
+                    scalar_t* grad_conics, scalar_t* grad_colors, scalar_t* grad_opacities) {
+  const int64_t K = kSplatGrads + D;
+  const int64_t m = lists.size;
+#pragma omp parallel num_threads(at::get_num_threads())
+  {
+    const int64_t threads = omp_get_num_threads(), me = omp_get_thread_num();
+    const int64_t lo = n * me / threads, hi = n * (me + 1) / threads;
+    std::vector<double> sums((hi - lo) * K, 0.0);
+    for (int64_t e = 0; e < m; ++e) {
+      const int64_t id = lists.ids[e];
+      if (id < lo || id >= hi) continue;
+      double* dst = sums.data() + (id - lo) * K;
+      const scalar_t* src = records + e * K;
+      for (int64_t j = 0; j < K; ++j) dst[j] += static_cast<double>(src[j]);
+    }
+    for (int64_t i = lo; i < hi; ++i) {
+      const double* src = sums.data() + (i - lo) * K;
+      grad_means[2 * i] = static_cast<scalar_t>(src[0]);
+      grad_means[2 * i + 1] = static_cast<scalar_t>(src[1]);
+      for (int j = 0; j < 3; ++j) grad_conics[3 * i + j] = static_cast<scalar_t>(src[2 + j]);
+      grad_opacities[i] = static_cast<scalar_t>(src[5]);
+      for (int64_t d = 0; d < D; ++d) grad_colors[i * D + d] = static_cast<scalar_t>(src[kSplatGrads + d]);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Entry points
+
+void check_inputs(const torch::Tensor& means2d, const torch::Tensor& conics, const torch::Tensor& colors,
+                  const torch::Tensor& opacities, const torch::Tensor& background) {
+  const auto n = means2d.size(0);
+  TORCH_CHECK(means2d.dim() == 2 && means2d.size(1) == 2, "means2d must be [N, 2]");
+  TORCH_CHECK(conics.dim() == 2 && conics.size(0) == n && conics.size(1) == 3, "conics must be [N, 3]");
+  TORCH_CHECK(colors.dim() == 2 && colors.size(0) == n, "colors must be [N, D]");
+  TORCH_CHECK(opacities.dim() == 1 && opacities.size(0) == n, "opacities must be [N]");
+  TORCH_CHECK(background.dim() == 1 && background.size(0) == colors.size(1), "background must be [D]");
+  for (const auto* t : {&means2d, &conics, &colors, &opacities, &background}) {
+    TORCH_CHECK(t->device().is_cpu() && t->is_contiguous() && t->scalar_type() == colors.scalar_type(),
+                "rasterize_cpp: inputs must be contiguous CPU tensors of one floating dtype");
+  }
+}
+
+// Returns image [rows, W, D], final transmittance [rows, W], last contributor [rows, W] (position in the
+// tile's list, -1 when none), tile offsets [tiles + 1], tile splat ids [M] and the blended pair count.
+std::vector<torch::Tensor> forward(const torch::Tensor& means2d, const torch::Tensor& conics,
+                                   const torch::Tensor& colors, const torch::Tensor& opacities,
+                                   const torch::Tensor& depths, const torch::Tensor& radii, int64_t width,
+                                   int64_t height, const torch::Tensor& background, int64_t row_start,
+                                   int64_t row_end) {
+  check_inputs(means2d, conics, colors, opacities, background);
+  TORCH_CHECK(depths.is_contiguous() && depths.scalar_type() == colors.scalar_type(), "depths: [N], inputs' dtype");
+  TORCH_CHECK(radii.is_contiguous() && radii.scalar_type() == torch::kFloat32, "radii must be float32");
+  const Grid g(width, height, row_start, row_end);
+  const int64_t n = means2d.size(0), D = colors.size(1);
+  auto image = torch::empty({g.rows(), width, D}, colors.options());
+  auto final_t = torch::empty({g.rows(), width}, colors.options());
+  auto last = torch::empty({g.rows(), width}, colors.options().dtype(torch::kInt32));
+  torch::Tensor offsets, ids;
+  int64_t blended = 0;
+  AT_DISPATCH_FLOATING_TYPES(colors.scalar_type(), "rasterize_cpp_forward", [&] {
+    const TileLists lists = bin_splats<scalar_t>(means2d.data_ptr<scalar_t>(), radii.data_ptr<float>(),
+                                                 depths.data_ptr<scalar_t>(), n, g);
+    const auto splats = prepare_splats<scalar_t>(means2d.data_ptr<scalar_t>(), conics.data_ptr<scalar_t>(),
+                                                 opacities.data_ptr<scalar_t>(), n);
+    auto run = [&](auto channels) {
+      forward_tiles<scalar_t>(g, lists, splats, colors.data_ptr<scalar_t>(), background.data_ptr<scalar_t>(),
+                              channels, image.data_ptr<scalar_t>(), final_t.data_ptr<scalar_t>(),
+                              last.data_ptr<int32_t>(), &blended);
+    };
+    if (D == 3) run(Channels<3>{3}); else run(Channels<0>{D});
+    offsets = lists.offsets_tensor;
+    ids = lists.ids_tensor;
+  });
+  return {image, final_t, last, offsets, ids, torch::tensor(blended, torch::kInt64)};
+}
+
+// Returns grads for means2d [N, 2], conics [N, 3], colors [N, D], opacities [N].
+std::vector<torch::Tensor> backward(const torch::Tensor& means2d, const torch::Tensor& conics,
+                                    const torch::Tensor& colors, const torch::Tensor& opacities,
+                                    const torch::Tensor& background, int64_t width, int64_t height,
+                                    int64_t row_start, int64_t row_end, const torch::Tensor& offsets,
+                                    const torch::Tensor& ids, const torch::Tensor& final_t,
+                                    const torch::Tensor& last, const torch::Tensor& grad_image) {
+  check_inputs(means2d, conics, colors, opacities, background);
+  TORCH_CHECK(grad_image.is_contiguous() && grad_image.scalar_type() == colors.scalar_type(), "grad_image dtype");
+  const Grid g(width, height, row_start, row_end);
+  TORCH_CHECK(offsets.numel() == g.num_tiles() + 1, "tile offsets do not match the image");
+  const int64_t n = means2d.size(0), D = colors.size(1);
+  TORCH_CHECK(offsets.scalar_type() == torch::kInt64 && ids.scalar_type() == torch::kInt32, "tile list dtypes");
+  const TileLists lists(offsets.contiguous(), ids.contiguous());
+  auto records = torch::zeros({ids.numel(), kSplatGrads + D}, colors.options());
+  auto grad_means = torch::empty_like(means2d), grad_conics = torch::empty_like(conics);
+  auto grad_colors = torch::empty_like(colors), grad_opacities = torch::empty_like(opacities);
+  AT_DISPATCH_FLOATING_TYPES(colors.scalar_type(), "rasterize_cpp_backward", [&] {
+    const auto splats = prepare_splats<scalar_t>(means2d.data_ptr<scalar_t>(), conics.data_ptr<scalar_t>(),
+                                                 opacities.data_ptr<scalar_t>(), n);
+    auto run = [&](auto channels) {
+      backward_tiles<scalar_t>(g, lists, splats, colors.data_ptr<scalar_t>(), background.data_ptr<scalar_t>(),
+                               channels, final_t.data_ptr<scalar_t>(), last.data_ptr<int32_t>(),
+                               grad_image.data_ptr<scalar_t>(), records.data_ptr<scalar_t>());
+    };
+    if (D == 3) run(Channels<3>{3}); else run(Channels<0>{D});
+    reduce_records<scalar_t>(lists, records.data_ptr<scalar_t>(), n, D, grad_means.data_ptr<scalar_t>(),
+                             grad_conics.data_ptr<scalar_t>(), grad_colors.data_ptr<scalar_t>(),
+                             grad_opacities.data_ptr<scalar_t>());
+  });
+  return {grad_means, grad_conics, grad_colors, grad_opacities};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "lightning_grendel CPU tile rasterizer (forward and backward of one image)";
+  m.def("forward", &forward, "Bin, sort and composite splats into rows [row_start, row_end) of one image");
+  m.def("backward", &backward, "Gradients of the composite w.r.t. means2d, conics, colors and opacities");
+}
