@@ -19,6 +19,8 @@ from lightning_grendel.data.scene import ImageSplit, SceneData
 from lightning_grendel.splatting.cameras import Cameras
 
 Format = Literal["auto", "blender", "colmap", "demo"]
+BLENDER_INIT_POINTS = 100_000  # as in 3DGS for NeRF-synthetic
+DEMO_INIT_POINTS = 5_000  # enough for the small demo scene, cheap on two CPU cores
 
 
 class PosedImageDataset(Dataset):
@@ -73,7 +75,8 @@ class GaussianSplattingDataModule(LightningDataModule):
         background: colour transparent Blender pixels are composited over, also the render background.
         test_every: COLMAP hold-out: every ``test_every``-th image (sorted by name) is a test view;
             val is the same set.
-        num_init_points: Blender initial points, uniformly random in [-1.3, 1.3]^3.
+        num_init_points: initial points for Blender (uniformly random in [-1.3, 1.3]^3, default 100 000)
+            and the demo scene (on seen surfaces, default 5 000); COLMAP uses its 3D points.
         batch_size: cameras per training step.
         num_workers: DataLoader worker processes.
         seed: seeds the train order (identical on every rank) and random initial points.
@@ -87,7 +90,7 @@ class GaussianSplattingDataModule(LightningDataModule):
         downscale: float = 1.0,
         background: tuple[float, float, float] = (1.0, 1.0, 1.0),
         test_every: int = 8,
-        num_init_points: int = 100_000,
+        num_init_points: int | None = None,
         batch_size: int = 1,
         num_workers: int = 0,
         seed: int = 0,
@@ -120,14 +123,16 @@ class GaussianSplattingDataModule(LightningDataModule):
         if kind == "blender":
             from lightning_grendel.data.blender import load_blender_scene
 
-            return load_blender_scene(self.path, self.image_width, self.downscale, self.num_init_points, self.seed)
+            count = BLENDER_INIT_POINTS if self.num_init_points is None else self.num_init_points
+            return load_blender_scene(self.path, self.image_width, self.downscale, count, self.seed)
         if kind == "colmap":
             from lightning_grendel.data.colmap import load_colmap_scene
 
             return load_colmap_scene(self.path, self.image_width, self.downscale, self.test_every)
         from lightning_grendel.data.demo_scene import make_demo_scene
 
-        return make_demo_scene(image_width=self.image_width, downscale=self.downscale, seed=self.seed)
+        count = DEMO_INIT_POINTS if self.num_init_points is None else self.num_init_points
+        return make_demo_scene(self.image_width, self.downscale, self.seed, num_points=count)
 
     def setup(self, stage: str | None = None) -> None:
         """Decode the whole scene once; later stages reuse it."""
