@@ -15,6 +15,9 @@ from lightning import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_grendel.data.blender import load_blender_scene
+from lightning_grendel.data.colmap import find_model_dir, load_colmap_scene
+from lightning_grendel.data.demo_scene import make_demo_scene
 from lightning_grendel.data.scene import ImageSplit, SceneData
 from lightning_grendel.splatting.cameras import Cameras
 
@@ -53,14 +56,14 @@ def detect_format(path: Path) -> Literal["blender", "colmap"]:
     """``blender`` when ``transforms_train.json`` is there, ``colmap`` when a sparse model is."""
     if (path / "transforms_train.json").is_file():
         return "blender"
-    model_files = ("cameras.bin", "cameras.txt")
-    for folder in (path / "sparse" / "0", path / "sparse", path):
-        if any((folder / name).is_file() for name in model_files):
-            return "colmap"
-    raise FileNotFoundError(
-        f"{path}: cannot tell the dataset format: no transforms_train.json (Blender) and no "
-        "cameras.bin/cameras.txt in sparse/0, sparse or the folder itself (COLMAP)"
-    )
+    try:
+        find_model_dir(path)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(
+            f"{path}: cannot tell the dataset format: no transforms_train.json (Blender) and no "
+            "cameras.bin/cameras.txt in sparse/0, sparse or the folder itself (COLMAP)"
+        ) from error
+    return "colmap"
 
 
 class GaussianSplattingDataModule(LightningDataModule):
@@ -99,6 +102,8 @@ class GaussianSplattingDataModule(LightningDataModule):
         self.save_hyperparameters()
         if format in ("blender", "colmap") and path is None:
             raise ValueError(f"GaussianSplattingDataModule: format={format!r} needs a path")
+        if format == "demo" and path is not None:
+            raise ValueError(f"GaussianSplattingDataModule: the demo scene is generated in code; got path={path!r}")
         if test_every < 2:
             raise ValueError(f"GaussianSplattingDataModule: test_every must be >= 2, got {test_every}")
         self.path = None if path is None else Path(path)
@@ -121,16 +126,10 @@ class GaussianSplattingDataModule(LightningDataModule):
     def _load(self) -> SceneData:
         kind = self.resolved_format()
         if kind == "blender":
-            from lightning_grendel.data.blender import load_blender_scene
-
             count = BLENDER_INIT_POINTS if self.num_init_points is None else self.num_init_points
             return load_blender_scene(self.path, self.image_width, self.downscale, count, self.seed)
         if kind == "colmap":
-            from lightning_grendel.data.colmap import load_colmap_scene
-
             return load_colmap_scene(self.path, self.image_width, self.downscale, self.test_every)
-        from lightning_grendel.data.demo_scene import make_demo_scene
-
         count = DEMO_INIT_POINTS if self.num_init_points is None else self.num_init_points
         return make_demo_scene(self.image_width, self.downscale, self.seed, num_points=count)
 

@@ -86,6 +86,8 @@ def test_train_order_is_seeded_and_identical_across_instances():
 def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="needs a path"):
         GaussianSplattingDataModule(format="colmap")
+    with pytest.raises(ValueError, match="generated in code"):
+        GaussianSplattingDataModule(path=str(tmp_path), format="demo")
     with pytest.raises(FileNotFoundError, match="cannot tell the dataset format"):
         GaussianSplattingDataModule(path=str(tmp_path)).setup("fit")
     with pytest.raises(ValueError, match="not both"):
