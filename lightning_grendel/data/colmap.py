@@ -143,6 +143,16 @@ class _BinaryReader:
         self.offset += size
         return values
 
+    def read_count(self, record_size: int, what: str) -> int:
+        """The u64 record count of the header, checked against the file size before anything is allocated."""
+        (count,) = self.read("Q", f"the {what} count")
+        if count * record_size > len(self.data) - self.offset:
+            raise ColmapFormatError(
+                f"{self.path}: truncated or corrupt: the header announces {count} {what}s of at least "
+                f"{record_size} bytes, but only {len(self.data) - self.offset} bytes follow"
+            )
+        return count
+
     def skip(self, size: int, what: str) -> None:
         self._need(size, what)
         self.offset += size
@@ -168,7 +178,7 @@ class _BinaryReader:
 
 def read_cameras_binary(path: Path) -> dict[int, ColmapCamera]:
     reader = _BinaryReader(path)
-    (count,) = reader.read("Q", "the camera count")
+    count = reader.read_count(24, "camera")
     cameras = {}
     for index in range(count):
         camera_id, model_id, width, height = reader.read("iiQQ", f"camera {index + 1} of {count}")
@@ -183,7 +193,7 @@ def read_cameras_binary(path: Path) -> dict[int, ColmapCamera]:
 
 def read_images_binary(path: Path) -> dict[int, ColmapImage]:
     reader = _BinaryReader(path)
-    (count,) = reader.read("Q", "the image count")
+    count = reader.read_count(73, "image")
     images = {}
     for index in range(count):
         image_id, *pose, camera_id = reader.read("i7di", f"image {index + 1} of {count}")
@@ -197,7 +207,7 @@ def read_images_binary(path: Path) -> dict[int, ColmapImage]:
 
 def read_points3d_binary(path: Path) -> ColmapPoints:
     reader = _BinaryReader(path)
-    (count,) = reader.read("Q", "the point count")
+    count = reader.read_count(51, "point")
     ids = np.empty(count, np.int64)
     xyz = np.empty((count, 3), np.float64)
     rgb = np.empty((count, 3), np.uint8)

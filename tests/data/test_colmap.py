@@ -18,6 +18,7 @@ from lightning_grendel.data.colmap import (
     load_colmap_scene,
     read_cameras_binary,
     read_model,
+    read_points3d_binary,
 )
 
 
@@ -186,3 +187,10 @@ def test_malformed_text_line_names_file_and_line(tmp_path):
     (tmp_path / "cameras.txt").write_text("1 PINHOLE 64 48 50 50 32\n")
     with pytest.raises(ColmapFormatError, match=r"cameras\.txt:1: camera 1 \(PINHOLE\) needs 4 parameters, got 3"):
         read_model(tmp_path)
+
+
+def test_absurd_record_count_is_reported_before_allocating(tmp_path):
+    path = tmp_path / "points3D.bin"
+    path.write_bytes(struct.pack("<Q", 1 << 60) + bytes(100))
+    with pytest.raises(ColmapFormatError, match=r"points3D\.bin: truncated or corrupt: the header announces"):
+        read_points3d_binary(path)
