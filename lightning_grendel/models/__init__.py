@@ -1,0 +1,1 @@
+"""LightningModules: Gaussian splatting and Lorentz (hyperbolic) networks."""

@@ -1,0 +1,66 @@
+"""LorentzManifold with geoopt: ManifoldParameter + RiemannianAdam keep points on the hyperboloid."""
+
+from __future__ import annotations
+
+import geoopt
+import pytest
+import torch
+
+from lightning_grendel.hyperbolic import math as lm
+from lightning_grendel.hyperbolic.manifold import LorentzManifold
+from tests.hyperbolic.helpers import DTYPES, KS, assert_on_hyperboloid, random_points
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k", KS)
+def test_riemannian_adam_large_lr_1000_steps(k, dtype):
+    """1000 steps at lr 0.5 pulling points towards far targets: finite gradients, still on the manifold."""
+    torch.manual_seed(0)
+    manifold = LorentzManifold(k)
+    x = geoopt.ManifoldParameter(manifold.random_normal(8, 5, std=1.0, dtype=dtype), manifold=manifold)
+    target = random_points(8, 5, k, dtype, spread=5.0, seed=1)
+    opt = geoopt.optim.RiemannianAdam([x], lr=0.5, stabilize=10)
+    start = lm.dist(x.detach(), target, k).mean()
+    for _ in range(1000):
+        opt.zero_grad()
+        lm.sqdist(x, target, k).sum().backward()
+        assert torch.isfinite(x.grad).all()
+        opt.step()
+    assert_on_hyperboloid(x.detach(), k)
+    assert lm.dist(x.detach(), target, k).mean() < 0.2 * start
+
+
+def test_learnable_curvature_trains_and_stays_consistent():
+    torch.manual_seed(0)
+    manifold = LorentzManifold(1.0, learnable=True)
+    x = geoopt.ManifoldParameter(manifold.random_normal(16, 4, dtype=torch.float64), manifold=manifold)
+    manifold.double()
+    target_d = torch.full((16,), 3.0, dtype=torch.float64)
+    opt = geoopt.optim.RiemannianAdam([x, manifold.raw_k], lr=0.05, stabilize=1)
+    for _ in range(200):
+        opt.zero_grad()
+        loss = (manifold.dist(x, manifold.origin(16, 4, dtype=torch.float64)) - target_d).pow(2).mean()
+        loss.backward()
+        assert torch.isfinite(manifold.raw_k.grad)
+        opt.step()
+        with torch.no_grad():  # a changed k moves the hyperboloid: re-project as a user would
+            x.copy_(manifold.projx(x))
+    k = manifold.k.item()
+    assert k != pytest.approx(1.0)
+    assert_on_hyperboloid(x.detach(), k)
+
+
+def test_manifold_checks_and_parameter_api():
+    m = LorentzManifold(2.0, max_norm=1.0)
+    x = m.random_normal(4, 3, std=1.0)
+    assert m.check_point_on_manifold(x)
+    assert not m.check_point_on_manifold(x * 1.1)
+    u = m.proju(x, torch.randn(4, 3))
+    assert m.check_vector_on_tangent(x, u)
+    assert m.projx(x)[:, 1:].norm(dim=-1).max() <= 1.0 + 1e-6
+    torch.testing.assert_close(m.norm(x, u), m.inner(x, u).sqrt())
+    torch.testing.assert_close(m.dist(x, m.retr(x, u)), m.norm(x, u), rtol=1e-4, atol=1e-4)
+    y, v = m.retr_transp(x, u, u)
+    assert m.check_vector_on_tangent(y, v, atol=1e-4)
+    with pytest.raises(ValueError, match="positive"):
+        LorentzManifold(-1.0)
