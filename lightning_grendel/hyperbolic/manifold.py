@@ -119,4 +119,5 @@ class LorentzManifold(geoopt.manifolds.base.Manifold):
     random = random_normal
 
     def extra_repr(self) -> str:
-        return f"k={self.k.item():.4g}, learnable={self.raw_k.requires_grad}, max_norm={self.max_norm}, retraction={self.retraction}"
+        return (f"k={self.k.item():.4g}, learnable={self.raw_k.requires_grad}, max_norm={self.max_norm}, "
+                f"retraction={self.retraction}")
