@@ -16,6 +16,7 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/lightning-grendel fit -c recipes/gaussian/demo.yaml
 
 test: $(VENV)/.installed
+	$(PY) -m lightning_grendel.splatting.build_extension
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 

@@ -12,12 +12,14 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from lightning_grendel.splatting.rasterize_cpp import cpp_available, rasterize_cpp
+from lightning_grendel.splatting.rasterize_gsplat import gsplat_available, rasterize_gsplat
 from lightning_grendel.splatting.rasterize_torch import rasterize_torch
 
 log = logging.getLogger(__name__)
 
 RasterizeFn = Callable[..., Tensor]
-BACKENDS: dict[str, RasterizeFn] = {"torch": rasterize_torch}
+BACKENDS: dict[str, RasterizeFn] = {"torch": rasterize_torch, "cpp": rasterize_cpp, "gsplat": rasterize_gsplat}
 _announced: set[tuple[str, str]] = set()
 
 
@@ -27,7 +29,10 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         if backend not in BACKENDS:
             raise ValueError(f"unknown rasterizer backend {backend!r}; choose one of {['auto', *BACKENDS]}")
         return backend
-    chosen = "torch"
+    if device.type == "cpu":
+        chosen = "cpp" if cpp_available() else "torch"
+    else:
+        chosen = "gsplat" if device.type == "cuda" and gsplat_available() else "torch"
     key = (chosen, device.type)
     if key not in _announced:
         _announced.add(key)
