@@ -40,26 +40,7 @@ def _check_pairs(rank: int, world: int, pairs, spec_pairs, executors, sender_mod
     return checked
 
 
-@pytest.mark.timeout(240)
-def test_every_spec_pair_every_executor_on_gloo():
-    """All (src spec, dst spec) pairs of a 2-D tensor, on four mesh pairs, with each executor."""
-    specs = all_specs(2, 2)
-    spec_pairs = [(a, b) for a in specs for b in specs]
-    results = run_distributed(_check_pairs, 8, MESH_PAIRS, spec_pairs, EXECUTORS, ("normal",), (6, 8),
-                              timeout_s=180)
-    assert sum(results) > 0
-
-
-@pytest.mark.timeout(240)
-def test_every_sender_mode_on_gloo():
-    """Sender-selection modes change who sends; the bytes that arrive must not change."""
-    spec_pairs = [("S0R", "S0R"), ("RR", "S1R"), ("RS01", "S10R"), ("S1R", "RR"), ("S0S1", "RS0")]
-    results = run_distributed(_check_pairs, 8, MESH_PAIRS[1:3], spec_pairs, EXECUTORS, SENDER_MODES, (7, 9),
-                              timeout_s=180)
-    assert sum(results) > 0
-
-
-def _alpa_cases(rank: int, world: int) -> None:
+def _alpa_cases(rank: int) -> None:
     """The shapes of Alpa's own tests: (4,8,16) R->S0, S0->S0, RS0->S0; (3,8,2) all-gather at dim 1."""
     src, dst = Mesh([0, 1], (1, 2)), Mesh([2, 3], (1, 2))
     for shape, src_spec, dst_spec in [((4, 8, 16), "RRR", "S1RR"), ((4, 8, 16), "S1RR", "S1RR"),
@@ -72,6 +53,38 @@ def _alpa_cases(rank: int, world: int) -> None:
                 assert torch.equal(out, expected_shard(full, dst, dst_spec, rank))
 
 
-@pytest.mark.timeout(120)
-def test_alpa_shapes_int32_on_gloo():
-    run_distributed(_alpa_cases, 4, timeout_s=60)
+def _all_checks(rank: int, world: int) -> int:
+    """One spawn for everything: process start-up dominates on a loaded 2-core machine."""
+    specs = all_specs(2, 2)
+    spec_pairs = [(a, "RR") for a in specs] + [("RR", b) for b in specs[1:]]
+    spec_pairs += [("S0R", "S1R"), ("S01R", "RS10"), ("S1S0", "S0S1"), ("RS0", "S10R"), ("S0S1", "S0S1")]
+    checked = _check_pairs(rank, world, MESH_PAIRS, spec_pairs, EXECUTORS, ("normal",), (6, 8))
+    mode_pairs = [("S0R", "S0R"), ("RR", "S1R"), ("RS01", "S10R"), ("S1R", "RR"), ("S0S1", "RS0")]
+    checked += _check_pairs(rank, world, MESH_PAIRS[1:], mode_pairs, EXECUTORS, SENDER_MODES, (7, 9))
+    _alpa_cases(rank)
+    _bad_input_raises_before_communication(rank)
+    return checked
+
+
+def _bad_input_raises_before_communication(rank: int) -> None:
+    """Every rank raises locally; the barrier after it proves no rank was left waiting in a transfer."""
+    src, dst = Mesh([0, 1, 2, 3], (2, 2)), Mesh([4, 5, 6, 7], (2, 2))
+    full = torch.zeros(3, 8)
+    bad = [(src, "S2R", dst, "RR", "names mesh axis 2"), (src, "S01R", dst, "RR", "smaller than its 4 shards"),
+           (src, "RR", Mesh([3, 4], (1, 2)), "RR", "rank 3 appears in mesh 0 and mesh 1")]
+    for src_mesh, src_spec, dst_mesh, dst_spec, message in bad:
+        with pytest.raises(ValueError, match=message):
+            reshard(full, src_mesh, src_spec, dst_mesh, dst_spec, shape=full.shape, dtype=full.dtype)
+    dist.barrier()
+
+
+@pytest.mark.timeout(400)
+def test_reshard_on_gloo_every_executor_and_sender_mode():
+    """Every spec to and from fully replicated plus sharded->sharded pairs, on four mesh pairs of up to
+    8 ranks, with each executor; each sender mode on a subset; Alpa's test shapes in int32.
+
+    Every pair of every executor and sender mode also runs in the single-process executor
+    (test_pipeline_planner.py); here real collectives move the same plans' bytes.
+    """
+    results = run_distributed(_all_checks, 8, timeout_s=180)
+    assert sum(results) > 0
