@@ -42,7 +42,8 @@ def write_planetoid(path, n_train=4, n_test=3, n_other=3, n_feat=5, n_cls=2, nam
     ally, ty = onehot(n_all), onehot(n_test)
     allx = sp.csr_matrix(np.hstack([ally, feats(n_all).toarray()[:, n_cls:]]).astype(np.float32))
     tx = sp.csr_matrix(np.hstack([ty, feats(n_test).toarray()[:, n_cls:]]).astype(np.float32))
-    objs = {"x": allx[:n_train], "y": ally[:n_train], "allx": allx, "ally": ally, "tx": tx, "ty": ty, "graph": collections.defaultdict(list, {i: [(i + 1) % n] for i in range(n)})}
+    objs = {"x": allx[:n_train], "y": ally[:n_train], "allx": allx, "ally": ally, "tx": tx, "ty": ty,
+            "graph": collections.defaultdict(list, {i: [(i + 1) % n] for i in range(n)})}
     for key, obj in objs.items():
         (path / f"ind.{name}.{key}").write_bytes(pickle.dumps(obj, protocol=2))
     (path / f"ind.{name}.test.index").write_text("\n".join(str(i) for i in rng.permutation(np.arange(n_all, n))))
