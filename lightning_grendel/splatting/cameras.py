@@ -30,13 +30,15 @@ def opengl_to_opencv_world_to_camera(camera_to_world_gl: Tensor) -> Tensor:
 class Cameras:
     """A batch of C pinhole cameras sharing one image size.
 
-    ``world_to_camera`` is [C, 4, 4] (x_cam = R x_world + t), ``intrinsics`` is [C, 3, 3].
+    ``world_to_camera`` is [C, 4, 4] (x_cam = R x_world + t), ``intrinsics`` is [C, 3, 3]; ``ids`` [C]
+    optionally names each camera (its dataset index), so per-camera statistics can follow it.
     """
 
     world_to_camera: Tensor
     intrinsics: Tensor
     width: int
     height: int
+    ids: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.world_to_camera.dim() == 2:
@@ -57,10 +59,13 @@ class Cameras:
     def __getitem__(self, index: int | slice | Tensor) -> Cameras:
         if isinstance(index, int):
             index = slice(index, index + 1)
-        return Cameras(self.world_to_camera[index], self.intrinsics[index], self.width, self.height)
+        ids = None if self.ids is None else self.ids[index]
+        return Cameras(self.world_to_camera[index], self.intrinsics[index], self.width, self.height, ids)
 
     def to(self, device: torch.device | str) -> Cameras:
-        return Cameras(self.world_to_camera.to(device), self.intrinsics.to(device), self.width, self.height)
+        return Cameras(
+            self.world_to_camera.to(device), self.intrinsics.to(device), self.width, self.height, self.ids
+        )
 
     @property
     def centers(self) -> Tensor:
@@ -68,29 +73,6 @@ class Cameras:
         rotation = self.world_to_camera[:, :3, :3]
         translation = self.world_to_camera[:, :3, 3]
         return -(rotation.transpose(1, 2) @ translation[..., None])[..., 0]
-
-    @staticmethod
-    def cat(batches: list[Cameras]) -> Cameras:
-        sizes = {(c.width, c.height) for c in batches}
-        if len(sizes) != 1:
-            raise ValueError(f"Cameras.cat: every camera must share one image size, got {sorted(sizes)}")
-        return Cameras(
-            torch.cat([c.world_to_camera for c in batches]),
-            torch.cat([c.intrinsics for c in batches]),
-            batches[0].width,
-            batches[0].height,
-        )
-
-    def scaled(self, factor: float) -> Cameras:
-        """The same cameras for images resized by ``factor`` (e.g. 0.5 for half resolution)."""
-        intrinsics = self.intrinsics.clone()
-        intrinsics[:, :2, :] *= factor
-        return Cameras(
-            self.world_to_camera,
-            intrinsics,
-            max(1, round(self.width * factor)),
-            max(1, round(self.height * factor)),
-        )
 
 
 def scene_extent(cameras: Cameras) -> float:

@@ -1,0 +1,146 @@
+"""3DGS adaptive density control: clone, split, prune and opacity reset, on one shard of Gaussians.
+
+The same object runs whatever the strategy: each rank densifies its own shard from its own
+statistics, which is exactly what Inria's code does on one GPU because the statistics are per Gaussian.
+Schedules are counted in images seen, so they keep their meaning at any batch size.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from lightning_grendel.splatting.gaussians import activated_opacities, activated_scales
+from lightning_grendel.splatting.param_surgery import append_rows, replace_values, select_rows
+from lightning_grendel.splatting.projection import quaternion_to_rotation
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DensifyConfig:
+    """Thresholds and schedule (in images seen) of 3DGS densification; defaults are Inria's."""
+
+    grad_threshold: float = 2e-4
+    start_images: int = 500
+    stop_images: int = 15_000
+    every_images: int = 100
+    opacity_reset_every_images: int = 3_000
+    prune_opacity: float = 0.005
+    dense_fraction: float = 0.01
+    prune_scale_fraction: float = 0.1
+    split_copies: int = 2
+    max_gaussians: int | None = None
+
+
+class Densifier:
+    """Accumulates per-Gaussian view-space gradient statistics and applies density control."""
+
+    def __init__(self, config: DensifyConfig | None = None) -> None:
+        self.config = config or DensifyConfig()
+        self.grad_sum = torch.zeros(0)
+        self.visible_count = torch.zeros(0)
+        self.capacity_reached_logged = False
+
+    def reset_statistics(self, count: int, device: torch.device) -> None:
+        self.grad_sum = torch.zeros(count, device=device)
+        self.visible_count = torch.zeros(count, device=device)
+
+    def accumulate(self, means2d_grad: Tensor, radii: Tensor, width: int, height: int) -> None:
+        """Add each view's NDC-space gradient norm of the 2-D means [C, N, 2] for visible pairs."""
+        if self.grad_sum.shape[0] != means2d_grad.shape[1]:
+            self.reset_statistics(means2d_grad.shape[1], means2d_grad.device)
+        scale = torch.tensor([0.5 * width, 0.5 * height], device=means2d_grad.device, dtype=means2d_grad.dtype)
+        norms = (means2d_grad * scale).norm(dim=-1)
+        visible = radii > 0
+        self.grad_sum += torch.where(visible, norms, torch.zeros_like(norms)).sum(0).to(self.grad_sum)
+        self.visible_count += visible.sum(0).to(self.visible_count)
+
+    def is_densify_step(self, images_before: int, images_after: int) -> bool:
+        c = self.config
+        in_window = c.start_images < images_after <= c.stop_images
+        return in_window and _crosses_multiple(images_before, images_after, c.every_images)
+
+    def is_opacity_reset_step(self, images_before: int, images_after: int) -> bool:
+        c = self.config
+        in_window = images_after <= c.stop_images
+        return in_window and _crosses_multiple(images_before, images_after, c.opacity_reset_every_images)
+
+    def densify_and_prune(
+        self, params: nn.ParameterDict, optimizer: torch.optim.Optimizer | None, extent: float, prune_large: bool,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, int]:
+        """Clone small and split large high-gradient Gaussians, then prune transparent (and huge) ones."""
+        c = self.config
+        count = params["means"].shape[0]
+        if self.grad_sum.shape[0] != count:
+            self.reset_statistics(count, params["means"].device)
+        mean_grad = self.grad_sum / self.visible_count.clamp_min(1)
+        max_scale = activated_scales(params).detach().max(dim=1).values
+        high_grad = mean_grad >= c.grad_threshold
+        clone = high_grad & (max_scale <= c.dense_fraction * extent)
+        split = high_grad & (max_scale > c.dense_fraction * extent)
+        clone, split = self._within_capacity(clone, split, mean_grad, count)
+
+        with torch.no_grad():
+            cloned = {key: value.detach()[clone] for key, value in params.items()}
+            split_rows = self._split_rows(params, split, generator)
+        append_rows(params, optimizer, cloned)
+        append_rows(params, optimizer, split_rows)
+
+        opacity = activated_opacities(params).detach()
+        prune = opacity < c.prune_opacity
+        new_count = params["means"].shape[0]
+        split_parents = torch.zeros(new_count, dtype=torch.bool, device=prune.device)
+        split_parents[:count] = split
+        prune |= split_parents
+        if prune_large:
+            prune |= activated_scales(params).detach().max(dim=1).values > c.prune_scale_fraction * extent
+        select_rows(params, optimizer, ~prune)
+        self.reset_statistics(params["means"].shape[0], params["means"].device)
+        return {"cloned": int(clone.sum()), "split": int(split.sum()), "pruned": int(prune.sum()) - int(split.sum())}
+
+    def reset_opacity(self, params: nn.ParameterDict, optimizer: torch.optim.Optimizer | None) -> None:
+        """Clamp every opacity to at most 0.01 so that floaters must earn their opacity again."""
+        capped = torch.minimum(params["opacities"].detach(), torch.logit(torch.tensor(0.01)).to(params["opacities"]))
+        replace_values(params, optimizer, "opacities", capped)
+
+    def _within_capacity(self, clone: Tensor, split: Tensor, mean_grad: Tensor, count: int) -> tuple[Tensor, Tensor]:
+        """Keep only the highest-gradient candidates that fit under ``max_gaussians`` (a GPU's memory, here)."""
+        limit = self.config.max_gaussians
+        if limit is None:
+            return clone, split
+        growth = int(clone.sum()) + (self.config.split_copies - 1) * int(split.sum())
+        room = limit - count
+        if growth <= room:
+            return clone, split
+        if not self.capacity_reached_logged:
+            log.warning("Gaussian capacity reached: %d on this rank (limit %d); densification is capped", count, limit)
+            self.capacity_reached_logged = True
+        candidates = torch.nonzero(clone | split).flatten()
+        ranked = candidates[torch.argsort(mean_grad[candidates], descending=True, stable=True)]
+        cost = torch.where(split[ranked], self.config.split_copies - 1, 1)
+        keep = ranked[torch.cumsum(cost, 0) <= max(room, 0)]
+        mask = torch.zeros_like(clone)
+        mask[keep] = True
+        return clone & mask, split & mask
+
+    def _split_rows(
+        self, params: nn.ParameterDict, split: Tensor, generator: torch.Generator | None
+    ) -> dict[str, Tensor]:
+        copies = self.config.split_copies
+        scales = activated_scales(params).detach()[split].repeat(copies, 1)
+        rotation = quaternion_to_rotation(params["quats"].detach()[split]).repeat(copies, 1, 1)
+        noise = torch.randn(scales.shape, generator=generator, device=scales.device, dtype=scales.dtype) * scales
+        rows = {key: value.detach()[split].repeat(copies, *([1] * (value.dim() - 1))) for key, value in params.items()}
+        rows["means"] = rows["means"] + (rotation @ noise[..., None])[..., 0]
+        rows["scales"] = (scales / (0.8 * copies)).log()
+        return rows
+
+
+def _crosses_multiple(before: int, after: int, every: int) -> bool:
+    """True when a multiple of ``every`` lies in (before, after]: schedules in images at any batch size."""
+    return every > 0 and after // every > before // every

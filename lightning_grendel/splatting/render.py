@@ -1,0 +1,92 @@
+"""From 3-D Gaussians to pixels: per-camera splats, and the single-process renderer.
+
+The renderer is the seam between a Gaussian LightningModule and a strategy: the module calls
+``renderer(params, cameras, ...)`` and gets back which rows of which views were rendered here. The
+single-process renderer renders every row of every view; a distributed renderer (GrendelStrategy)
+renders only this rank's pixel partition, and the same ``training_step`` works with both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Protocol
+
+from torch import Tensor
+
+from lightning_grendel.splatting.cameras import Cameras
+from lightning_grendel.splatting.gaussians import activated_opacities, activated_scales, sh_coefficients
+from lightning_grendel.splatting.projection import project_gaussians
+from lightning_grendel.splatting.rasterize import rasterize
+from lightning_grendel.splatting.sh import sh_to_rgb
+
+
+class Splats(NamedTuple):
+    """2-D splats of N Gaussians on C cameras: what the rasterizer (and Grendel's exchange) consumes."""
+
+    means2d: Tensor  # [C, N, 2]
+    conics: Tensor  # [C, N, 3]
+    colors: Tensor  # [C, N, 3]
+    opacities: Tensor  # [C, N]
+    depths: Tensor  # [C, N]
+    radii: Tensor  # [C, N] int32
+
+
+def splat_gaussians(params: dict[str, Tensor], cameras: Cameras, sh_degree: int) -> Splats:
+    """Project Gaussians onto every camera and evaluate their view-dependent colour."""
+    projected = project_gaussians(params["means"], params["quats"], activated_scales(params), cameras)
+    directions = params["means"][None] - cameras.centers.to(params["means"].dtype)[:, None]
+    colors = sh_to_rgb(sh_degree, sh_coefficients(params)[None], directions)
+    opacities = activated_opacities(params)[None].expand(len(cameras), -1)
+    return Splats(projected.means2d, projected.conics, colors, opacities, projected.depths, projected.radii)
+
+
+@dataclass
+class ViewRender:
+    """Rows [row_start, row_end) of batch view ``view``; this rank's loss covers rows [own_start, own_end)."""
+
+    view: int
+    image: Tensor  # [row_end - row_start, W, 3]
+    row_start: int
+    row_end: int
+    own_start: int
+    own_end: int
+
+
+@dataclass
+class RenderResult:
+    """What one rank rendered, plus its own Gaussians' 2-D means and radii (for densification statistics)."""
+
+    views: list[ViewRender]
+    means2d: Tensor  # [C, N_local, 2], gradients retained
+    radii: Tensor  # [C, N_local]
+    width: int
+    height: int
+
+
+class Renderer(Protocol):
+    def __call__(
+        self, params: dict[str, Tensor], cameras: Cameras, sh_degree: int, background: Tensor, halo: int = 0
+    ) -> RenderResult: ...
+
+
+class SingleProcessRenderer:
+    """Renders every row of every view in this process."""
+
+    def __init__(self, backend: str = "auto") -> None:
+        self.backend = backend
+
+    def __call__(
+        self, params: dict[str, Tensor], cameras: Cameras, sh_degree: int, background: Tensor, halo: int = 0
+    ) -> RenderResult:
+        splats = splat_gaussians(params, cameras, sh_degree)
+        if splats.means2d.requires_grad:
+            splats.means2d.retain_grad()
+        width, height = cameras.width, cameras.height
+        views = []
+        for view in range(len(cameras)):
+            image = rasterize(
+                splats.means2d[view], splats.conics[view], splats.colors[view], splats.opacities[view],
+                splats.depths[view], splats.radii[view], width, height, background, backend=self.backend,
+            )
+            views.append(ViewRender(view, image, 0, height, 0, height))
+        return RenderResult(views, splats.means2d, splats.radii, width, height)

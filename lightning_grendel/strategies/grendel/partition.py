@@ -1,0 +1,67 @@
+"""Pixel partitions of a batch of views (Grendel's Algorithm 1), as pure functions.
+
+The B images of a batch are stacked into B·T rows of 16-pixel tiles; rank k gets the contiguous
+range whose cumulative cost crosses k·Σ/W. Every rank computes the same cut from the same costs.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+
+class RowTask(NamedTuple):
+    """Tile rows [tile_row_start, tile_row_end) of batch view ``view`` assigned to one rank."""
+
+    view: int
+    tile_row_start: int
+    tile_row_end: int
+
+
+def partition_rows(row_costs: Tensor, world_size: int) -> Tensor:
+    """Cut points [W + 1] splitting rows into W contiguous non-empty parts of near-equal cost.
+
+    Each part's cost is within one row's cost of ``sum / W``; every row belongs to exactly one part.
+    """
+    rows = row_costs.numel()
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if rows < world_size:
+        raise ValueError(
+            f"cannot split {rows} tile rows over {world_size} ranks: use more views per step or fewer ranks"
+        )
+    costs = row_costs.detach().to(torch.float64).flatten().clamp_min(0)
+    cumulative = torch.cumsum(costs, 0)
+    targets = cumulative[-1] * torch.arange(1, world_size, dtype=torch.float64) / world_size
+    cuts = torch.searchsorted(cumulative, targets, right=True).tolist()
+    bounded = [0]
+    for k, cut in enumerate(cuts, start=1):
+        bounded.append(min(max(cut, bounded[-1] + 1), rows - (world_size - k)))
+    bounded.append(rows)
+    return torch.tensor(bounded, dtype=torch.int64)
+
+
+def tasks_of_rank(cuts: Tensor, rank: int, tiles_y: int) -> list[RowTask]:
+    """The (view, tile-row range) pieces of rank ``rank``'s part of the stacked rows."""
+    start, end = int(cuts[rank]), int(cuts[rank + 1])
+    tasks = []
+    view = start // tiles_y
+    while start < end:
+        view_end = (view + 1) * tiles_y
+        stop = min(end, view_end)
+        tasks.append(RowTask(view, start - view * tiles_y, stop - view * tiles_y))
+        start, view = stop, view + 1
+    return tasks
+
+
+def all_tasks(cuts: Tensor, tiles_y: int) -> list[list[RowTask]]:
+    """Tasks of every rank, indexed by rank."""
+    return [tasks_of_rank(cuts, rank, tiles_y) for rank in range(cuts.numel() - 1)]
+
+
+def part_costs(row_costs: Tensor, cuts: Tensor) -> Tensor:
+    """Total cost of each part [W]."""
+    cumulative = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(row_costs.to(torch.float64), 0)])
+    return cumulative[cuts[1:]] - cumulative[cuts[:-1]]

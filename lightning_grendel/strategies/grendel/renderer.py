@@ -1,0 +1,174 @@
+"""Grendel's distributed renderer: project the local shard, ship splats to the ranks whose pixels they
+touch, and render this rank's rows.
+
+Step by step, for a batch of B views on W ranks:
+1. cut the B·T stacked tile rows into W parts (same cut on every rank, from the balancer's costs);
+2. project this rank's Gaussians onto all B cameras;
+3. for every (destination rank, view), select the splats whose tile rectangle meets that rank's rows
+   (widened by the SSIM halo), and send their 11 floats with one sparse all-to-all;
+4. rasterize this rank's rows from what arrived; the all-to-all's backward routes gradients home.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from lightning_grendel.splatting.cameras import Cameras
+from lightning_grendel.splatting.rasterize import rasterize
+from lightning_grendel.splatting.render import RenderResult, Splats, ViewRender, splat_gaussians
+from lightning_grendel.splatting.tiles import TILE_SIZE, tile_bounds, tile_grid, tile_row_costs, touches_tile_rows
+from lightning_grendel.strategies.grendel.balancer import LoadBalancer, imbalance
+from lightning_grendel.strategies.grendel.exchange import exchange_counts, exchange_rows, sparse_all_to_all
+from lightning_grendel.strategies.grendel.partition import RowTask, all_tasks, part_costs, partition_rows
+
+PAYLOAD = 11  # means2d 2, conic 3, colour 3, opacity 1, depth 1, radius 1
+
+
+def pixel_rows(task: RowTask, height: int, halo: int) -> tuple[int, int, int, int]:
+    """(render_start, render_end, own_start, own_end) pixel rows of a task, the render range widened by ``halo``."""
+    own_start, own_end = task.tile_row_start * TILE_SIZE, min(height, task.tile_row_end * TILE_SIZE)
+    return max(0, own_start - halo), min(height, own_end + halo), own_start, own_end
+
+
+def pack_splats(splats: Splats) -> Tensor:
+    """[C, N, 11] rows of everything the rasterizer needs; gradients flow through the float columns."""
+    return torch.cat(
+        [
+            splats.means2d,
+            splats.conics,
+            splats.colors,
+            splats.opacities[..., None],
+            splats.depths[..., None],
+            splats.radii.to(splats.means2d.dtype)[..., None],
+        ],
+        dim=-1,
+    )
+
+
+def select_for_ranks(
+    splats: Splats, tasks: list[list[RowTask]], width: int, height: int, halo: int
+) -> tuple[Tensor, Tensor]:
+    """Flat indices into [C·N] of the pairs to send, grouped by destination then view, and counts [W, C]."""
+    views, count = splats.radii.shape
+    bounds = tile_bounds(splats.means2d, splats.radii, width, height)
+    counts = torch.zeros(len(tasks), views, dtype=torch.int64)
+    selected: list[Tensor] = []
+    for rank, rank_tasks in enumerate(tasks):
+        for task in rank_tasks:
+            render_start, render_end, _, _ = pixel_rows(task, height, halo)
+            first_tile, end_tile = render_start // TILE_SIZE, (render_end + TILE_SIZE - 1) // TILE_SIZE
+            view_bounds = type(bounds)(*(b[task.view] for b in bounds))
+            index = torch.nonzero(touches_tile_rows(view_bounds, first_tile, end_tile)).flatten()
+            selected.append(index + task.view * count)
+            counts[rank, task.view] = index.numel()
+    flat = torch.cat(selected) if selected else torch.zeros(0, dtype=torch.int64)
+    return flat, counts
+
+
+class GrendelRenderer:
+    """The :class:`~lightning_grendel.splatting.render.Renderer` of GrendelStrategy (one per rank)."""
+
+    def __init__(self, balancer: LoadBalancer, backend: str = "auto", group: Any = None) -> None:
+        self.balancer = balancer
+        self.backend = backend
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        self.last_stats: dict[str, float] = {}
+
+    def _exchange(
+        self, params: dict[str, Tensor], cameras: Cameras, sh_degree: int, halo: int, differentiable: bool
+    ) -> tuple[Splats, Tensor, list[RowTask], list[Tensor], Tensor]:
+        width, height = cameras.width, cameras.height
+        _, tiles_y = tile_grid(width, height)
+        costs = self.balancer.row_costs(cameras.ids, len(cameras), tiles_y)
+        cuts = partition_rows(costs, self.world_size)
+        tasks = all_tasks(cuts, tiles_y)
+        splats = splat_gaussians(params, cameras, sh_degree)
+        if differentiable and splats.means2d.requires_grad:
+            splats.means2d.retain_grad()
+        flat, counts = select_for_ranks(splats, tasks, width, height, halo)
+        rows = pack_splats(splats).reshape(-1, PAYLOAD)[flat.to(splats.means2d.device)]
+        received_counts = exchange_counts(counts, self.group)  # [W sources, C views]
+        send, recv = counts.sum(1).tolist(), received_counts.sum(1).tolist()
+        exchange = sparse_all_to_all if differentiable else exchange_rows
+        received = exchange(rows, send, recv, self.group)
+        per_view = _split_by_view(received, received_counts, len(cameras))
+        self.last_stats = {
+            "rows_sent": float(sum(send) - send[self.rank]),
+            "bytes_sent": float((sum(send) - send[self.rank]) * PAYLOAD * rows.element_size()),
+            "cost_imbalance_planned": imbalance(part_costs(costs, cuts)),
+        }
+        return splats, cuts, tasks[self.rank], per_view, received
+
+    def _render_task(
+        self, task: RowTask, rows: Tensor, width: int, height: int, background: Tensor, halo: int
+    ) -> tuple[ViewRender, float]:
+        render_start, render_end, own_start, own_end = pixel_rows(task, height, halo)
+        start = time.perf_counter()
+        image = rasterize(
+            rows[:, 0:2], rows[:, 2:5], rows[:, 5:8], rows[:, 8], rows[:, 9], rows[:, 10].round().to(torch.int32),
+            width, height, background, render_start, render_end, backend=self.backend,
+        )
+        elapsed = time.perf_counter() - start
+        return ViewRender(task.view, image, render_start, render_end, own_start, own_end), elapsed
+
+    def __call__(
+        self, params: dict[str, Tensor], cameras: Cameras, sh_degree: int, background: Tensor, halo: int = 0
+    ) -> RenderResult:
+        width, height = cameras.width, cameras.height
+        splats, cuts, my_tasks, per_view, received = self._exchange(
+            params, cameras, sh_degree, halo, differentiable=True
+        )
+        _, tiles_y = tile_grid(width, height)
+        measured = torch.zeros(len(cameras), tiles_y, dtype=torch.float64)
+        views = []
+        for task in my_tasks:
+            view, seconds = self._render_task(task, per_view[task.view], width, height, background, halo)
+            views.append(view)
+            self._measure(measured, task, per_view[task.view], seconds, width, height)
+        # Keeps the exchange in the graph even when nothing arrived, so every rank joins its backward.
+        views[0].image = views[0].image + 0.0 * received.sum()
+        self._update_balancer(cameras, measured, cuts)
+        return RenderResult(views, splats.means2d, splats.radii, width, height)
+
+    def _measure(self, measured: Tensor, task: RowTask, rows: Tensor, seconds: float, width: int, height: int) -> None:
+        span = slice(task.tile_row_start, task.tile_row_end)
+        if self.balancer.mode == "time":
+            measured[task.view, span] = seconds / (task.tile_row_end - task.tile_row_start)
+        else:
+            radii = rows[:, 10].detach().round().to(torch.int32)
+            measured[task.view, span] = tile_row_costs(rows[:, 0:2].detach(), radii, width, height)[span].cpu()
+
+    def _update_balancer(self, cameras: Cameras, measured: Tensor, cuts: Tensor) -> None:
+        dist.all_reduce(measured, group=self.group)  # ranks own disjoint rows: the sum assembles them
+        self.last_stats["cost_imbalance_measured"] = imbalance(part_costs(measured.flatten(), cuts))
+        self.balancer.record(cameras.ids, measured)
+
+    def render_full(self, params: dict[str, Tensor], cameras: Cameras, sh_degree: int, background: Tensor) -> Tensor:
+        """Full images [C, H, W, 3] on every rank: each renders its rows, a sum assembles them."""
+        width, height = cameras.width, cameras.height
+        with torch.no_grad():
+            _, _, my_tasks, per_view, _ = self._exchange(params, cameras, sh_degree, 0, differentiable=False)
+            images = background.new_zeros(len(cameras), height, width, background.numel())
+            for task in my_tasks:
+                view, _ = self._render_task(task, per_view[task.view], width, height, background, 0)
+                images[task.view, view.row_start : view.row_end] = view.image
+            dist.all_reduce(images, group=self.group)
+        return images
+
+
+def _split_by_view(received: Tensor, received_counts: Tensor, views: int) -> list[Tensor]:
+    """Rows per view: each source's block is ordered by view; concatenate the sources' pieces."""
+    pieces: list[list[Tensor]] = [[] for _ in range(views)]
+    offset = 0
+    for source_counts in received_counts.tolist():
+        for view, count in enumerate(source_counts):
+            pieces[view].append(received[offset : offset + count])
+            offset += count
+    return [torch.cat(p) if p else received[:0] for p in pieces]
