@@ -15,7 +15,7 @@ from lightning_grendel.models.lorentz_transformer import LorentzTransformerModul
 def test_generated_data_is_correct():
     rng = np.random.default_rng(0)
     tokens, labels = bracket_depth_data(200, 12, 4, rng)
-    for seq, label in zip(tokens.tolist(), labels.tolist()):
+    for seq, label in zip(tokens.tolist(), labels.tolist(), strict=True):
         depth, best = 0, 0
         for t in seq:
             if t == PAD:
@@ -26,7 +26,7 @@ def test_generated_data_is_correct():
         assert depth == 0 and label == min(best, 4) - 1
     assert set(labels.tolist()) == {0, 1, 2, 3}
     src, tgt = reverse_data(50, 8, 5, rng)
-    for s, t in zip(src.tolist(), tgt.tolist()):
+    for s, t in zip(src.tolist(), tgt.tolist(), strict=True):
         n = sum(x != PAD for x in s)
         assert t[:n] == s[:n][::-1] and all(x == PAD for x in t[n:])
     with pytest.raises(ValueError, match="task"):
