@@ -1,0 +1,225 @@
+"""One rank's part of a pipelined training step: run its stage's schedule, reshard across meshes.
+
+Kept apart from Lightning so it can be tested (and used) with plain ``torch.distributed``. Sends go
+through an outbox thread, so a stage moves on to its next action as soon as an output exists and the
+transfer overlaps compute; an optional per-transfer delay emulates a slow link.
+"""
+
+from __future__ import annotations
+
+import copy
+import queue
+import threading
+import time
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+
+from lightning_grendel.strategies.pipeline.executors import GroupCache, start_plan
+from lightning_grendel.strategies.pipeline.mesh import Mesh, ShardingSpec, check_disjoint, local_box
+from lightning_grendel.strategies.pipeline.plan import EXECUTORS, ReshardPlan, make_plan
+from lightning_grendel.strategies.pipeline.schedules import check_schedule, stage_order
+from lightning_grendel.strategies.pipeline.senders import check_mode
+from lightning_grendel.strategies.pipeline.stages import Pipeline, output_spec, resolve_stage_specs
+
+_FORWARD, _BACKWARD = 0, 1
+
+
+class _Outbox:
+    """FIFO of outgoing reshardings run by one thread, each started no earlier than ``latency_s``."""
+
+    def __init__(self, rank: int, groups: GroupCache, latency_s: float) -> None:
+        self._rank, self._groups, self._latency = rank, groups, latency_s
+        self._queue: queue.Queue = queue.Queue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def put(self, plan: ReshardPlan, tensor: torch.Tensor, tag: int) -> None:
+        self._queue.put((time.perf_counter() + self._latency, plan, tensor, tag))
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            due, plan, tensor, tag = item
+            try:
+                delay = due - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+                if self._error is None:
+                    start_plan(plan, self._rank, tensor, self._groups, tag).wait()
+            except BaseException as error:  # noqa: BLE001 - re-raised on the main thread in flush()
+                self._error = error
+            finally:
+                self._queue.task_done()
+
+    def flush(self) -> None:
+        self._queue.join()
+        if self._error is not None:
+            raise RuntimeError("a pipeline send failed") from self._error
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=10)
+
+
+class PipelineRuntime:
+    """Runs pipelined training steps for the stage that ``rank`` belongs to.
+
+    Every rank of the default process group must construct it and call :meth:`step` with the same
+    batch: plans are derived identically everywhere and process groups are created in one order.
+    """
+
+    def __init__(self, pipeline: Pipeline, meshes: Sequence[Mesh], *, schedule: str = "eager_1f1b",
+                 executor: str = "broadcast", sender_mode: str = "normal", num_microbatches: int = 4,
+                 transfer_latency_s: float = 0.0, timeout_s: float = 120.0) -> None:
+        check_schedule(schedule)
+        check_mode(sender_mode)
+        if executor not in EXECUTORS:
+            raise ValueError(f"unknown resharding executor {executor!r}; choose one of {EXECUTORS}")
+        if num_microbatches < 1:
+            raise ValueError("num_microbatches must be >= 1")
+        check_disjoint(meshes)
+        if len(pipeline.stages) != len(meshes):
+            raise ValueError(f"{len(pipeline.stages)} stages but {len(meshes)} stage meshes")
+        self.pipeline, self.meshes = pipeline, list(meshes)
+        self.schedule, self.executor, self.sender_mode = schedule, executor, sender_mode
+        self.num_microbatches = num_microbatches
+        self.rank = dist.get_rank()
+        world = dist.get_world_size()
+        used = sorted(r for mesh in self.meshes for r in mesh.ranks)
+        if used != list(range(world)):
+            raise ValueError(f"stage meshes must cover ranks 0..{world - 1} exactly once, got {used}")
+        self.stage = next(i for i, mesh in enumerate(self.meshes) if self.rank in mesh.ranks)
+        self.module = pipeline.stages[self.stage].module
+        self._meta = [copy.deepcopy(stage.module).to("meta") for stage in pipeline.stages]
+        self._groups = GroupCache(timeout_s)
+        self._stage_groups = [dist.new_group(list(mesh.ranks)) for mesh in self.meshes]
+        self._outbox = _Outbox(self.rank, self._groups, transfer_latency_s)
+        self._layouts: dict[tuple, list[tuple[ShardingSpec, ShardingSpec, tuple[int, ...], torch.dtype]]] = {}
+        self._plans: dict[tuple, tuple[list[ReshardPlan], list[ReshardPlan], int]] = {}
+
+    def _layout(self, shape: tuple[int, ...], dtype: torch.dtype):
+        """Per stage: (input spec, output spec, full output shape) for a micro-batch of ``shape``."""
+        key = (shape, dtype)
+        if key not in self._layouts:
+            layouts = []
+            x = torch.empty(shape, dtype=dtype, device="meta")
+            for index, (stage, meta) in enumerate(zip(self.pipeline.stages, self._meta, strict=True)):
+                in_spec = resolve_stage_specs(stage, self.meshes[index], index, x.ndim)
+                in_spec.validate(self.meshes[index], x.shape)
+                with torch.no_grad():
+                    x = meta(x)
+                layouts.append((in_spec, output_spec(in_spec, x.ndim), tuple(x.shape), x.dtype))
+            self._layouts[key] = layouts
+        return self._layouts[key]
+
+    def _boundary_plans(self, shape: tuple[int, ...], dtype: torch.dtype):
+        """Forward and backward plans of every stage boundary; groups made in one order on all ranks."""
+        key = (shape, dtype)
+        if key not in self._plans:
+            layouts = self._layout(shape, dtype)
+            forward, backward = [], []
+            for s in range(len(self.meshes) - 1):
+                _, out_spec, out_shape, out_dtype = layouts[s]
+                in_spec = layouts[s + 1][0]
+                forward.append(make_plan(out_shape, out_dtype, self.meshes[s], out_spec, self.meshes[s + 1], in_spec,
+                                         self.executor, self.sender_mode))
+                backward.append(make_plan(out_shape, out_dtype, self.meshes[s + 1], in_spec, self.meshes[s],
+                                          out_spec, self.executor, self.sender_mode))
+            for plan in forward + backward:
+                self._groups.ensure(plan.groups())
+            span = max((len(plan.ops) for plan in forward + backward), default=0) + 1
+            self._plans[key] = (forward, backward, span)
+        return self._plans[key]
+
+    def _tag(self, microbatch: int, direction: int, boundary: int, span: int) -> int:
+        return ((microbatch * 2 + direction) * len(self.meshes) + boundary) * span
+
+    def step(self, inputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Forward and backward of every micro-batch; gradients accumulate in the stage's parameters.
+
+        Returns the full-batch loss on every rank (detached).
+        """
+        total_rows = inputs.shape[0]
+        if total_rows < self.num_microbatches:
+            raise ValueError(f"batch of {total_rows} rows cannot be cut into {self.num_microbatches} micro-batches")
+        micro_inputs = inputs.chunk(self.num_microbatches)
+        micro_targets = target.chunk(self.num_microbatches)
+        s, last = self.stage, len(self.meshes) - 1
+        mesh = self.meshes[s]
+        saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        for action in stage_order(self.schedule, s, len(self.meshes), len(micro_inputs)):
+            m = action.microbatch
+            shape, dtype = tuple(micro_inputs[m].shape), micro_inputs[m].dtype
+            layouts = self._layout(shape, dtype)
+            forward, backward, span = self._boundary_plans(shape, dtype)
+            in_spec, out_spec, out_shape, _ = layouts[s]
+            if action.kind == "F":
+                if s == 0:
+                    box = local_box(mesh, in_spec, shape, self.rank)
+                    x = micro_inputs[m][tuple(slice(a, b) for a, b in box)]
+                else:
+                    x = start_plan(forward[s - 1], self.rank, None, self._groups,
+                                   self._tag(m, _FORWARD, s - 1, span)).wait()
+                    x.requires_grad_(x.is_floating_point())
+                y = self.module(x)
+                if s < last:
+                    self._outbox.put(forward[s], y.detach(), self._tag(m, _FORWARD, s, span))
+                    saved[m] = (x, y)
+                else:
+                    rows = local_box(mesh, out_spec, out_shape, self.rank)[0]
+                    if rows[1] > rows[0]:
+                        share = (rows[1] - rows[0]) / total_rows
+                        loss = self.pipeline.loss(y, micro_targets[m][rows[0]:rows[1]]) * share
+                    else:
+                        loss = y.sum() * 0.0
+                    loss_sum += loss.detach().double()
+                    saved[m] = (x, loss)
+            else:
+                x, y = saved.pop(m)
+                if s == last:
+                    y.backward()
+                else:
+                    grad = start_plan(backward[s], self.rank, None, self._groups,
+                                      self._tag(m, _BACKWARD, s, span)).wait()
+                    y.backward(grad)
+                if s > 0 and x.requires_grad:
+                    self._outbox.put(backward[s - 1], x.grad, self._tag(m, _BACKWARD, s - 1, span))
+        self._outbox.flush()
+        self._reduce_stage_gradients()
+        if s == last:
+            loss_sum /= self._replication(mesh, ShardingSpec.parse(self.pipeline.stages[s].input_spec))
+        else:
+            loss_sum.zero_()
+        dist.all_reduce(loss_sum)
+        return loss_sum.float()
+
+    @staticmethod
+    def _replication(mesh: Mesh, spec: ShardingSpec) -> int:
+        """How many ranks of a stage mesh hold the same rows."""
+        return mesh.size // spec.num_chunks(mesh, 0)
+
+    def _reduce_stage_gradients(self) -> None:
+        """Data parallel inside the stage mesh: sum row-weighted gradients, undo replica double counting."""
+        mesh = self.meshes[self.stage]
+        if mesh.size == 1:
+            return
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        if not params:
+            return
+        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        dist.all_reduce(flat, group=self._stage_groups[self.stage])
+        spec = ShardingSpec.parse(self.pipeline.stages[self.stage].input_spec)
+        flat /= self._replication(mesh, spec)
+        offset = 0
+        for p in params:
+            p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))
+            offset += p.numel()
+
+    def close(self) -> None:
+        self._outbox.close()
