@@ -4,19 +4,26 @@ There is no entry-point discovery for strategies in Lightning, so ``import light
 :func:`register_strategies`, which is idempotent.
 """
 
+from typing import Any
+
 from lightning.pytorch.strategies import StrategyRegistry
 
-_REGISTERED: dict[str, tuple[str, str]] = {
-    # name: (module path, class name); filled in as strategies land.
+from lightning_grendel.strategies.grendel import GrendelStrategy
+from lightning_grendel.strategies.pipeline import PipelineStrategy
+
+# name: (class, description, init parameters)
+_REGISTERED: dict[str, tuple[type, str, dict[str, Any]]] = {
+    "grendel": (GrendelStrategy, "Grendel distributed 3D Gaussian Splatting", {"start_method": "popen"}),
+    "grendel_spawn": (GrendelStrategy, "Grendel distributed 3DGS in spawned processes", {"start_method": "spawn"}),
+    "pipeline": (PipelineStrategy, "Pipeline parallelism with cross-mesh resharding", {}),
 }
 
 
 def register_strategies() -> None:
     """Register every strategy of the package with Lightning, once."""
-    import importlib
+    for name, (strategy_class, description, init_params) in _REGISTERED.items():
+        if name not in StrategyRegistry:
+            StrategyRegistry.register(name, strategy_class, description=description, **init_params)
 
-    for name, (module_path, class_name) in _REGISTERED.items():
-        if name in StrategyRegistry:
-            continue
-        strategy_class = getattr(importlib.import_module(module_path), class_name)
-        StrategyRegistry.register(name, strategy_class, description=strategy_class.__doc__ or name)
+
+__all__ = ["GrendelStrategy", "PipelineStrategy", "register_strategies"]
