@@ -64,6 +64,7 @@ class PipelineStrategy(ParallelStrategy):
         self._start_method, self._timeout_s = start_method, timeout_s
         self._num_nodes = 1
         self._runtime: PipelineRuntime | None = None
+        self._pending_grads: list[tuple[Tensor, Tensor | None]] = []
 
     @staticmethod
     def _build_meshes(stage_meshes: list[list[int]], mesh_shapes: list[list[int]] | None) -> list[Mesh]:
@@ -136,13 +137,22 @@ class PipelineStrategy(ParallelStrategy):
 
     def training_step(self, batch: Any, batch_idx: int = 0, *args: Any, **kwargs: Any) -> Tensor:
         assert self._runtime is not None
-        inputs, target = batch[0], batch[1]
-        loss = self._runtime.step(inputs, target)
+        params = list(self._runtime.module.parameters())
+        for p in params:
+            p.grad = None
+        loss = self._runtime.step(batch[0], batch[1])
+        # Lightning zeroes gradients between training_step and backward: keep ours aside until then.
+        self._pending_grads = [(p, p.grad) for p in params]
+        for p in params:
+            p.grad = None
         self.lightning_module.log("train_loss", loss, prog_bar=True)
         return loss
 
     def backward(self, closure_loss: Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> Tensor:
-        """The pipelined step already ran every backward; the optimiser step uses those gradients."""
+        """The pipelined step already ran every backward: hand its gradients to the optimiser step."""
+        for p, grad in self._pending_grads:
+            p.grad = grad
+        self._pending_grads = []
         return closure_loss
 
     def sync_parameters(self) -> None:
