@@ -158,7 +158,8 @@ def centroid(x: Tensor, k: float | Tensor, weights: Tensor | None = None) -> Ten
     a = x.mean(dim=-2) if weights is None else weights @ x
     # The result is invariant to scaling a; dividing by a0 (>= |a_s| for time-like a) keeps <a, a>_L
     # away from the eps clamp when the weights are tiny (e.g. softmax followed by dropout).
-    a = a / a[..., :1].detach().clamp_min(1e-30)
+    a0 = a[..., :1].detach()
+    a = a / torch.where(a0 > 0, a0, torch.ones_like(a0))
     denom = torch.sqrt(inner(a, a, keepdim=True).abs().clamp_min(_eps(x)))
     return torch.sqrt(_as_tensor(k, x)) * a / denom
 
@@ -174,8 +175,12 @@ def bounded_time_point(z: Tensor, k: float | Tensor, time_scale: Tensor | float,
     k = _as_tensor(k, z)
     time = torch.sigmoid(z[..., :1]) * time_scale + time_offset
     space = z[..., 1:]
-    space = space / space.detach().abs().amax(-1, keepdim=True).clamp_min(1e-30)
-    unit = space / torch.sqrt((space * space).sum(-1, keepdim=True).clamp_min(1e-12))
+    # unit = space / |space| is scale invariant, so dividing by the (detached) largest entry changes
+    # neither its value nor its gradient; afterwards |space|^2 is 0 or in [1, n], so clamping it at 1
+    # only touches the zero vector, whose gradient then stays finite (no sqrt'(0)).
+    amax = space.detach().abs().amax(-1, keepdim=True)
+    space = space / torch.where(amax > 0, amax, torch.ones_like(amax))
+    unit = space / torch.sqrt((space * space).sum(-1, keepdim=True).clamp_min(1.0))
     space = unit * torch.sqrt((time * time - k).clamp_min(0.0))
     return projx(torch.cat([time, space], dim=-1), k)
 

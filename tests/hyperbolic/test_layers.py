@@ -129,3 +129,17 @@ def test_embedding_and_classifier():
     x = random_points(4, 5, 2.0, torch.float32)
     expected = -lm.sqdist(x.unsqueeze(1), clf.points.detach().unsqueeze(0), 2.0) + clf.bias
     torch.testing.assert_close(clf(x), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_gradients_finite_for_degenerate_inputs():
+    """Zero space parts (e.g. all features dropped) and all-zero centroid weights: no NaN gradients."""
+    m = LorentzManifold(1.0)
+    layer = LorentzLinear(m, 5, 4, bias=False)
+    x = torch.cat([lm.origin((3, 5), 1.0), random_points(3, 5, 1.0, torch.float32)]).requires_grad_(True)
+    out = layer(x)
+    assert_on_hyperboloid(out, 1.0)
+    weights = torch.tensor([[0.0] * 6, [1.0] + [0.0] * 5, [0.5] * 6]).requires_grad_(True)
+    (lm.centroid(out, 1.0, weights).sum() + out.sum()).backward()
+    assert torch.isfinite(weights.grad).all()  # an all-zero weight row has no centroid: finite is all we ask
+    for t in (x.grad, layer.linear.weight.grad, layer.log_scale.grad):
+        assert torch.isfinite(t).all() and t.abs().max() < 1e3  # not merely finite: not exploding
