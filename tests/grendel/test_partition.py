@@ -1,0 +1,53 @@
+"""Grendel's Algorithm 1: contiguous parts of near-equal cost covering every tile row once."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_grendel.strategies.grendel.balancer import LoadBalancer, imbalance
+from lightning_grendel.strategies.grendel.partition import all_tasks, part_costs, partition_rows
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 7])
+@pytest.mark.parametrize("seed", range(5))
+def test_parts_are_within_one_row_cost_of_ideal(world, seed):
+    costs = torch.rand(40, generator=torch.Generator().manual_seed(seed)) ** 3 * 10
+    cuts = partition_rows(costs, world)
+    assert cuts[0] == 0 and cuts[-1] == 40 and (cuts.diff() >= 1).all()
+    ideal = float(costs.sum()) / world
+    parts = part_costs(costs, cuts)
+    assert torch.allclose(parts.sum(), costs.sum().double())
+    assert (parts - ideal).abs().max() <= float(costs.max()) + 1e-9
+
+
+def test_every_row_is_covered_exactly_once_across_views():
+    tiles_y, views, world = 5, 3, 4
+    cuts = partition_rows(torch.ones(views * tiles_y), world)
+    covered = torch.zeros(views, tiles_y, dtype=torch.int64)
+    for tasks in all_tasks(cuts, tiles_y):
+        assert tasks, "every rank gets at least one row"
+        for task in tasks:
+            covered[task.view, task.tile_row_start : task.tile_row_end] += 1
+    assert (covered == 1).all()
+
+
+def test_too_few_rows_for_the_ranks_is_a_clear_error():
+    with pytest.raises(ValueError, match="cannot split 3 tile rows over 4 ranks"):
+        partition_rows(torch.ones(3), 4)
+
+
+def test_balancer_reuses_measured_costs_and_improves_balance():
+    tiles_y, world = 12, 3
+    measured = torch.cat([torch.full((3,), 20.0), torch.ones(9)])[None]  # a costly top band
+    balancer = LoadBalancer("pairs")
+    uniform = balancer.row_costs(torch.tensor([7]), 1, tiles_y)
+    before = imbalance(part_costs(measured[0], partition_rows(uniform, world)))
+    balancer.record(torch.tensor([7]), measured)
+    learned = balancer.row_costs(torch.tensor([7]), 1, tiles_y)
+    after = imbalance(part_costs(measured[0], partition_rows(learned, world)))
+    assert before > 1.5 and after < before
+    assert after <= 1 + float(measured.max()) * world / float(measured.sum())
+    off = LoadBalancer("off")
+    off.record(torch.tensor([7]), measured)
+    assert torch.equal(off.row_costs(torch.tensor([7]), 1, tiles_y), uniform)
