@@ -1,0 +1,183 @@
+"""Forward+backward time per image of the torch and cpp rasterizers on realistic random scenes.
+
+Usage: ``python benchmarks/rasterizer.py [--quick]``. Prints a table and ``RESULT`` lines.
+
+Scenes: Gaussians uniform in a cube seen by an orbit camera, opacities sigmoid(N(0, 2)), anisotropic
+scales drawn so that splat standard deviations are log-uniform in [0.5, 6] pixels (3-sigma radii of
+about 2 to 20 pixels), like a trained 3DGS scene. Peak memory is the growth of the process's maximum
+resident set size (``ru_maxrss``) during a configuration, measured in a fresh child process per
+configuration so one run's peak cannot hide the next one's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import multiprocessing
+import queue as queue_module
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from lightning_grendel.splatting.cameras import Cameras, focal_from_fov, intrinsics_matrix
+from lightning_grendel.splatting.projection import project_gaussians
+from lightning_grendel.splatting.rasterize import rasterize
+from lightning_grendel.splatting.rasterize_cpp import load_extension, prepare_inputs
+
+CAMERA_DISTANCE = 4.0
+FOV = 0.8
+FULL_SIZES = [(10_000, 200), (100_000, 400), (500_000, 800)]
+QUICK_SIZES = [(100_000, 400)]
+QUICK_TORCH_STRIPS = 5
+TORCH_MAX_GAUSSIANS = 100_000  # the torch backend at 500k / 800x800 takes minutes and many GiB
+
+
+def camera(size: int) -> Cameras:
+    """A camera on the +x axis, slightly above the cube, looking at its centre."""
+    eye = torch.tensor([CAMERA_DISTANCE, 0.3, 0.8])
+    forward = -eye / eye.norm()
+    right = torch.linalg.cross(forward, torch.tensor([0.0, 0.0, 1.0]))
+    right = right / right.norm()
+    down = torch.linalg.cross(forward, right)
+    rotation = torch.stack([right, down, forward])
+    w2c = torch.eye(4)
+    w2c[:3, :3] = rotation
+    w2c[:3, 3] = -rotation @ eye
+    focal = focal_from_fov(FOV, size)
+    return Cameras(w2c[None], intrinsics_matrix(focal, focal, size / 2, size / 2)[None], size, size)
+
+
+def scene(count: int, size: int, seed: int = 0) -> dict:
+    """Projected splats of ``count`` Gaussians for one ``size`` x ``size`` view."""
+    g = torch.Generator().manual_seed(seed)
+    cam = camera(size)
+    pixels_per_unit = float(cam.intrinsics[0, 0, 0]) / CAMERA_DISTANCE
+    log_sigma_px = math.log(0.5) + torch.rand(count, 1, generator=g) * math.log(12.0)
+    anisotropy = torch.rand(count, 3, generator=g) * math.log(3.0)
+    scales = (log_sigma_px + anisotropy - math.log(3.0) / 2).exp() / pixels_per_unit
+    means = torch.rand(count, 3, generator=g) * 2 - 1
+    quats = torch.randn(count, 4, generator=g)
+    proj = project_gaussians(means, quats, scales, cam)
+    return {
+        "means2d": proj.means2d[0],
+        "conics": proj.conics[0],
+        "colors": torch.rand(count, 3, generator=g),
+        "opacities": torch.sigmoid(torch.randn(count, generator=g) * 2),
+        "depths": proj.depths[0],
+        "radii": proj.radii[0],
+    }
+
+
+def blended_pairs(splats: dict, size: int) -> int:
+    """Gaussian-pixel pairs the cpp forward actually blends (alpha >= 1/255, before termination)."""
+    inputs = prepare_inputs(
+        splats["means2d"], splats["conics"], splats["colors"], splats["opacities"], splats["depths"],
+        splats["radii"], torch.zeros(3),
+    )
+    means2d, conics, colors, opacities, depths, background, radii = inputs
+    out = load_extension().forward(means2d, conics, colors, opacities, depths, radii, size, size, background, 0, size)
+    return int(out[-1])
+
+
+def time_backend(splats: dict, size: int, backend: str, repeats: int, strips: int = 1) -> float:
+    """Median seconds of one forward+backward; the cpp backend gets one untimed warm-up run first.
+
+    With ``strips`` > 1 only every ``strips``-th 16-pixel tile row is rendered (one call per row) and the
+    sum is scaled by ``strips``: an estimate for a backend too slow to time on the whole image.
+    """
+    params = {k: v.clone().requires_grad_(k in ("means2d", "conics", "colors", "opacities")) for k, v in splats.items()}
+    ranges = [(row, min(row + 16, size)) for row in range(0, size, 16 * strips)] if strips > 1 else [(0, size)]
+    times = []
+    warmup = 1 if backend == "cpp" else 0  # the torch backend takes minutes and has nothing to warm up
+    for _ in range(repeats + warmup):
+        start = time.perf_counter()
+        for row_start, row_end in ranges:
+            image = rasterize(**params, width=size, height=size, row_start=row_start, row_end=row_end, backend=backend)
+            if image.requires_grad:  # a strip that no splat touches is plain background
+                image.sum().backward()
+        times.append((time.perf_counter() - start) * strips)
+    timed = sorted(times[warmup:])
+    return timed[len(timed) // 2]
+
+
+def measure(scene_file: str, size: int, backend: str, threads: int, repeats: int, strips: int, queue) -> None:
+    """Child process: time one configuration and report (seconds, peak RSS growth in MiB)."""
+    torch.set_num_threads(threads)
+    splats = torch.load(scene_file)
+    load_extension()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    seconds = time_backend(splats, size, backend, repeats, strips)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    queue.put((seconds, (after - before) / 1024))
+
+
+def run_isolated(scene_file: str, size: int, backend: str, threads: int, repeats: int, strips: int = 1):
+    """(seconds, peak MiB) of one configuration, measured in a fresh process."""
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    process = ctx.Process(target=measure, args=(scene_file, size, backend, threads, repeats, strips, queue))
+    process.start()
+    while True:
+        try:
+            result = queue.get(timeout=5)
+            break
+        except queue_module.Empty:
+            if not process.is_alive():
+                raise RuntimeError(f"benchmark child for {backend} failed (exit code {process.exitcode})") from None
+    process.join()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="100k / 400x400 only, torch estimated from strips")
+    args = parser.parse_args()
+    sizes = QUICK_SIZES if args.quick else FULL_SIZES
+    repeats = 1 if args.quick else 3
+    if load_extension() is None:
+        raise SystemExit("the C++ rasterizer did not build; see the warning above")
+
+    header = (
+        f"{'gaussians':>9} {'image':>7} {'backend':>8} {'threads':>7} {'fwd+bwd s':>10} {'peak MiB':>9} {'speedup':>8}"
+    )
+    print(header)
+    print("-" * len(header))
+    summary = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for count, size in sizes:
+            splats = scene(count, size)
+            scene_file = str(Path(tmp) / f"scene_{count}_{size}.pt")
+            torch.save(splats, scene_file)
+            rows = []
+            torch_time = None
+            if count <= TORCH_MAX_GAUSSIANS:
+                strips = QUICK_TORCH_STRIPS if args.quick else 1
+                torch_time, torch_mem = run_isolated(scene_file, size, "torch", 2, 1, strips)
+                label = "torch" if strips == 1 else "torch*"
+                rows.append((label, 2, torch_time, torch_mem))
+            for threads in (1, 2):
+                seconds, mem = run_isolated(scene_file, size, "cpp", threads, repeats)
+                rows.append(("cpp", threads, seconds, mem))
+            for backend, threads, seconds, mem in rows:
+                speedup = f"{torch_time / seconds:8.1f}" if torch_time else "       -"
+                image = f"{size}x{size}"
+                print(f"{count:>9} {image:>7} {backend:>8} {threads:>7} {seconds:>10.3f} {mem:>9.0f} {speedup}")
+            if torch_time is None:
+                print(f"{count:>9} {f'{size}x{size}':>7} {'torch':>8}   skipped (minutes per image, many GiB)")
+            pairs = blended_pairs(splats, size)
+            cpp_time = next(seconds for backend, threads, seconds, _ in rows if backend == "cpp" and threads == 2)
+            print(f"{'':>17} blended pairs {pairs:,}: {pairs / cpp_time:,.0f} pairs/s (cpp, 2 threads, fwd+bwd)")
+            summary[(count, size)] = (torch_time, cpp_time, pairs)
+    if args.quick:
+        print(f"torch* = estimated from every {QUICK_TORCH_STRIPS}th tile row (--quick)")
+
+    torch_time, cpp_time, pairs = summary[(100_000, 400)]
+    print(f"RESULT rasterizer.speedup_100k_400={torch_time / cpp_time:.1f}")
+    print(f"RESULT rasterizer.pairs_per_s={pairs / cpp_time:.3g}")
+
+
+if __name__ == "__main__":
+    main()
