@@ -145,11 +145,37 @@ def normalized_adjacency(adj: sp.csr_matrix) -> Tensor:
     return torch.sparse_coo_tensor(idx, torch.from_numpy(a.data.astype(np.float32)), a.shape).coalesce()
 
 
+def split_edges(adj: sp.csr_matrix, val_fraction: float, test_fraction: float,
+                seed: int) -> dict[str, np.ndarray]:
+    """HGCN-style link-prediction split of the undirected edges: ``val``/``test`` positives plus as many
+    negatives (non-edges), ``train`` positives (the training graph); arrays of ``(E, 2)`` node pairs."""
+    rng = np.random.default_rng(seed)
+    upper = sp.triu(adj, k=1).tocoo()
+    edges = np.stack([upper.row, upper.col], axis=1)[rng.permutation(upper.nnz)]
+    n_val, n_test = int(len(edges) * val_fraction), int(len(edges) * test_fraction)
+    n = adj.shape[0]
+    negatives = []
+    seen = {tuple(e) for e in edges}
+    while len(negatives) < n_val + n_test:
+        i, j = sorted(rng.integers(0, n, 2).tolist())
+        if i != j and (i, j) not in seen:
+            seen.add((i, j))
+            negatives.append((i, j))
+    negatives = np.array(negatives, dtype=np.int64)
+    return {"val_pos": edges[:n_val], "test_pos": edges[n_val:n_val + n_test], "train_pos": edges[n_val + n_test:],
+            "val_neg": negatives[:n_val], "test_neg": negatives[n_val:]}
+
+
 class PlanetoidDataModule(L.LightningDataModule):
     """Full-batch node classification: every loader yields the whole graph once (features row-normalised,
-    normalised adjacency, labels and the three index sets); the module picks the split by stage."""
+    normalised adjacency, labels and the three index sets); the module picks the split by stage.
 
-    def __init__(self, path: str, name: str = "cora", normalize_features: bool = True) -> None:
+    ``link_prediction=True`` also holds out 5% / 10% of the edges (``val_pos``/``test_pos`` with as many
+    non-edges ``val_neg``/``test_neg``); the adjacency then contains only the ``train_pos`` edges.
+    """
+
+    def __init__(self, path: str, name: str = "cora", normalize_features: bool = True,
+                 link_prediction: bool = False, seed: int = 0) -> None:
         super().__init__()
         self.path = path
         self.name = name
@@ -157,9 +183,17 @@ class PlanetoidDataModule(L.LightningDataModule):
         feats = self.graph.features
         if normalize_features:
             feats = feats / np.clip(feats.sum(1, keepdims=True), 1e-12, None)
+        adj = self.graph.adjacency
+        edges = {}
+        if link_prediction:
+            edges = split_edges(adj, 0.05, 0.1, seed)
+            train = edges["train_pos"]
+            adj = sp.coo_matrix((np.ones(len(train), dtype=np.float32), (train[:, 0], train[:, 1])), shape=adj.shape)
+            adj = (adj + adj.T).tocsr()
         self.batch = {
             "features": torch.from_numpy(np.ascontiguousarray(feats)),
-            "adjacency": normalized_adjacency(self.graph.adjacency),
+            "adjacency": normalized_adjacency(adj),
+            **{key: torch.from_numpy(value) for key, value in edges.items()},
             "labels": torch.from_numpy(self.graph.labels),
             "idx_train": torch.from_numpy(self.graph.idx_train),
             "idx_val": torch.from_numpy(self.graph.idx_val),

@@ -13,10 +13,16 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from lightning_grendel.data.planetoid import Planetoid, PlanetoidDataModule, restricted_load
+from lightning_grendel.data.planetoid import (
+    Planetoid,
+    PlanetoidDataModule,
+    normalized_adjacency,
+    restricted_load,
+    split_edges,
+)
 from lightning_grendel.hyperbolic.gcn import HyboNetGCN, LorentzGraphConv
 from lightning_grendel.hyperbolic.manifold import LorentzManifold
-from lightning_grendel.models.lorentz_gcn import LorentzGCNModule
+from lightning_grendel.models.lorentz_gcn import LorentzGCNLinkModule, LorentzGCNModule
 from tests.conftest import shared_dataset
 from tests.hyperbolic.helpers import KS, assert_on_hyperboloid, random_points
 
@@ -146,3 +152,34 @@ def test_copied_cora_with_a_swapped_file_fails(tmp_path):
     shutil.copy(path / "ind.cora.y", tmp_path / "ind.cora.ty")
     with pytest.raises(ValueError, match="rows but"):
         Planetoid.load(tmp_path)
+
+
+def test_edge_split_is_disjoint_and_link_module_learns(tmp_path):
+    rng = np.random.default_rng(0)
+    n = 60
+    blocks = rng.integers(0, 3, n)  # three communities: edges mostly inside a community
+    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)
+             if rng.random() < (0.3 if blocks[i] == blocks[j] else 0.01)]
+    adj = sp.coo_matrix((np.ones(len(pairs)), tuple(np.array(pairs).T)), shape=(n, n))
+    adj = ((adj + adj.T) > 0).astype(np.float32).tocsr()
+    split = split_edges(adj, 0.1, 0.2, seed=0)
+    pos = {tuple(e) for key in ("train_pos", "val_pos", "test_pos") for e in split[key].tolist()}
+    assert len(pos) == adj.nnz // 2
+    for key in ("val_neg", "test_neg"):
+        assert not ({tuple(e) for e in split[key].tolist()} & pos)
+        assert len(split[key]) == len(split[key.replace("neg", "pos")])
+
+    write_planetoid(tmp_path, n_train=20, n_other=30, n_test=10, n_feat=6, n_cls=3)
+    dm = PlanetoidDataModule(str(tmp_path), name="toy", link_prediction=True)
+    communities = torch.from_numpy(np.eye(3)[blocks].astype(np.float32))
+    dm.batch["features"] = torch.cat([communities, torch.rand(n, 3)], dim=1)  # features that predict links
+    s = split_edges(adj, 0.1, 0.2, seed=0)
+    dm.batch.update({key: torch.from_numpy(v) for key, v in s.items()})
+    train = s["train_pos"]
+    dm.batch["adjacency"] = normalized_adjacency(
+        sp.coo_matrix((np.ones(len(train), dtype=np.float32), tuple(train.T)), shape=(n, n)).tocsr())
+    module = LorentzGCNLinkModule(hidden=8, dropout=0.0, lr=0.02)
+    trainer = L.Trainer(max_epochs=60, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(module, dm)
+    assert trainer.test(module, dm, verbose=False)[0]["test/roc_auc"] > 0.7  # chance: 0.5
