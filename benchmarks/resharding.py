@@ -1,0 +1,193 @@
+"""Cross-mesh resharding: send_recv vs allgather vs broadcast (+ sender selection), and eager 1F1B vs 1F1B.
+
+Measured side by side in one run on gloo over loopback, and every plan also timed in the topology cost
+model (lightning_grendel.strategies.pipeline.costmodel), where inter-host NICs are the bottleneck.
+The eager-vs-1F1B step time uses an emulated per-transfer latency (each send starts that much later
+on the sender's outbox thread): an emulation of a slow link, not a measurement of one.
+
+    python benchmarks/resharding.py            # full: 64 MiB tensors, 3 repeats (a few minutes)
+    python benchmarks/resharding.py --quick    # 1-to-m up to 4 receivers, 2 MiB, 1 repeat (under a minute)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from lightning_grendel.strategies.pipeline import Mesh, make_plan
+from lightning_grendel.strategies.pipeline.costmodel import Topology, plan_makespan, traffic
+from lightning_grendel.strategies.pipeline.executors import GroupCache, start_plan
+from lightning_grendel.strategies.pipeline.mesh import box_slices, local_box
+from lightning_grendel.strategies.pipeline.plan import default_hosts
+
+VARIANTS = [("send_recv", "normal"), ("allgather", "normal"), ("broadcast", "normal"),
+            ("broadcast", "no_loadbalance"), ("broadcast", "loadbalance_size"), ("broadcast", "loadbalance_order")]
+
+
+def _one_to_m(m: int) -> tuple:
+    """One sender, m fully replicated receivers spread over 2 hosts (cost model)."""
+    src, dst = Mesh([0], (1, 1)), Mesh(range(1, m + 1), (1, m))
+    hosts = {0: 0, **{r: 1 + (i >= (m + 1) // 2) for i, r in enumerate(dst.ranks)}}
+    return f"1-to-{m} RRR", src, "RRR", dst, "RRR", hosts
+
+
+def _n_to_m() -> list[tuple]:
+    """The paper's n-to-m suite scaled to 2x2 meshes (mesh rows are hosts in the cost model)."""
+    a, b = Mesh(range(4), (2, 2)), Mesh(range(4, 8), (2, 2))
+    cases = [("S0RR->S0RR", a, "S0RR", b, "S0RR"), ("RRR->S0RR", a, "RRR", b, "S0RR"),
+             ("RS0R->S0RR", a, "RS0R", b, "S0RR"), ("RS01R->S01RR", a, "RS01R", b, "S01RR"),
+             ("S1RR->S0RR", a, "S1RR", b, "S0RR"),
+             ("S0RR->(3,1)S0RR misaligned", a, "S0RR", Mesh(range(4, 7), (3, 1)), "S0RR"),
+             ("(1,2)S1RR->(2,2)RRR", Mesh([0, 1], (1, 2)), "S1RR", Mesh(range(2, 6), (2, 2)), "RRR"),
+             ("RS0R->RRS0", a, "RS0R", b, "RRS0")]
+    return [(name, src, s, dst, d, default_hosts(src, dst)) for name, src, s, dst, d in cases]
+
+
+def _cases(quick: bool) -> list[tuple]:
+    """Quick keeps the 1-to-m cases up to 4 receivers (5 processes), so it starts fast."""
+    if quick:
+        return [_one_to_m(m) for m in (1, 2, 4)]
+    return [_one_to_m(m) for m in range(1, 7)] + _n_to_m()
+
+
+def _world(quick: bool) -> int:
+    return 1 + max(r for case in _cases(quick) for mesh in (case[1], case[3]) for r in mesh.ranks)
+
+
+def _bench_rank(rank: int, world: int, init: str, quick: bool, mib: int, repeats: int, out: dict) -> None:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=600))
+    shape = (256, 256, 4 * mib)
+    full = torch.arange(torch.Size(shape).numel(), dtype=torch.float32).reshape(shape)
+    groups = GroupCache(600)
+    plans = {}
+    for name, src, src_spec, dst, dst_spec, hosts in _cases(quick):
+        for executor, mode in VARIANTS:
+            plan = make_plan(shape, full.dtype, src, src_spec, dst, dst_spec, executor, mode, host_of=hosts)
+            groups.ensure(plan.groups())
+            plans[(name, executor, mode)] = plan
+    timings: dict[tuple, list[float]] = {key: [] for key in plans}
+    for name, src, _, dst, _, _ in _cases(quick):
+        local = None
+        if rank in src.ranks:
+            spec = plans[(name, "send_recv", "normal")].src_spec
+            local = full[box_slices(local_box(src, spec, shape, rank))].contiguous()
+        for repeat in range(repeats + 1):  # the first round warms up connections and buffers
+            for executor, mode in VARIANTS:
+                plan = plans[(name, executor, mode)]
+                dist.barrier()
+                start = time.perf_counter()
+                result = start_plan(plan, rank, local, groups).wait()
+                elapsed = torch.tensor(time.perf_counter() - start, dtype=torch.float64)
+                dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+                if repeat > 0:
+                    timings[(name, executor, mode)].append(float(elapsed))
+                if repeat == 0 and result is not None:  # correctness of what was timed
+                    want = full[box_slices(local_box(dst, plan.dst_spec, shape, rank))]
+                    assert torch.equal(result, want), (name, executor, mode)
+    if rank == 0:
+        for (name, executor, mode), values in timings.items():
+            plan = plans[(name, executor, mode)]
+            hosts = next(c[5] for c in _cases(quick) if c[0] == name)
+            sent = traffic(plan, hosts)
+            out[(name, executor, mode)] = (statistics.median(values), plan_makespan(plan, Topology(hosts)),
+                                           sum(sent.values()), max(sent.values()))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _pipeline_rank(rank: int, world: int, init: str, latency_s: float, steps: int, out: dict) -> None:
+    from lightning_grendel.strategies.pipeline.demo_lm import TinyTransformerLM
+    from lightning_grendel.strategies.pipeline.runtime import PipelineRuntime
+
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=600))
+    torch.manual_seed(0)
+    model = TinyTransformerLM(n_layers=4, stage_splits=[1, 2, 3])
+    ids = torch.randint(0, 64, (16, 32))
+    meshes = [Mesh([r], (1, 1)) for r in range(world)]
+    runtimes = {name: PipelineRuntime(model.pipeline_stages(), meshes, schedule=name, num_microbatches=8,
+                                      transfer_latency_s=latency_s) for name in ("1f1b", "eager_1f1b")}
+    times: dict[str, list[float]] = {name: [] for name in runtimes}
+    for step in range(steps + 1):
+        for name, runtime in runtimes.items():
+            dist.barrier()
+            start = time.perf_counter()
+            runtime.step(ids, ids)
+            elapsed = torch.tensor(time.perf_counter() - start, dtype=torch.float64)
+            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+            if step > 0:
+                times[name].append(float(elapsed))
+    for runtime in runtimes.values():
+        runtime.close()
+    if rank == 0:
+        out.update({name: statistics.median(values) for name, values in times.items()})
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _spawn(fn, world: int, *args) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        manager = mp.Manager()
+        out = manager.dict()
+        mp.start_processes(fn, args=(world, os.path.join(tmp, "init"), *args, out), nprocs=world,
+                           start_method="spawn")
+        result = dict(out)
+        manager.shutdown()
+        return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="1-to-m cases up to 4 receivers, 2 MiB, 1 repeat")
+    parser.add_argument("--mib", type=int, default=None, help="tensor size in MiB (default 64, quick 2)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per variant (default 3, quick 1)")
+    parser.add_argument("--latency-ms", type=float, default=20.0, help="emulated per-transfer latency")
+    args = parser.parse_args()
+    mib = args.mib or (2 if args.quick else 64)
+    repeats = args.repeats or (1 if args.quick else 3)
+    results = _spawn(_bench_rank, _world(args.quick), args.quick, mib, repeats)
+
+    print(f"\nResharding, float32 {mib} MiB, gloo over loopback on {os.cpu_count()} CPUs, median of {repeats}; "
+          "cost model: 12.5 GB/s NIC per host, 100 GB/s inside a host")
+    header = (f"{'case':<30} {'executor':<10} {'senders':<17} {'loopback ms':>11} {'vs s/r':>7} "
+              f"{'model ms':>9} {'vs s/r':>7} {'total MiB':>9} {'max/rank MiB':>12}")
+    print(header)
+    print("-" * len(header))
+    worst, names = 0.0, []
+    for name, *_ in _cases(args.quick):
+        names.append(name)
+        base_time, base_model = results[(name, "send_recv", "normal")][:2]
+        for executor, mode in VARIANTS:
+            seconds, model, total, peak = results[(name, executor, mode)]
+            print(f"{name:<30} {executor:<10} {mode:<17} {seconds * 1e3:>11.1f} {base_time / seconds:>6.2f}x "
+                  f"{model * 1e3:>9.2f} {base_model / model:>6.2f}x {total / 2**20:>9.0f} {peak / 2**20:>12.0f}")
+            if (executor, mode) == ("broadcast", "normal"):
+                worst = max(worst, seconds / base_time)
+    pipeline = _spawn(_pipeline_rank, 4, args.latency_ms / 1e3, 1 if args.quick else 5)
+    print(f"\nPipeline step, TinyTransformerLM, 4 stages x 1 rank, 8 micro-batches, emulated transfer latency "
+          f"{args.latency_ms:.0f} ms: 1F1B {pipeline['1f1b'] * 1e3:.0f} ms, eager 1F1B "
+          f"{pipeline['eager_1f1b'] * 1e3:.0f} ms\n")
+    one_to_four = "1-to-4 RRR"
+    loop = results[(one_to_four, "send_recv", "normal")][0] / results[(one_to_four, "broadcast", "normal")][0]
+    model = results[(one_to_four, "send_recv", "normal")][1] / results[(one_to_four, "broadcast", "normal")][1]
+    print(f"RESULT resharding.broadcast_speedup_1to4={loop:.3f}")
+    print(f"RESULT resharding.model_speedup_1to4={model:.3f}")
+    print(f"RESULT resharding.worst_broadcast_ratio={worst:.3f}")
+    print(f"RESULT pipeline.eager_vs_1f1b={pipeline['1f1b'] / pipeline['eager_1f1b']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
