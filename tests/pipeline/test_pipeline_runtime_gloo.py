@@ -1,4 +1,9 @@
-"""A pipelined step equals the same model run unpipelined in one process: loss and every gradient."""
+"""A pipelined step equals the same model run unpipelined in one process: loss and every gradient.
+
+Three stages on six ranks: the middle stage runs on a (2,2) mesh, data parallel over axis 0 and with
+a column-parallel Linear over axis 1, so activations go 1 -> (rows over 2, replicated over 2) and
+(rows over 2, features over 2) -> 1 through cross-mesh resharding, and gradients come back.
+"""
 
 from __future__ import annotations
 
@@ -14,10 +19,20 @@ from lightning_grendel.strategies.pipeline.runtime import PipelineRuntime
 from lightning_grendel.strategies.pipeline.schedules import SCHEDULES
 from lightning_grendel.strategies.pipeline.stages import Pipeline, PipelineStage
 
+MESHES = [Mesh([0], (1, 1)), Mesh([1, 2, 3, 4], (2, 2)), Mesh([5], (1, 1))]
+LR = 0.1
+
 
 def _stages() -> list[nn.Module]:
     torch.manual_seed(0)
-    return [nn.Sequential(nn.Linear(5, 8), nn.Tanh()), nn.Sequential(nn.Linear(8, 8), nn.Tanh()), nn.Linear(8, 3)]
+    return [nn.Sequential(nn.Linear(5, 8), nn.Tanh()),
+            nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 7)),
+            nn.Sequential(nn.Tanh(), nn.Linear(7, 3))]
+
+
+def _pipeline(modules: list[nn.Module]) -> Pipeline:
+    return Pipeline([PipelineStage(modules[0]), PipelineStage(modules[1], "S0", column_parallel="2"),
+                     PipelineStage(modules[2])], F.cross_entropy)
 
 
 def _data() -> tuple[torch.Tensor, torch.Tensor]:
@@ -25,42 +40,48 @@ def _data() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(10, 5, generator=generator), torch.randint(0, 3, (10,), generator=generator)
 
 
-def _reference() -> tuple[float, list[list[torch.Tensor]]]:
+def _reference() -> tuple[float, list[list[torch.Tensor]], list[list[torch.Tensor]]]:
     modules = _stages()
     x, y = _data()
     loss = F.cross_entropy(nn.Sequential(*modules)(x), y)
     loss.backward()
-    return loss.item(), [[p.grad.clone() for p in m.parameters()] for m in modules]
+    grads = [[p.grad.clone() for p in m.parameters()] for m in modules]
+    stepped = [[(p - LR * p.grad).detach() for p in m.parameters()] for m in modules]
+    return loss.item(), grads, stepped
 
 
-# 3 stages on 4 ranks: stage 1 is data parallel over a (1,2) mesh, so every boundary really reshards.
-MESHES = [Mesh([0], (1, 1)), Mesh([1, 2], (1, 2)), Mesh([3], (1, 1))]
-SPECS = ["R", "S1", "R"]
-
-
-def _equivalence(rank: int, world: int) -> int:
-    want_loss, want_grads = _reference()
+def _equivalence(rank: int, world: int, schedules, executors, sender_mode) -> int:
+    want_loss, want_grads, want_stepped = _reference()
     x, y = _data()
     checked = 0
-    for schedule in SCHEDULES:
-        for executor in EXECUTORS:
+    for schedule in schedules:
+        for executor in executors:
             modules = _stages()
-            pipeline = Pipeline([PipelineStage(m, spec) for m, spec in zip(modules, SPECS, strict=True)],
-                                F.cross_entropy)
-            runtime = PipelineRuntime(pipeline, MESHES, schedule=schedule, executor=executor, num_microbatches=3)
+            runtime = PipelineRuntime(_pipeline(modules), MESHES, schedule=schedule, executor=executor,
+                                      sender_mode=sender_mode, num_microbatches=3)
             loss = runtime.step(x, y)
-            runtime.close()
             assert torch.allclose(loss, torch.tensor(want_loss), rtol=1e-5, atol=0), (schedule, executor)
-            for got, want in zip(modules[runtime.stage].parameters(), want_grads[runtime.stage], strict=True):
-                assert got.grad is not None
+            s = runtime.stage
+            # The column-parallel Linear's rows are computed on one TP rank each; the stage reduction
+            # leaves the full gradient on every rank of the stage, so every parameter compares in full.
+            for got, want in zip(modules[s].parameters(), want_grads[s], strict=True):
                 torch.testing.assert_close(got.grad, want, rtol=1e-5, atol=1e-7)
                 checked += 1
-            others = [m for i, m in enumerate(modules) if i != runtime.stage]
+            others = [m for i, m in enumerate(modules) if i != s]
             assert all(p.grad is None for m in others for p in m.parameters())
+            with torch.no_grad():  # a plain SGD step on what this rank owns, then gather every stage
+                for p in modules[s].parameters():
+                    p -= LR * p.grad
+            runtime.sync_parameters()
+            for module, want in zip(modules, want_stepped, strict=True):
+                for got, value in zip(module.parameters(), want, strict=True):
+                    torch.testing.assert_close(got.detach(), value, rtol=1e-5, atol=1e-6)
+            runtime.close()
     dist.barrier()
     return checked
 
 
 @pytest.mark.timeout(300)
 def test_pipelined_step_equals_unpipelined_for_every_schedule_and_executor():
-    assert all(n > 0 for n in run_distributed(_equivalence, 4, timeout_s=120))
+    results = run_distributed(_equivalence, 6, SCHEDULES, EXECUTORS, "normal", timeout_s=150)
+    assert all(n > 0 for n in results)

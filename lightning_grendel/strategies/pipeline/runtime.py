@@ -17,11 +17,12 @@ import torch
 import torch.distributed as dist
 
 from lightning_grendel.strategies.pipeline.executors import GroupCache, start_plan
-from lightning_grendel.strategies.pipeline.mesh import Mesh, ShardingSpec, check_disjoint, local_box
+from lightning_grendel.strategies.pipeline.mesh import Mesh, ShardingSpec, check_disjoint, chunk_bounds, local_box
 from lightning_grendel.strategies.pipeline.plan import EXECUTORS, ReshardPlan, make_plan
 from lightning_grendel.strategies.pipeline.schedules import check_schedule, stage_order
 from lightning_grendel.strategies.pipeline.senders import check_mode
 from lightning_grendel.strategies.pipeline.stages import Pipeline, output_spec, resolve_stage_specs
+from lightning_grendel.strategies.pipeline.tensor_parallel import find_linear, make_column_parallel
 
 _FORWARD, _BACKWARD = 0, 1
 
@@ -95,9 +96,25 @@ class PipelineRuntime:
             raise ValueError(f"stage meshes must cover ranks 0..{world - 1} exactly once, got {used}")
         self.stage = next(i for i, mesh in enumerate(self.meshes) if self.rank in mesh.ranks)
         self.module = pipeline.stages[self.stage].module
+        if pipeline.stages[-1].column_parallel is not None:
+            raise ValueError("the last stage feeds the loss and cannot be column-parallel")
+        for index, (stage, mesh) in enumerate(zip(pipeline.stages, self.meshes, strict=True)):
+            resolve_stage_specs(stage, mesh, index, None)
+            if stage.column_parallel is not None:
+                find_linear(stage.module, stage.column_parallel)
         self._meta = [copy.deepcopy(stage.module).to("meta") for stage in pipeline.stages]
         self._groups = GroupCache(timeout_s)
         self._stage_groups = [dist.new_group(list(mesh.ranks)) for mesh in self.meshes]
+        self._tp_parts = 1
+        for index, (stage, mesh) in enumerate(zip(pipeline.stages, self.meshes, strict=True)):
+            if stage.column_parallel is None:
+                continue
+            for ranks in mesh.axis_groups(mesh.ndim - 1):  # every rank creates every group, in one order
+                group = dist.new_group(list(ranks))
+                if index == self.stage and self.rank in ranks:
+                    linear = find_linear(stage.module, stage.column_parallel)
+                    self._tp_parts = mesh.shape[-1]
+                    make_column_parallel(linear, mesh.coordinate(self.rank)[-1], self._tp_parts, group)
         self._outbox = _Outbox(self.rank, self._groups, transfer_latency_s)
         self._layouts: dict[tuple, list[tuple[ShardingSpec, ShardingSpec, tuple[int, ...], torch.dtype]]] = {}
         self._plans: dict[tuple, tuple[list[ReshardPlan], list[ReshardPlan], int]] = {}
@@ -113,7 +130,10 @@ class PipelineRuntime:
                 in_spec.validate(self.meshes[index], x.shape)
                 with torch.no_grad():
                     x = meta(x)
-                layouts.append((in_spec, output_spec(in_spec, x.ndim), tuple(x.shape), x.dtype))
+                tp_axis = None if stage.column_parallel is None else self.meshes[index].ndim - 1
+                out_spec = output_spec(in_spec, x.ndim, tp_axis)
+                out_spec.validate(self.meshes[index], x.shape)
+                layouts.append((in_spec, out_spec, tuple(x.shape), x.dtype))
             self._layouts[key] = layouts
         return self._layouts[key]
 
@@ -216,10 +236,39 @@ class PipelineRuntime:
         dist.all_reduce(flat, group=self._stage_groups[self.stage])
         spec = ShardingSpec.parse(self.pipeline.stages[self.stage].input_spec)
         flat /= self._replication(mesh, spec)
+        tensor_parallel = {id(p) for p in self._column_parallel_params(self.stage)}
         offset = 0
         for p in params:
             p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))
+            if id(p) in tensor_parallel:  # each row block came from the ranks of one TP slice only
+                p.grad.mul_(self._tp_parts)
             offset += p.numel()
+
+    def _column_parallel_params(self, stage: int) -> list[torch.Tensor]:
+        name = self.pipeline.stages[stage].column_parallel
+        if name is None:
+            return []
+        linear = find_linear(self.pipeline.stages[stage].module, name)
+        return [p for p in (linear.weight, linear.bias) if p is not None]
+
+    def sync_parameters(self) -> None:
+        """Give every rank every stage's current parameters (collective; same order on every rank).
+
+        Column-parallel rows come from the first rank holding each slice, everything else from the
+        stage mesh's first rank.
+        """
+        for index, (stage, mesh) in enumerate(zip(self.pipeline.stages, self.meshes, strict=True)):
+            sliced = {id(p) for p in self._column_parallel_params(index)}
+            for tensor in [*stage.module.parameters(), *stage.module.buffers()]:
+                if id(tensor) not in sliced:
+                    dist.broadcast(tensor.data, src=mesh.ranks[0])
+                    continue
+                parts = mesh.shape[-1]
+                for j in range(parts):
+                    start, stop = chunk_bounds(tensor.shape[0], parts, j)
+                    piece = tensor.data[start:stop].contiguous()
+                    dist.broadcast(piece, src=mesh.rank_at((0,) * (mesh.ndim - 1) + (j,)))
+                    tensor.data[start:stop].copy_(piece)
 
     def close(self) -> None:
         self._outbox.close()

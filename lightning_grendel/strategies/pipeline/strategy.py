@@ -157,11 +157,8 @@ class PipelineStrategy(ParallelStrategy):
 
     def sync_parameters(self) -> None:
         """Give every rank every stage's current parameters (for validation, checkpoints, rank 0's copy)."""
-        if self._runtime is None:
-            return
-        for index, stage in enumerate(self._runtime.pipeline.stages):
-            for tensor in [*stage.module.parameters(), *stage.module.buffers()]:
-                dist.broadcast(tensor.data, src=self.meshes[index].ranks[0])
+        if self._runtime is not None:
+            self._runtime.sync_parameters()
 
     def on_validation_start(self) -> None:
         self.sync_parameters()
