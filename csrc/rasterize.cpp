@@ -13,6 +13,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -70,7 +71,8 @@ struct TileLists {
         offsets(offsets_tensor.data_ptr<int64_t>()), ids(ids_tensor.data_ptr<int32_t>()), size(ids_tensor.numel()) {}
 };
 
-inline float clamp_index(float v, float hi) { return std::fmin(std::fmax(v, 0.0f), hi); }
+// Clamp to [0, hi]; NaN goes to 0. (std::fmin/fmax compile to library calls on baseline x86-64.)
+inline float clamp_index(float v, float hi) { return v > 0.0f ? (v < hi ? v : hi) : 0.0f; }
 
 // Order-preserving integer key of a depth; -0 == +0 and NaN sorts last, as in torch.sort.
 inline uint64_t depth_key(double depth) {
@@ -193,7 +195,8 @@ std::vector<Splat<scalar_t>> prepare_splats(const scalar_t* means, const scalar_
 }
 
 inline int64_t clamp_pixel(double v, int64_t lo, int64_t hi) {
-  return static_cast<int64_t>(std::fmin(std::fmax(v, static_cast<double>(lo)), static_cast<double>(hi)));
+  const double l = static_cast<double>(lo), h = static_cast<double>(hi);
+  return static_cast<int64_t>(v > l ? (v < h ? v : h) : l);
 }
 
 // Calls visit(x, y) for the rendered pixels of the tile that may lie inside the splat's ellipse.
@@ -243,6 +246,48 @@ struct Channels {
   constexpr int64_t get() const { return Static > 0 ? Static : runtime; }
 };
 
+// Per-splat colour-gradient accumulator: a register-friendly array when D is static.
+template <int Static>
+struct ColorSums {
+  std::array<double, Static> sums;
+  explicit ColorSums(int64_t) {}
+  void reset() { sums.fill(0.0); }
+  double* data() { return sums.data(); }
+};
+
+template <>
+struct ColorSums<0> {
+  std::vector<double> sums;
+  explicit ColorSums(int64_t channels) : sums(channels) {}
+  void reset() { std::fill(sums.begin(), sums.end(), 0.0); }
+  double* data() { return sums.data(); }
+};
+
+// A window of one tile's list copied into contiguous thread-local arrays: a loop of independent loads
+// that the CPU overlaps, instead of a cache miss per splat in the middle of the pixel loops.
+constexpr int64_t kWindow = 64;
+
+template <typename scalar_t>
+struct SplatWindow {
+  std::vector<Splat<scalar_t>> splats;
+  std::vector<scalar_t> colors;
+  int64_t first = 0, channels;
+
+  explicit SplatWindow(int64_t D) : splats(kWindow), colors(kWindow * D), channels(D) {}
+
+  void load(const int32_t* ids, int64_t k0, int64_t k1, const std::vector<Splat<scalar_t>>& all,
+            const scalar_t* all_colors) {
+    first = k0;
+    for (int64_t k = k0; k < k1; ++k) {
+      splats[k - k0] = all[ids[k]];
+      const scalar_t* src = all_colors + static_cast<int64_t>(ids[k]) * channels;
+      std::copy(src, src + channels, colors.data() + (k - k0) * channels);
+    }
+  }
+  const Splat<scalar_t>& splat(int64_t k) const { return splats[k - first]; }
+  const scalar_t* color(int64_t k) const { return colors.data() + (k - first) * channels; }
+};
+
 // ---------------------------------------------------------------------------------------------------
 // Forward
 
@@ -258,6 +303,7 @@ void forward_tiles(const Grid& g, const TileLists& lists, const std::vector<Spla
     std::vector<double> trans(kTilePixels), color(kTilePixels * D);
     std::vector<int32_t> last_local(kTilePixels);
     std::vector<uint8_t> done(kTilePixels);
+    SplatWindow<scalar_t> window(D);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t tile = 0; tile < num_tiles; ++tile) {
       const TileRect r(g, tile);
@@ -270,9 +316,10 @@ void forward_tiles(const Grid& g, const TileLists& lists, const std::vector<Spla
       int64_t finished = 0;
       const int64_t begin = lists.offsets[tile], count = lists.offsets[tile + 1] - begin;
       for (int64_t k = 0; k < count && finished < active; ++k) {
-        const Splat<scalar_t>& s = splats[lists.ids[begin + k]];
+        if (k % kWindow == 0) window.load(lists.ids + begin, k, std::min(count, k + kWindow), splats, colors);
+        const Splat<scalar_t>& s = window.splat(k);
         if (s.cut < 0.0) continue;
-        const scalar_t* col = colors + static_cast<int64_t>(lists.ids[begin + k]) * D;
+        const scalar_t* col = window.color(k);
         for_each_pixel(s, r, [&](int64_t x, int64_t y) {
           const int p = r.local(x, y);
           if (done[p]) return;
@@ -321,8 +368,10 @@ void backward_tiles(const Grid& g, const TileLists& lists, const std::vector<Spl
   const int64_t num_tiles = g.num_tiles();
 #pragma omp parallel num_threads(at::get_num_threads())
   {
-    std::vector<double> trans(kTilePixels), behind(kTilePixels * D), upstream(kTilePixels * D), acc(K);
+    std::vector<double> trans(kTilePixels), behind(kTilePixels * D), upstream(kTilePixels * D);
     std::vector<int32_t> last_local(kTilePixels);
+    ColorSums<StaticD> color_sums(D);
+    SplatWindow<scalar_t> window(D);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t tile = 0; tile < num_tiles; ++tile) {
       const TileRect r(g, tile);
@@ -344,11 +393,15 @@ void backward_tiles(const Grid& g, const TileLists& lists, const std::vector<Spl
       }
       const int64_t begin = lists.offsets[tile];
       for (int64_t k = deepest; k >= 0; --k) {
-        const int32_t id = lists.ids[begin + k];
-        const Splat<scalar_t>& s = splats[id];
+        if (k == deepest || k + 1 == window.first) {
+          window.load(lists.ids + begin, std::max<int64_t>(0, k + 1 - kWindow), k + 1, splats, colors);
+        }
+        const Splat<scalar_t>& s = window.splat(k);
         if (s.cut < 0.0) continue;
-        const scalar_t* col = colors + static_cast<int64_t>(id) * D;
-        std::fill(acc.begin(), acc.end(), 0.0);
+        const scalar_t* col = window.color(k);
+        double g_mx = 0.0, g_my = 0.0, g_a = 0.0, g_b = 0.0, g_c = 0.0, g_o = 0.0;
+        color_sums.reset();
+        double* g_col = color_sums.data();
         bool touched = false;
         const double a = s.a, b = s.b, c = s.c, o = s.o;
         for_each_pixel(s, r, [&](int64_t x, int64_t y) {
@@ -357,33 +410,36 @@ void backward_tiles(const Grid& g, const TileLists& lists, const std::vector<Spl
           Sample<scalar_t> px;
           if (!px.eval(s, x, y)) return;
           touched = true;
-          const double alpha = px.alpha, one_minus = static_cast<double>(static_cast<scalar_t>(1) - px.alpha);
-          const double t = trans[p] / one_minus;
+          const double alpha = px.alpha;
+          const double inv = 1.0 / static_cast<double>(static_cast<scalar_t>(1) - px.alpha);
+          const double t = trans[p] * inv;  // transmittance in front of this splat
           const double weight = alpha * t;
           const double* gp = upstream.data() + p * D;
           double* bp = behind.data() + p * D;
           double grad_alpha = 0.0;
           for (int64_t d = 0; d < D; ++d) {
             const double cd = static_cast<double>(col[d]);
-            grad_alpha += gp[d] * (cd * t - bp[d] / one_minus);
+            grad_alpha += gp[d] * (cd * t - bp[d] * inv);
             bp[d] += cd * weight;
-            acc[kSplatGrads + d] += gp[d] * weight;
+            g_col[d] += gp[d] * weight;
           }
           trans[p] = t;
           if (px.raw <= kMaxAlpha<scalar_t>) {  // the 0.99 clamp passes no gradient where it clamps
             const double vis = px.vis, dx = px.dx, dy = px.dy;
             const double grad_sigma = -o * vis * grad_alpha;
-            acc[0] -= grad_sigma * (a * dx + b * dy);
-            acc[1] -= grad_sigma * (b * dx + c * dy);
-            acc[2] += grad_sigma * 0.5 * dx * dx;
-            acc[3] += grad_sigma * dx * dy;
-            acc[4] += grad_sigma * 0.5 * dy * dy;
-            acc[5] += grad_alpha * vis;
+            g_mx -= grad_sigma * (a * dx + b * dy);
+            g_my -= grad_sigma * (b * dx + c * dy);
+            g_a += grad_sigma * 0.5 * dx * dx;
+            g_b += grad_sigma * dx * dy;
+            g_c += grad_sigma * 0.5 * dy * dy;
+            g_o += grad_alpha * vis;
           }
         });
         if (!touched) continue;
         scalar_t* rec = records + (begin + k) * K;
-        for (int64_t j = 0; j < K; ++j) rec[j] = static_cast<scalar_t>(acc[j]);
+        const double head[kSplatGrads] = {g_mx, g_my, g_a, g_b, g_c, g_o};
+        for (int j = 0; j < kSplatGrads; ++j) rec[j] = static_cast<scalar_t>(head[j]);
+        for (int64_t d = 0; d < D; ++d) rec[kSplatGrads + d] = static_cast<scalar_t>(g_col[d]);
       }
     }
   }
