@@ -84,7 +84,7 @@ inline uint64_t depth_key(double depth) {
 }
 
 template <typename scalar_t>
-TileLists bin_splats(const scalar_t* means, const float* radii, const scalar_t* depths, int64_t n, const Grid& g) {
+TileLists bin_splats(const scalar_t* means, const float* radii, const double* depths, int64_t n, const Grid& g) {
   struct Rect {
     int32_t x0, x1, y0, y1;
   };
@@ -109,7 +109,7 @@ TileLists bin_splats(const scalar_t* means, const float* radii, const scalar_t* 
   std::vector<std::pair<uint64_t, int32_t>> order;
   for (int64_t i = 0; i < n; ++i) {
     const Rect& r = rects[i];
-    if (r.x1 > r.x0 && r.y1 > r.y0) order.emplace_back(depth_key(static_cast<double>(depths[i])), static_cast<int32_t>(i));
+    if (r.x1 > r.x0 && r.y1 > r.y0) order.emplace_back(depth_key(depths[i]), static_cast<int32_t>(i));
   }
   std::sort(order.begin(), order.end());  // (depth, index): the stable depth sort of the reference
 
@@ -499,8 +499,10 @@ std::vector<torch::Tensor> forward(const torch::Tensor& means2d, const torch::Te
                                    int64_t height, const torch::Tensor& background, int64_t row_start,
                                    int64_t row_end) {
   check_inputs(means2d, conics, colors, opacities, background);
-  TORCH_CHECK(depths.is_contiguous() && depths.scalar_type() == colors.scalar_type(), "depths: [N], inputs' dtype");
-  TORCH_CHECK(radii.is_contiguous() && radii.scalar_type() == torch::kFloat32, "radii must be float32");
+  TORCH_CHECK(depths.is_contiguous() && depths.numel() == means2d.size(0) && depths.scalar_type() == torch::kFloat64,
+              "depths must be [N] float64");
+  TORCH_CHECK(radii.is_contiguous() && radii.numel() == means2d.size(0) && radii.scalar_type() == torch::kFloat32,
+              "radii must be [N] float32");
   const Grid g(width, height, row_start, row_end);
   const int64_t n = means2d.size(0), D = colors.size(1);
   auto image = torch::empty({g.rows(), width, D}, colors.options());
@@ -510,7 +512,7 @@ std::vector<torch::Tensor> forward(const torch::Tensor& means2d, const torch::Te
   int64_t blended = 0;
   AT_DISPATCH_FLOATING_TYPES(colors.scalar_type(), "rasterize_cpp_forward", [&] {
     const TileLists lists = bin_splats<scalar_t>(means2d.data_ptr<scalar_t>(), radii.data_ptr<float>(),
-                                                 depths.data_ptr<scalar_t>(), n, g);
+                                                 depths.data_ptr<double>(), n, g);
     const auto splats = prepare_splats<scalar_t>(means2d.data_ptr<scalar_t>(), conics.data_ptr<scalar_t>(),
                                                  opacities.data_ptr<scalar_t>(), n);
     auto run = [&](auto channels) {

@@ -16,6 +16,7 @@ from types import ModuleType
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from lightning_grendel.splatting.rasterize_torch import rasterize_torch
 
@@ -81,6 +82,7 @@ class _RasterizeCpp(torch.autograd.Function):
         return image
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_image):
         means2d, conics, colors, opacities, background, offsets, ids, final_t, last = ctx.saved_tensors
         grads = load_extension().backward(
@@ -97,12 +99,17 @@ def prepare_inputs(
     means2d: Tensor, conics: Tensor, colors: Tensor, opacities: Tensor, depths: Tensor, radii: Tensor,
     background: Tensor,
 ) -> tuple[Tensor, ...]:
-    """Contiguous CPU tensors in one float dtype (float64 stays float64; other dtypes compute in float32)."""
+    """Contiguous CPU tensors in one float dtype (float64 stays float64; other dtypes compute in float32).
+
+    Depths go as float64 (exact for any float input, so the depth order and its ties are unchanged) and
+    radii as float32, the type the tile bounds are computed in.
+    """
     if means2d.device.type != "cpu":
         raise ValueError(f"rasterizer backend 'cpp' runs on CPU tensors, got {means2d.device}")
     dtype = colors.dtype if colors.dtype in (torch.float32, torch.float64) else torch.float32
-    floats = [t.to(dtype).contiguous() for t in (means2d, conics, colors, opacities, depths, background)]
-    return (*floats, radii.to(torch.float32).contiguous())
+    floats = [t.to(dtype).contiguous() for t in (means2d, conics, colors, opacities)]
+    depths = depths.detach().to(torch.float64).contiguous()
+    return (*floats, depths, background.to(dtype).contiguous(), radii.to(torch.float32).contiguous())
 
 
 def rasterize_cpp(
@@ -127,6 +134,6 @@ def rasterize_cpp(
         means2d, conics, colors, opacities, depths, radii, background
     )
     image = _RasterizeCpp.apply(
-        means2d, conics, colors_in, opacities, background, depths.detach(), radii, width, height, row_start, row_end
+        means2d, conics, colors_in, opacities, background, depths, radii, width, height, row_start, row_end
     )
     return image.to(colors.dtype)
