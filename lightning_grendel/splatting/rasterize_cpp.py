@@ -7,7 +7,6 @@ file with the compiler output, and renders with the PyTorch reference instead: s
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
 import warnings
@@ -33,8 +32,17 @@ def build_directory() -> Path:
     return base / version / EXTENSION_NAME
 
 
-@functools.cache
+_loaded: dict[str, ModuleType | None] = {}  # the one build attempt of this process, successful or not
+
+
 def load_extension() -> ModuleType | None:
+    """The extension module, or ``None`` if it cannot be built (warned about once per process)."""
+    if "module" not in _loaded:
+        _loaded["module"] = _build()
+    return _loaded["module"]
+
+
+def _build() -> ModuleType | None:
     """Compile (first time) and import the extension; ``None`` after one warning if compiling fails."""
     from torch.utils.cpp_extension import load
 
@@ -56,7 +64,7 @@ def load_extension() -> ModuleType | None:
             f"lightning_grendel: could not build the C++ rasterizer (compiler output in {log_file}); "
             "falling back to the slower PyTorch rasterizer",
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
         return None
     log_file.unlink(missing_ok=True)

@@ -179,16 +179,13 @@ def test_failed_build_warns_once_and_falls_back_to_torch(tmp_path, monkeypatch):
     broken = tmp_path / "rasterize.cpp"
     broken.write_text("this is not C++;\n")
     monkeypatch.setattr(rasterize_cpp, "SOURCE", broken)
+    monkeypatch.setattr(rasterize_cpp, "_loaded", {})  # forget this process's build; restored afterwards
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "build"))
-    rasterize_cpp.load_extension.cache_clear()
-    try:
-        scene = projected_splats(50, 24, 20, seed=1)
-        with pytest.warns(RuntimeWarning, match="compiler output in .*build_error.log") as record:
-            image = rasterize(**scene, width=24, height=20, backend="cpp")
-            rasterize(**scene, width=24, height=20, backend="cpp")
-        assert len(record) == 1
-        log_file = rasterize_cpp.build_directory() / "build_error.log"
-        assert "error" in log_file.read_text()
-        torch.testing.assert_close(image, rasterize(**scene, width=24, height=20, backend="torch"), rtol=0, atol=0)
-    finally:
-        rasterize_cpp.load_extension.cache_clear()
+    scene = projected_splats(50, 24, 20, seed=1)
+    with pytest.warns(RuntimeWarning, match="compiler output in .*build_error.log") as record:
+        image = rasterize(**scene, width=24, height=20, backend="cpp")
+        rasterize(**scene, width=24, height=20, backend="cpp")
+    assert len(record) == 1
+    log_file = rasterize_cpp.build_directory() / "build_error.log"
+    assert "error" in log_file.read_text()
+    torch.testing.assert_close(image, rasterize(**scene, width=24, height=20, backend="torch"), rtol=0, atol=0)
