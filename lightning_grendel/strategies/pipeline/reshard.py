@@ -14,7 +14,8 @@ from lightning_grendel.strategies.pipeline.executors import GroupCache, start_pl
 from lightning_grendel.strategies.pipeline.mesh import Mesh, ShardingSpec, box_slices, local_box, local_shape
 from lightning_grendel.strategies.pipeline.plan import make_plan
 
-_DEFAULT_GROUPS: GroupCache | None = None
+# (default process group, its group cache): a re-initialised world gets a fresh cache.
+_DEFAULT_GROUPS: list = [None, None]
 
 
 def reshard(tensor_or_shard: torch.Tensor | None, src_mesh: Mesh, src_spec: str | ShardingSpec, dst_mesh: Mesh,
@@ -46,10 +47,10 @@ def reshard(tensor_or_shard: torch.Tensor | None, src_mesh: Mesh, src_spec: str 
         local = _local_shard(tensor_or_shard, plan.src_mesh, plan.src_spec, shape, rank)
         if local.dtype != dtype:
             raise ValueError(f"tensor dtype {local.dtype} differs from the declared dtype {dtype}")
-    global _DEFAULT_GROUPS
     if groups is None:
-        _DEFAULT_GROUPS = _DEFAULT_GROUPS or GroupCache()
-        groups = _DEFAULT_GROUPS
+        if _DEFAULT_GROUPS[0] is not dist.group.WORLD:
+            _DEFAULT_GROUPS[:] = [dist.group.WORLD, GroupCache()]
+        groups = _DEFAULT_GROUPS[1]
     groups.ensure(plan.groups())
     return start_plan(plan, rank, local, groups).wait()
 
