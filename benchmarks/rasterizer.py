@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import math
 import multiprocessing
+import os
 import queue as queue_module
 import resource
 import tempfile
@@ -32,6 +33,9 @@ from lightning_grendel.splatting.cameras import Cameras, focal_from_fov, intrins
 from lightning_grendel.splatting.projection import project_gaussians
 from lightning_grendel.splatting.rasterize import rasterize
 from lightning_grendel.splatting.rasterize_cpp import load_extension, prepare_inputs
+
+# As the Makefile runs everything; the measuring child processes read it when their OpenMP starts.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 CAMERA_DISTANCE = 4.0
 FOV = 0.8
