@@ -95,11 +95,12 @@ def blended_pairs(splats: dict, size: int) -> int:
 def time_backend(splats: dict, size: int, backend: str, repeats: int, strips: int = 1) -> float:
     """Median seconds of one forward+backward; the cpp backend gets one untimed warm-up run first.
 
-    With ``strips`` > 1 only every ``strips``-th 16-pixel tile row is rendered (one call per row) and the
-    sum is scaled by ``strips``: an estimate for a backend too slow to time on the whole image.
+    With ``strips`` > 1 only the middle tile row of every ``strips`` 16-pixel tile rows is rendered (one
+    call per row) and the sum is scaled by ``strips``: an estimate for a backend too slow to time on the whole image.
     """
     params = {k: v.clone().requires_grad_(k in ("means2d", "conics", "colors", "opacities")) for k, v in splats.items()}
-    ranges = [(row, min(row + 16, size)) for row in range(0, size, 16 * strips)] if strips > 1 else [(0, size)]
+    first = 16 * (strips // 2)  # the middle tile row of each group of ``strips``
+    ranges = [(row, min(row + 16, size)) for row in range(first, size, 16 * strips)] if strips > 1 else [(0, size)]
     times = []
     warmup = 1 if backend == "cpp" else 0  # the torch backend takes minutes and has nothing to warm up
     for _ in range(repeats + warmup):
