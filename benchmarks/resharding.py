@@ -5,7 +5,7 @@ model (lightning_grendel.strategies.pipeline.costmodel), where inter-host NICs a
 The eager-vs-1F1B step time uses an emulated per-transfer latency (each send starts that much later
 on the sender's outbox thread): an emulation of a slow link, not a measurement of one.
 
-    python benchmarks/resharding.py            # full: 64 MiB tensors, 3 repeats (a few minutes)
+    python benchmarks/resharding.py            # full: 16 MiB tensors, 5 repeats (several minutes)
     python benchmarks/resharding.py --quick    # 1-to-m up to 4 receivers, 2 MiB, 1 repeat (under a minute)
 """
 
@@ -152,12 +152,12 @@ def _spawn(fn, world: int, *args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="1-to-m cases up to 4 receivers, 2 MiB, 1 repeat")
-    parser.add_argument("--mib", type=int, default=None, help="tensor size in MiB (default 64, quick 2)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per variant (default 3, quick 1)")
+    parser.add_argument("--mib", type=int, default=None, help="tensor size in MiB (default 16, quick 2)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per variant (default 5, quick 1)")
     parser.add_argument("--latency-ms", type=float, default=20.0, help="emulated per-transfer latency")
     args = parser.parse_args()
-    mib = args.mib or (2 if args.quick else 64)
-    repeats = args.repeats or (1 if args.quick else 3)
+    mib = args.mib or (2 if args.quick else 16)
+    repeats = args.repeats or (1 if args.quick else 5)
     results = _spawn(_bench_rank, _world(args.quick), args.quick, mib, repeats)
 
     print(f"\nResharding, float32 {mib} MiB, gloo over loopback on {os.cpu_count()} CPUs, median of {repeats}; "
