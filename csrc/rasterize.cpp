@@ -17,6 +17,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <utility>
 #include <vector>
@@ -194,31 +195,56 @@ std::vector<Splat<scalar_t>> prepare_splats(const scalar_t* means, const scalar_
   return splats;
 }
 
-inline int64_t clamp_pixel(double v, int64_t lo, int64_t hi) {
-  const double l = static_cast<double>(lo), h = static_cast<double>(hi);
-  return static_cast<int64_t>(v > l ? (v < h ? v : h) : l);
+// First integer >= v and last integer <= v, clamped to [lo, hi]. Casts instead of std::ceil/floor,
+// which are library calls on baseline x86-64 (no SSE4.1) and sit in the per-row setup.
+inline int64_t ceil_clamped(double v, int64_t lo, int64_t hi) {
+  if (!(v > static_cast<double>(lo))) return lo;
+  if (!(v < static_cast<double>(hi))) return hi;
+  const int64_t i = static_cast<int64_t>(v);  // truncates toward zero
+  return i < v ? i + 1 : i;
 }
 
-// Calls visit(x, y) for the rendered pixels of the tile that may lie inside the splat's ellipse.
+inline int64_t floor_clamped(double v, int64_t lo, int64_t hi) {
+  if (!(v > static_cast<double>(lo))) return lo;
+  if (!(v < static_cast<double>(hi))) return hi;
+  const int64_t i = static_cast<int64_t>(v);
+  return i > v ? i - 1 : i;
+}
+
+// Bits [xa - ox, xb - ox) of a tile row.
+inline uint32_t span_bits(int64_t xa, int64_t xb, int64_t ox) {
+  if (xb <= xa) return 0;
+  return ((uint32_t{1} << (xb - ox)) - 1) & ~((uint32_t{1} << (xa - ox)) - 1);
+}
+
+// Calls visit(x, y) for the pixels of the tile that may lie inside the splat's ellipse and whose bit is
+// set in live[y - oy] (one 16-bit mask per tile row: pixels still blending, or still to be replayed).
 template <typename scalar_t, typename Visit>
-inline void for_each_pixel(const Splat<scalar_t>& s, const TileRect& r, Visit&& visit) {
+inline void for_each_pixel(const Splat<scalar_t>& s, const TileRect& r, const uint32_t* live, Visit&& visit) {
+  auto visit_span = [&](int64_t y, int64_t xa, int64_t xb) {
+    uint32_t bits = live[y - r.oy] & span_bits(xa, xb, r.ox);
+    while (bits) {
+      visit(r.ox + __builtin_ctz(bits), y);
+      bits &= bits - 1;
+    }
+  };
   if (!s.bounded) {
-    for (int64_t y = r.y0; y < r.y1; ++y)
-      for (int64_t x = r.x0; x < r.x1; ++x) visit(x, y);
+    for (int64_t y = r.y0; y < r.y1; ++y) visit_span(y, r.x0, r.x1);
     return;
   }
+  // Pixel centres (x + 0.5, y + 0.5) inside the ellipse: rows |dy| <= half_y, then per row
+  // |dx - centre| <= sqrt(q) with q = (2 cut a - det dy^2) / a^2.
   const double mx = s.mx, my = s.my;
-  const int64_t ya = clamp_pixel(std::ceil(my - s.half_y - 0.5), r.y0, r.y1);
-  const int64_t yb = clamp_pixel(std::floor(my + s.half_y - 0.5) + 1.0, r.y0, r.y1);
-  const double a = s.a, b = s.b, two_a_cut = 2.0 * a * s.cut;
+  const int64_t ya = ceil_clamped(my - s.half_y - 0.5, r.y0, r.y1);
+  const int64_t yb = floor_clamped(my + s.half_y - 0.5, r.y0 - 1, r.y1 - 1) + 1;
+  const double slope = s.b / s.a, q0 = 2.0 * s.cut / s.a, q1 = s.det / (s.a * s.a);
   for (int64_t y = ya; y < yb; ++y) {
+    if (!live[y - r.oy]) continue;
     const double dy = static_cast<double>(y) + 0.5 - my;
-    const double q = two_a_cut - s.det * dy * dy;
+    const double q = q0 - q1 * dy * dy;
     if (q < 0.0) continue;
-    const double centre = mx - b * dy / a, half = std::sqrt(q) / a;
-    const int64_t xa = clamp_pixel(std::ceil(centre - half - 0.5), r.x0, r.x1);
-    const int64_t xb = clamp_pixel(std::floor(centre + half - 0.5) + 1.0, r.x0, r.x1);
-    for (int64_t x = xa; x < xb; ++x) visit(x, y);
+    const double centre = mx - 0.5 - slope * dy, half = std::sqrt(q);
+    visit_span(y, ceil_clamped(centre - half, r.x0, r.x1), floor_clamped(centre + half, r.x0 - 1, r.x1 - 1) + 1);
   }
 }
 
@@ -302,7 +328,7 @@ void forward_tiles(const Grid& g, const TileLists& lists, const std::vector<Spla
   {
     std::vector<double> trans(kTilePixels), color(kTilePixels * D);
     std::vector<int32_t> last_local(kTilePixels);
-    std::vector<uint8_t> done(kTilePixels);
+    uint32_t live[kTile];
     SplatWindow<scalar_t> window(D);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t tile = 0; tile < num_tiles; ++tile) {
@@ -312,7 +338,8 @@ void forward_tiles(const Grid& g, const TileLists& lists, const std::vector<Spla
       std::fill(trans.begin(), trans.end(), 1.0);
       std::fill(color.begin(), color.end(), 0.0);
       std::fill(last_local.begin(), last_local.end(), -1);
-      std::fill(done.begin(), done.end(), 0);
+      std::fill(live, live + kTile, 0u);
+      for (int64_t y = r.y0; y < r.y1; ++y) live[y - r.oy] = span_bits(r.x0, r.x1, r.ox);
       int64_t finished = 0;
       const int64_t begin = lists.offsets[tile], count = lists.offsets[tile + 1] - begin;
       for (int64_t k = 0; k < count && finished < active; ++k) {
@@ -320,15 +347,14 @@ void forward_tiles(const Grid& g, const TileLists& lists, const std::vector<Spla
         const Splat<scalar_t>& s = window.splat(k);
         if (s.cut < 0.0) continue;
         const scalar_t* col = window.color(k);
-        for_each_pixel(s, r, [&](int64_t x, int64_t y) {
+        for_each_pixel(s, r, live, [&](int64_t x, int64_t y) {
           const int p = r.local(x, y);
-          if (done[p]) return;
           Sample<scalar_t> px;
           if (!px.eval(s, x, y)) return;
           const scalar_t one_minus = static_cast<scalar_t>(1) - px.alpha;
           const double next = trans[p] * static_cast<double>(one_minus);
           if (static_cast<scalar_t>(next) < kMinTransmittance<scalar_t>) {
-            done[p] = 1;
+            live[y - r.oy] &= ~(uint32_t{1} << (x - r.ox));
             ++finished;
             return;
           }
@@ -369,15 +395,15 @@ void backward_tiles(const Grid& g, const TileLists& lists, const std::vector<Spl
 #pragma omp parallel num_threads(at::get_num_threads())
   {
     std::vector<double> trans(kTilePixels), behind(kTilePixels * D), upstream(kTilePixels * D);
-    std::vector<int32_t> last_local(kTilePixels);
     ColorSums<StaticD> color_sums(D);
     SplatWindow<scalar_t> window(D);
+    uint32_t live[kTile];
+    std::vector<std::pair<int32_t, int>> by_last;  // (last contributor, local pixel), deepest first
 #pragma omp for schedule(dynamic, 1)
     for (int64_t tile = 0; tile < num_tiles; ++tile) {
       const TileRect r(g, tile);
       if (r.count() == 0) continue;
-      int32_t deepest = -1;
-      std::fill(last_local.begin(), last_local.end(), -1);
+      by_last.clear();
       for (int64_t y = r.y0; y < r.y1; ++y) {
         for (int64_t x = r.x0; x < r.x1; ++x) {
           const int p = r.local(x, y);
@@ -387,12 +413,19 @@ void backward_tiles(const Grid& g, const TileLists& lists, const std::vector<Spl
             behind[p * D + d] = static_cast<double>(final_t[out] * background[d]);
             upstream[p * D + d] = static_cast<double>(grad_image[out * D + d]);
           }
-          last_local[p] = last[out];
-          deepest = std::max(deepest, last[out]);
+          if (last[out] >= 0) by_last.emplace_back(last[out], p);
         }
       }
+      std::sort(by_last.begin(), by_last.end(), std::greater<>());
+      const int64_t deepest = by_last.empty() ? -1 : by_last.front().first;
+      std::fill(live, live + kTile, 0u);
+      size_t joined = 0;
       const int64_t begin = lists.offsets[tile];
       for (int64_t k = deepest; k >= 0; --k) {
+        for (; joined < by_last.size() && by_last[joined].first == k; ++joined) {
+          const int p = by_last[joined].second;
+          live[p / kTile] |= uint32_t{1} << (p % kTile);
+        }
         if (k == deepest || k + 1 == window.first) {
           window.load(lists.ids + begin, std::max<int64_t>(0, k + 1 - kWindow), k + 1, splats, colors);
         }
@@ -404,9 +437,8 @@ void backward_tiles(const Grid& g, const TileLists& lists, const std::vector<Spl
         double* g_col = color_sums.data();
         bool touched = false;
         const double a = s.a, b = s.b, c = s.c, o = s.o;
-        for_each_pixel(s, r, [&](int64_t x, int64_t y) {
+        for_each_pixel(s, r, live, [&](int64_t x, int64_t y) {
           const int p = r.local(x, y);
-          if (k > last_local[p]) return;
           Sample<scalar_t> px;
           if (!px.eval(s, x, y)) return;
           touched = true;
