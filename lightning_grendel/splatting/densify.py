@@ -141,6 +141,10 @@ class Densifier:
         return rows
 
 
+# Checkpoints store the module's hyperparameters, this config among them; they load with weights_only=True.
+torch.serialization.add_safe_globals([DensifyConfig])
+
+
 def _crosses_multiple(before: int, after: int, every: int) -> bool:
     """True when a multiple of ``every`` lies in (before, after]: schedules in images at any batch size."""
     return every > 0 and after // every > before // every

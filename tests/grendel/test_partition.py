@@ -51,3 +51,9 @@ def test_balancer_reuses_measured_costs_and_improves_balance():
     off = LoadBalancer("off")
     off.record(torch.tensor([7]), measured)
     assert torch.equal(off.row_costs(torch.tensor([7]), 1, tiles_y), uniform)
+
+
+def test_evaluation_partitions_may_leave_ranks_idle():
+    cuts = partition_rows(torch.ones(2), 3, allow_empty=True)
+    assert cuts.tolist() == [0, 1, 2, 2]
+    assert [len(tasks) for tasks in all_tasks(cuts, 2)] == [1, 1, 0]

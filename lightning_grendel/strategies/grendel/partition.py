@@ -20,14 +20,17 @@ class RowTask(NamedTuple):
     tile_row_end: int
 
 
-def partition_rows(row_costs: Tensor, world_size: int) -> Tensor:
+def partition_rows(row_costs: Tensor, world_size: int, allow_empty: bool = False) -> Tensor:
     """Cut points [W + 1] splitting rows into W contiguous non-empty parts of near-equal cost.
 
     Each part's cost is within one row's cost of ``sum / W``; every row belongs to exactly one part.
+    With ``allow_empty`` (evaluation renders), fewer rows than ranks leave the last ranks idle.
     """
     rows = row_costs.numel()
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if rows < world_size and allow_empty:
+        return torch.tensor([min(k, rows) for k in range(world_size + 1)], dtype=torch.int64)
     if rows < world_size:
         raise ValueError(
             f"cannot split {rows} tile rows over {world_size} ranks: use more views per step or fewer ranks"

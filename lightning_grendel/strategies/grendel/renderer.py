@@ -87,7 +87,7 @@ class GrendelRenderer:
         width, height = cameras.width, cameras.height
         _, tiles_y = tile_grid(width, height)
         costs = self.balancer.row_costs(cameras.ids, len(cameras), tiles_y)
-        cuts = partition_rows(costs, self.world_size)
+        cuts = partition_rows(costs, self.world_size, allow_empty=not differentiable)
         tasks = all_tasks(cuts, tiles_y)
         splats = splat_gaussians(params, cameras, sh_degree)
         if differentiable and splats.means2d.requires_grad:
