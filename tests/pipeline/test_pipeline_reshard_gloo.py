@@ -60,7 +60,7 @@ def _all_checks(rank: int, world: int) -> int:
     spec_pairs += [("S0R", "S1R"), ("S01R", "RS10"), ("S1S0", "S0S1"), ("RS0", "S10R"), ("S0S1", "S0S1")]
     checked = _check_pairs(rank, world, MESH_PAIRS, spec_pairs, EXECUTORS, ("normal",), (6, 8))
     mode_pairs = [("S0R", "S0R"), ("RR", "S1R"), ("RS01", "S10R"), ("S1R", "RR"), ("S0S1", "RS0")]
-    checked += _check_pairs(rank, world, MESH_PAIRS[1:], mode_pairs, EXECUTORS, SENDER_MODES, (7, 9))
+    checked += _check_pairs(rank, world, MESH_PAIRS[1:2], mode_pairs, EXECUTORS, SENDER_MODES, (7, 9))
     _alpa_cases(rank)
     _bad_input_raises_before_communication(rank)
     return checked
@@ -81,7 +81,8 @@ def _bad_input_raises_before_communication(rank: int) -> None:
 @pytest.mark.timeout(400)
 def test_reshard_on_gloo_every_executor_and_sender_mode():
     """Every spec to and from fully replicated plus sharded->sharded pairs, on four mesh pairs of up to
-    8 ranks, with each executor; each sender mode on a subset; Alpa's test shapes in int32.
+    8 ranks, with each executor; each sender mode on the (2,2) pair, where every tile has replicas to
+    choose from; Alpa's test shapes in int32.
 
     Every pair of every executor and sender mode also runs in the single-process executor
     (test_pipeline_planner.py); here real collectives move the same plans' bytes.
