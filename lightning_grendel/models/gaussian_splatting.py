@@ -144,20 +144,22 @@ class GaussianSplattingModule(LightningModule):
         if self.gaussians is None:
             raise RuntimeError("GaussianSplattingModule: Gaussians are created in configure_model(); it has not run")
         batch = self._views_per_step()
-        groups = []
-        betas, eps = (0.9, 0.999), self.hparams.adam_eps
-        for key, lr in self.base_learning_rates().items():
-            scaled_lr, betas_b, eps_b = scale_adam_hyperparameters(lr, betas, eps, batch, self.hparams.batch_scaling)
-            groups.append({"params": [self.gaussians[key]], "lr": scaled_lr, "name": key})
-        return torch.optim.Adam(groups, betas=betas_b, eps=eps_b)
+        lr_factor, betas, eps = scale_adam_hyperparameters(
+            1.0, (0.9, 0.999), self.hparams.adam_eps, batch, self.hparams.batch_scaling
+        )
+        groups = [
+            {"params": [self.gaussians[key]], "lr": lr * lr_factor, "name": key}
+            for key, lr in self.base_learning_rates().items()
+        ]
+        return torch.optim.Adam(groups, betas=betas, eps=eps)
 
     def means_learning_rate(self, images: int) -> float:
         """Log-linear decay in images seen, times the batch scaling factor."""
         h = self.hparams
         t = min(max(images / max(h.total_images, 1), 0.0), 1.0)
         lr = math.exp((1 - t) * math.log(h.lr_means) + t * math.log(h.lr_means_final)) * self.extent
-        scaled, _, _ = scale_adam_hyperparameters(lr, (0.9, 0.999), 1.0, self._views_per_step(), h.batch_scaling)
-        return scaled
+        lr_factor, _, _ = scale_adam_hyperparameters(1.0, (0.9, 0.999), 1.0, self._views_per_step(), h.batch_scaling)
+        return lr * lr_factor
 
     @property
     def active_sh_degree(self) -> int:
@@ -202,6 +204,8 @@ class GaussianSplattingModule(LightningModule):
         self.log("train/loss", loss.detach() / views, prog_bar=True, sync_dist=True, reduce_fx="sum")
         self.log("train/gaussians", float(self.global_gaussian_count()), prog_bar=True)
         self.log("train/sh_degree", float(self.active_sh_degree))
+        for name, value in getattr(self.renderer, "last_stats", {}).items():  # exchange volume, balance
+            self.log(f"renderer/{name}", value, sync_dist=True, reduce_fx="max" if "imbalance" in name else "sum")
         return loss
 
     def _density_control(self, optimizer: torch.optim.Optimizer, images_before: int) -> None:
@@ -297,7 +301,8 @@ class GaussianSplattingModule(LightningModule):
         if not self.hparams.export_ply:
             return
         params = self.gathered_gaussians()
-        if params is not None and self.trainer.is_global_zero and self.trainer.log_dir is not None:
-            path = Path(self.trainer.log_dir) / "point_cloud.ply"
+        log_dir = self.trainer.log_dir  # a collective under multi-process strategies: every rank asks
+        if params is not None and self.trainer.is_global_zero and log_dir is not None:
+            path = Path(log_dir) / "point_cloud.ply"
             save_ply(path, params)
             log.info("wrote %d Gaussians to %s", params["means"].shape[0], path)

@@ -82,3 +82,21 @@ def test_fit_on_two_ranks_then_resume_on_three(tmp_path):
     assert sum(counts) == total and max(counts) - min(counts) <= 1
     for key, value in fit_ranks[0]["all"].items():
         torch.testing.assert_close(resumed[0]["all"][key], value, rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.timeout(600)
+def test_cli_launches_two_ranks_and_exports_every_gaussian(tmp_path):
+    import subprocess
+    import sys
+
+    from plyfile import PlyData
+
+    repo = Path(__file__).resolve().parents[2]
+    command = [sys.executable, "-m", "lightning_grendel", "fit", "-c", str(repo / "recipes/smoke/grendel.yaml")]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=540)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "lightning_logs" / "smoke_grendel" / "version_0"
+    (checkpoint,) = (run / "checkpoints").glob("*.ckpt")
+    shards = [torch.load(checkpoint / shard_file(r), weights_only=True) for r in range(2)]
+    total = sum(s["state_dict"]["gaussians.means"].shape[0] for s in shards)
+    assert PlyData.read(str(run / "point_cloud.ply"))["vertex"].count == total
