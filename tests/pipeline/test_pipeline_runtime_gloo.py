@@ -81,7 +81,43 @@ def _equivalence(rank: int, world: int, schedules, executors, sender_mode) -> in
     return checked
 
 
+def _lorentz_model():
+    from lightning_grendel.strategies.pipeline.lorentz import PipelinedLorentzClassifier
+
+    torch.manual_seed(0)
+    return PipelinedLorentzClassifier(stage_splits=[1], stage_input_specs=["S0", "S0"], vocab_size=6, num_classes=4,
+                                      max_len=8, d_model=8, heads=2, num_layers=2, d_ff=16)
+
+
+def _lorentz_equivalence(rank: int) -> None:
+    """The package's Lorentz transformer in 2 stages, both data parallel, the second with replicas."""
+    generator = torch.Generator().manual_seed(2)
+    tokens = torch.randint(2, 6, (12, 8), generator=generator)
+    tokens[::3, 5:] = 0  # padding at the end of some rows
+    labels = torch.randint(0, 4, (12,), generator=generator)
+    reference = _lorentz_model()
+    want = F.cross_entropy(reference.model(tokens, tokens == 0), labels)
+    want.backward()
+    model = _lorentz_model()
+    pipeline = model.pipeline_stages()
+    runtime = PipelineRuntime(pipeline, [Mesh([0, 1], (2, 1)), Mesh([2, 3, 4, 5], (2, 2))], num_microbatches=3)
+    loss = runtime.step(tokens, labels)
+    runtime.close()
+    assert torch.allclose(loss, want.detach(), rtol=1e-5, atol=0)
+    mine = {id(p) for p in pipeline.stages[runtime.stage].module.parameters() if p.requires_grad}
+    for (name, got), want_p in zip(model.named_parameters(), reference.parameters(), strict=True):
+        if id(got) in mine:
+            torch.testing.assert_close(got.grad, want_p.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def _all_equivalences(rank: int, world: int) -> int:
+    checked = _equivalence(rank, world, SCHEDULES, EXECUTORS, "normal")
+    _lorentz_equivalence(rank)
+    return checked
+
+
 @pytest.mark.timeout(300)
 def test_pipelined_step_equals_unpipelined_for_every_schedule_and_executor():
-    results = run_distributed(_equivalence, 6, SCHEDULES, EXECUTORS, "normal", timeout_s=150)
+    """Plus the Lorentz transformer recipe's model, in the same processes (start-up dominates here)."""
+    results = run_distributed(_all_equivalences, 6, timeout_s=150)
     assert all(n > 0 for n in results)

@@ -102,6 +102,12 @@ class PipelineRuntime:
             resolve_stage_specs(stage, mesh, index, None)
             if stage.column_parallel is not None:
                 find_linear(stage.module, stage.column_parallel)
+        owner: dict[int, int] = {}
+        for index, stage in enumerate(pipeline.stages):
+            for p in stage.module.parameters():
+                if p.requires_grad and owner.setdefault(id(p), index) != index:
+                    raise ValueError(f"a trainable parameter is shared by stages {owner[id(p)]} and {index}; "
+                                     "tied weights across stages are not supported")
         self._meta = [copy.deepcopy(stage.module).to("meta") for stage in pipeline.stages]
         self._groups = GroupCache(timeout_s)
         self._stage_groups = [dist.new_group(list(mesh.ranks)) for mesh in self.meshes]
