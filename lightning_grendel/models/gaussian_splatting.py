@@ -81,7 +81,7 @@ class GaussianSplattingModule(LightningModule):
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.renderer: Renderer = SingleProcessRenderer(backend)
-        self.densifier = Densifier(densify)
+        self.densifier = Densifier(densify, sh_degree)
         self.gaussians: nn.ParameterDict | None = None
         self.images_seen = 0
         self.extent = 1.0

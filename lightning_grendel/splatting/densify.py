@@ -34,13 +34,24 @@ class DensifyConfig:
     prune_scale_fraction: float = 0.1
     split_copies: int = 2
     max_gaussians: int | None = None
+    memory_budget_bytes: int | None = None
+
+    def capacity(self, sh_degree: int = 3) -> int | None:
+        """Most Gaussians this rank may hold: ``max_gaussians`` and what ``memory_budget_bytes`` affords
+        (parameters, gradients and two Adam moments per float), whichever is smaller."""
+        limits = [] if self.max_gaussians is None else [self.max_gaussians]
+        if self.memory_budget_bytes is not None:
+            floats = 3 + 3 + 4 + 1 + 3 * (sh_degree + 1) ** 2
+            limits.append(self.memory_budget_bytes // (4 * 4 * floats))
+        return min(limits) if limits else None
 
 
 class Densifier:
     """Accumulates per-Gaussian view-space gradient statistics and applies density control."""
 
-    def __init__(self, config: DensifyConfig | None = None) -> None:
+    def __init__(self, config: DensifyConfig | None = None, sh_degree: int = 3) -> None:
         self.config = config or DensifyConfig()
+        self.sh_degree = sh_degree
         self.grad_sum = torch.zeros(0)
         self.visible_count = torch.zeros(0)
         self.capacity_reached_logged = False
@@ -109,8 +120,8 @@ class Densifier:
         replace_values(params, optimizer, "opacities", capped)
 
     def _within_capacity(self, clone: Tensor, split: Tensor, mean_grad: Tensor, count: int) -> tuple[Tensor, Tensor]:
-        """Keep only the highest-gradient candidates that fit under ``max_gaussians`` (a GPU's memory, here)."""
-        limit = self.config.max_gaussians
+        """Keep only the highest-gradient candidates that fit under the capacity (a GPU's memory, here)."""
+        limit = self.config.capacity(self.sh_degree)
         if limit is None:
             return clone, split
         growth = int(clone.sum()) + (self.config.split_copies - 1) * int(split.sum())

@@ -122,3 +122,28 @@ def test_cli_smoke_recipe_writes_events_checkpoint_and_ply(tmp_path):
     names = [p.name for p in ply["vertex"].properties]
     assert len(names) == 3 + 3 + 3 + 9 + 1 + 3 + 4  # sh_degree 1 in the smoke recipe: 3 * 3 f_rest
     assert names[:9] == ["x", "y", "z", "nx", "ny", "nz", "f_dc_0", "f_dc_1", "f_dc_2"]
+
+
+def test_capacity_caps_densification_to_the_highest_gradients(caplog):
+    raw = random_gaussians(10, seed=1, sh_degree=0)
+    raw["scales"] = torch.full((10, 3), -6.0)  # all small: every candidate is cloned
+    raw["opacities"] = torch.full((10,), 3.0)
+    params = make_parameters(raw)
+    densifier = Densifier(DensifyConfig(grad_threshold=0.1, max_gaussians=13), sh_degree=0)
+    grads = torch.zeros(1, 10, 2)
+    grads[0, :, 0] = torch.arange(10, dtype=torch.float32) + 1.0  # gradient grows with the index
+    densifier.accumulate(grads, torch.ones(1, 10, dtype=torch.int32), 100, 100)
+    with caplog.at_level("WARNING"):
+        stats = densifier.densify_and_prune(params, None, extent=10.0, prune_large=False)
+        densifier.accumulate(torch.ones(1, 13, 2), torch.ones(1, 13, dtype=torch.int32), 100, 100)
+        densifier.densify_and_prune(params, None, extent=10.0, prune_large=False)
+    assert stats["cloned"] == 3 and params["means"].shape[0] == 13
+    torch.testing.assert_close(params["means"].detach()[10:], raw["means"][[7, 8, 9]])  # the largest gradients
+    assert sum("capacity reached" in r.message for r in caplog.records) == 1  # said once
+
+
+def test_memory_budget_converts_to_a_gaussian_count():
+    per_gaussian = 4 * 4 * (3 + 3 + 4 + 1 + 48)  # params, grads, two moments; SH degree 3
+    assert DensifyConfig(memory_budget_bytes=per_gaussian * 1000).capacity(3) == 1000
+    assert DensifyConfig(memory_budget_bytes=per_gaussian * 1000, max_gaussians=10).capacity(3) == 10
+    assert DensifyConfig().capacity(3) is None
