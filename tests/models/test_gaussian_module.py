@@ -147,3 +147,18 @@ def test_memory_budget_converts_to_a_gaussian_count():
     assert DensifyConfig(memory_budget_bytes=per_gaussian * 1000).capacity(3) == 1000
     assert DensifyConfig(memory_budget_bytes=per_gaussian * 1000, max_gaussians=10).capacity(3) == 10
     assert DensifyConfig().capacity(3) is None
+
+
+@pytest.mark.timeout(600)
+def test_colmap_recipe_trains_on_the_shared_capture(tmp_path):
+    from conftest import shared_dataset
+
+    data = shared_dataset("colmap_blocks")
+    command = [sys.executable, "-m", "lightning_grendel", "fit", "-c", str(REPO / "recipes/gaussian/colmap.yaml"),
+               f"--data.path={data}", "--data.image_width=96", "--trainer.max_steps=3",
+               "--trainer.limit_val_batches=1", "--trainer.check_val_every_n_epoch=1", "--trainer.val_check_interval=3",
+               "--trainer.enable_progress_bar=false"]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=540)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ply = PlyData.read(str(next((tmp_path / "lightning_logs" / "colmap").glob("version_*/point_cloud.ply"))))
+    assert ply["vertex"].count >= 13_000  # COLMAP's 13,454 points are the initial Gaussians
