@@ -191,6 +191,11 @@ class GaussianSplattingModule(LightningModule):
                 group["lr"] = self.means_learning_rate(self.images_seen)
         optimizer.zero_grad(set_to_none=True)
         loss, result = self.render_loss(batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"GaussianSplattingModule: the loss is {loss.item()} after {self.images_seen} images "
+                "(diverged parameters: lower the learning rates, or check the images and cameras)"
+            )
         self.manual_backward(loss)
         if result.means2d.grad is not None:
             self.densifier.accumulate(result.means2d.grad, result.radii, result.width, result.height)

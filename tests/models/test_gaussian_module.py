@@ -162,3 +162,18 @@ def test_colmap_recipe_trains_on_the_shared_capture(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     ply = PlyData.read(str(next((tmp_path / "lightning_logs" / "colmap").glob("version_*/point_cloud.ply"))))
     assert ply["vertex"].count >= 13_000  # COLMAP's 13,454 points are the initial Gaussians
+
+
+def test_a_nan_parameter_stops_training_with_a_clear_error(tmp_path):
+    module = GaussianSplattingModule(sh_degree=0, export_ply=False, backend="torch")
+    data = GaussianSplattingDataModule(format="demo", image_width=32, batch_size=1, num_init_points=200)
+
+    class _Poison(Callback):
+        def on_train_start(self, trainer, pl_module):
+            with torch.no_grad():
+                pl_module.gaussians["sh0"][0, 0, 0] = float("nan")
+
+    trainer = Trainer(accelerator="cpu", devices=1, max_steps=2, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, limit_val_batches=0, callbacks=[_Poison()], default_root_dir=tmp_path)
+    with pytest.raises(FloatingPointError, match="the loss is nan after 0 images"):
+        trainer.fit(module, data)
