@@ -2,7 +2,7 @@
 
 Each rank owns a disjoint shard of the Gaussians and their Adam state; images are split into pixel
 partitions; a sparse all-to-all moves only the splats each partition needs (see ``renderer.py``).
-It subclasses ``ParallelStrategy``, not ``DDPStrategy``: DDP insists on equal parameter shapes on every
+It is a ``ParallelStrategy``, not a ``DDPStrategy``: DDP insists on equal parameter shapes on every
 rank, and densification changes them. Gaussians get no gradient all-reduce; any other (replicated)
 parameters of the module do.
 """
@@ -11,38 +11,28 @@ from __future__ import annotations
 
 import logging
 import shutil
-from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
-from lightning.fabric.utilities.distributed import (
-    _distributed_is_initialized,
-    _get_default_process_group_backend_for_device,
-    _init_dist_connection,
-    _sync_ddp_if_available,
-)
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
-from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch import Trainer
 from lightning.pytorch.plugins.precision import Precision
-from lightning.pytorch.strategies import ParallelStrategy
-from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch import Tensor, nn
 
 from lightning_grendel.strategies.grendel.balancer import BalanceMode, LoadBalancer
 from lightning_grendel.strategies.grendel.checkpoint import load_sharded, reshard, save_sharded
 from lightning_grendel.strategies.grendel.redistribute import even_shares, redistribute
 from lightning_grendel.strategies.grendel.renderer import GrendelRenderer
+from lightning_grendel.strategies.process_group import ProcessGroupStrategy, StartMethod
 
 log = logging.getLogger(__name__)
 
 
-class GrendelStrategy(ParallelStrategy):
+class GrendelStrategy(ProcessGroupStrategy):
     """Distributed 3DGS (Grendel): sharded Gaussians, pixel partitions, sparse all-to-all, load balancing.
 
     Args:
@@ -66,7 +56,7 @@ class GrendelStrategy(ParallelStrategy):
         precision_plugin: Precision | None = None,
         process_group_backend: str | None = None,
         timeout_s: float = 1800.0,
-        start_method: Literal["popen", "spawn", "fork"] = "popen",
+        start_method: StartMethod = "popen",
         load_balancing: BalanceMode = "pairs",
         redistribute_threshold: float | None = 0.1,
         rasterizer_backend: str | None = None,
@@ -77,73 +67,14 @@ class GrendelStrategy(ParallelStrategy):
             cluster_environment=cluster_environment,
             checkpoint_io=checkpoint_io,
             precision_plugin=precision_plugin,
+            process_group_backend=process_group_backend,
+            timeout_s=timeout_s,
+            start_method=start_method,
         )
-        self._num_nodes = 1
-        self._process_group_backend = process_group_backend
-        self._timeout = timedelta(seconds=timeout_s)
-        self._start_method = start_method
         self.balancer = LoadBalancer(load_balancing)
         self.redistribute_threshold = redistribute_threshold
         self.rasterizer_backend = rasterizer_backend
         self.renderer: GrendelRenderer | None = None
-
-    # --- ranks, devices and the process group --------------------------------------------------------
-
-    @property
-    def is_distributed(self) -> bool:
-        return True
-
-    @property
-    def root_device(self) -> torch.device:
-        assert self.parallel_devices is not None
-        return self.parallel_devices[self.local_rank]
-
-    @property
-    def num_nodes(self) -> int:
-        return self._num_nodes
-
-    @num_nodes.setter
-    def num_nodes(self, num_nodes: int) -> None:
-        self._num_nodes = num_nodes
-
-    @property
-    def num_processes(self) -> int:
-        return len(self.parallel_devices) if self.parallel_devices is not None else 0
-
-    @property
-    def distributed_sampler_kwargs(self) -> dict[str, Any]:
-        # Every rank renders (a part of) every view of the batch: all ranks read the same samples.
-        return {"num_replicas": 1, "rank": 0}
-
-    @property
-    def process_group_backend(self) -> str | None:
-        return self._process_group_backend
-
-    def _configure_launcher(self) -> None:
-        assert self.cluster_environment is not None
-        if self._start_method == "popen":
-            self._launcher = _SubprocessScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
-        else:
-            self._launcher = _MultiProcessingLauncher(self, start_method=self._start_method)
-
-    def setup_environment(self) -> None:
-        super().setup_environment()
-        reset_seed()
-        self.set_world_ranks()
-        self._process_group_backend = self._process_group_backend or _get_default_process_group_backend_for_device(
-            self.root_device
-        )
-        assert self.cluster_environment is not None
-        kwargs: dict[str, Any] = {"timeout": self._timeout}
-        if self.root_device.type != "cpu":
-            kwargs["device_id"] = self.root_device
-        _init_dist_connection(self.cluster_environment, self._process_group_backend, **kwargs)
-
-    def set_world_ranks(self) -> None:
-        if self.cluster_environment is not None:
-            self.cluster_environment.set_global_rank(self.node_rank * self.num_processes + self.local_rank)
-            self.cluster_environment.set_world_size(self.num_nodes * self.num_processes)
-        rank_zero_only.rank = self.global_rank
 
     # --- model set-up ------------------------------------------------------------------------------
 
@@ -162,10 +93,6 @@ class GrendelStrategy(ParallelStrategy):
         self.setup_precision_plugin()
         if trainer.state.fn == TrainerFn.FITTING:
             _optimizers_to_device(self.optimizers, self.root_device)
-
-    def model_to_device(self) -> None:
-        assert self.model is not None
-        self.model.to(self.root_device)
 
     def shard_indices(self, count: int) -> slice:
         """Rows of the initial points this rank owns: an even contiguous split."""
@@ -208,24 +135,6 @@ class GrendelStrategy(ParallelStrategy):
             dist.all_gather(gathered, padded)
             result[key] = torch.cat([g[: int(c)] for g, c in zip(gathered, counts, strict=True)]).cpu()
         return result if self.global_rank == 0 else None
-
-    # --- collectives Lightning needs ----------------------------------------------------------------
-
-    def barrier(self, name: str | None = None) -> None:
-        if _distributed_is_initialized():
-            dist.barrier()
-
-    def broadcast(self, obj: Any, src: int = 0) -> Any:
-        if not _distributed_is_initialized():
-            return obj
-        holder = [obj]
-        dist.broadcast_object_list(holder, src)
-        return holder[0]
-
-    def reduce(self, tensor: Any, group: Any = None, reduce_op: Any = "mean") -> Any:
-        if isinstance(tensor, Tensor):
-            return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
-        return tensor
 
     # --- sharded checkpoints ------------------------------------------------------------------------
 
