@@ -106,7 +106,7 @@ def main() -> None:
     if args.quick:
         grid, width, views, points = [(4, 1)], 200, 2, 10_000
     else:
-        grid, width, views, points = [(1, 1), (1, 4), (2, 1), (2, 4), (4, 1), (4, 4)], 400, 16, 100_000
+        grid, width, views, points = [(1, 1), (1, 4), (2, 1), (2, 4), (4, 1), (4, 4)], 400, 8, 50_000
     print(f"scene {args.data} at {width}x{width}, {points} Gaussians (the 3DGS random initialisation), "
           f"{views} cameras x 2 passes; imbalance and bytes from the second pass")
     header = f"{'W':>2} {'b':>2} {'sparse MiB/step':>16} {'dense MiB/step':>15} {'sparse/dense':>12} " \
