@@ -8,8 +8,8 @@ from lightning.pytorch.cli import LightningCLI
 import lightning_grendel  # noqa: F401  (registers the strategies by name)
 
 
-def main(args: list[str] | None = None) -> LightningCLI:
-    """Run ``fit | validate | test | predict`` from recipe YAMLs (``-c recipe.yaml``)."""
+def cli(args: list[str] | None = None) -> LightningCLI:
+    """The LightningCLI over every module and data module (``fit | validate | test | predict``)."""
     return LightningCLI(
         LightningModule,
         LightningDataModule,
@@ -18,6 +18,11 @@ def main(args: list[str] | None = None) -> LightningCLI:
         save_config_kwargs={"overwrite": True},
         args=args,
     )
+
+
+def main(args: list[str] | None = None) -> None:
+    """Console-script entry point: run the CLI; the exit status is 0 unless it raised."""
+    cli(args)
 
 
 if __name__ == "__main__":

@@ -111,7 +111,8 @@ def test_batch_scaling_sets_adam_hyperparameters(mode, factor, tmp_path):
 
 @pytest.mark.timeout(600)
 def test_cli_smoke_recipe_writes_events_checkpoint_and_ply(tmp_path):
-    command = [sys.executable, "-m", "lightning_grendel", "fit", "-c", str(REPO / "recipes/smoke/gaussian.yaml")]
+    console_script = Path(sys.executable).parent / "lightning-grendel"  # the command the README documents
+    command = [str(console_script), "fit", "-c", str(REPO / "recipes/smoke/gaussian.yaml")]
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=540)
     assert result.returncode == 0, result.stderr[-3000:]
     run = tmp_path / "lightning_logs" / "smoke" / "version_0"
