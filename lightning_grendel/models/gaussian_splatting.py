@@ -101,11 +101,11 @@ class GaussianSplattingModule(LightningModule):
                     f"got {type(datamodule).__name__}"
                 )
         points, colors = datamodule.initial_points()
+        raw = init_from_points(points, colors, self.hparams.sh_degree)  # neighbour scales from all points
         shard = getattr(self.trainer.strategy, "shard_indices", None)
         if shard is not None:
             rows = shard(points.shape[0])
-            points, colors = points[rows], colors[rows]
-        raw = init_from_points(points, colors, self.hparams.sh_degree)
+            raw = {key: value[rows] for key, value in raw.items()}
         self.gaussians = make_parameters({k: v.to(self.device) for k, v in raw.items()})
         self.extent = scene_extent(datamodule.train_cameras())
         if hasattr(datamodule, "background"):
