@@ -178,3 +178,21 @@ def test_a_nan_parameter_stops_training_with_a_clear_error(tmp_path):
                       enable_progress_bar=False, limit_val_batches=0, callbacks=[_Poison()], default_root_dir=tmp_path)
     with pytest.raises(FloatingPointError, match="the loss is nan after 0 images"):
         trainer.fit(module, data)
+
+
+def test_sharded_initialisation_equals_the_rows_of_the_full_one():
+    from types import SimpleNamespace
+
+    data = GaussianSplattingDataModule(format="demo", image_width=32, num_init_points=300)
+
+    def initial(shard_indices=None) -> dict[str, torch.Tensor]:
+        module = GaussianSplattingModule(sh_degree=1)
+        strategy = SimpleNamespace() if shard_indices is None else SimpleNamespace(shard_indices=shard_indices)
+        module._trainer = SimpleNamespace(datamodule=data, strategy=strategy)
+        module.configure_model()
+        return {key: value.detach() for key, value in module.gaussians.items()}
+
+    full = initial()
+    half = initial(lambda count: slice(count // 2, count))
+    for key, value in half.items():
+        torch.testing.assert_close(value, full[key][150:], rtol=0, atol=0, msg=key)
