@@ -26,6 +26,7 @@ import torch.multiprocessing as mp
 from lightning_grendel.data.blender import load_blender_scene
 from lightning_grendel.splatting.gaussians import init_from_points, make_parameters
 from lightning_grendel.splatting.losses import strip_loss
+from lightning_grendel.splatting.ply import load_ply
 from lightning_grendel.strategies.grendel.balancer import LoadBalancer
 from lightning_grendel.strategies.grendel.redistribute import even_shares
 from lightning_grendel.strategies.grendel.renderer import PAYLOAD, GrendelRenderer
@@ -39,10 +40,16 @@ def _rank(rank: int, world: int, init_file: str, config: dict, out: dict) -> Non
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=600))
     scene = load_blender_scene(config["data"], image_width=config["width"], num_init_points=config["points"])
-    shares = even_shares(scene.points.shape[0], world)
+    if config.get("ply"):
+        gaussians = load_ply(config.get("ply"))
+    else:
+        gaussians = init_from_points(scene.points, scene.colors, sh_degree=1)
+    sh_degree = round((gaussians["shN"].shape[1] + 1) ** 0.5) - 1
+    total = gaussians["means"].shape[0]
+    shares = even_shares(total, world)
     start = sum(shares[:rank])
     rows = slice(start, start + shares[rank])
-    params = make_parameters(init_from_points(scene.points[rows], scene.colors[rows], sh_degree=1))
+    params = make_parameters({key: value[rows] for key, value in gaussians.items()})
     renderer = GrendelRenderer(LoadBalancer(config["balance"]), backend="auto")
     split = scene.train
     views = config["views"]
@@ -57,7 +64,7 @@ def _rank(rank: int, world: int, init_file: str, config: dict, out: dict) -> Non
             targets = split.images[index, ..., :3].float() / 255.0
             dist.barrier()
             began = time.perf_counter()
-            result = renderer(params, cameras, 1, background, halo=5)
+            result = renderer(params, cameras, sh_degree, background, halo=5)
             pixels = cameras.width * cameras.height * 3
             loss = sum(
                 strip_loss(v.image, targets[v.view, v.row_start : v.row_end], v.own_start - v.row_start,
@@ -74,7 +81,6 @@ def _rank(rank: int, world: int, init_file: str, config: dict, out: dict) -> Non
             for p in params.values():
                 p.grad = None
     if rank == 0:
-        total = scene.points.shape[0]
         dense = float(total * config["batch"] * (world - 1) * PAYLOAD * 4)
         out["result"] = {
             "sparse_bytes": statistics.mean(r[0] for r in records),
@@ -100,6 +106,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="W = 4, b = 1 only, smaller images (under a minute)")
     parser.add_argument("--data", default=str(DEFAULT_DATA))
+    parser.add_argument("--ply", default=None, help="trained Gaussians (a point_cloud.ply) instead of the random init")
+    parser.add_argument("--cases", default=None, help="W x b cases to run, e.g. 4x1,4x4 (must include 4x1)")
     args = parser.parse_args()
     if not Path(args.data, "transforms_train.json").is_file():
         raise SystemExit(f"{args.data}: no NeRF-synthetic scene there (pass --data)")
@@ -107,14 +115,18 @@ def main() -> None:
         grid, width, views, points = [(4, 1)], 200, 2, 10_000
     else:
         grid, width, views, points = [(1, 1), (1, 4), (2, 1), (2, 4), (4, 1), (4, 4)], 400, 8, 50_000
-    print(f"scene {args.data} at {width}x{width}, {points} Gaussians (the 3DGS random initialisation), "
-          f"{views} cameras x 2 passes; imbalance and bytes from the second pass")
+    if args.cases:
+        grid = [tuple(int(v) for v in case.split("x")) for case in args.cases.split(",")]
+    source = args.ply or f"{points} Gaussians of the 3DGS random initialisation"
+    print(f"scene {args.data} at {width}x{width}, {source}, {views} cameras x 2 passes; "
+          "imbalance and bytes from the second pass")
     header = f"{'W':>2} {'b':>2} {'sparse MiB/step':>16} {'dense MiB/step':>15} {'sparse/dense':>12} " \
              f"{'imbalance on':>12} {'imbalance off':>13} {'images/s':>9}"
     print(header)
     rows = {}
     for world, batch in grid:
-        base = {"data": args.data, "width": width, "points": points, "views": views, "batch": batch}
+        base = {"data": args.data, "width": width, "points": points, "views": views, "batch": batch,
+                "ply": args.ply}
         on = _spawn(world, {**base, "balance": "pairs"})
         off = _spawn(world, {**base, "balance": "off"})
         ratio = on["sparse_bytes"] / on["dense_bytes"] if on["dense_bytes"] else 0.0
