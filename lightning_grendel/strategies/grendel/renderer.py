@@ -101,6 +101,7 @@ class GrendelRenderer:
         per_view = _split_by_view(received, received_counts, len(cameras))
         self.last_stats = {
             "rows_sent": float(sum(send) - send[self.rank]),
+            "rows_received": float(sum(recv)),
             "bytes_sent": float((sum(send) - send[self.rank]) * PAYLOAD * rows.element_size()),
             "cost_imbalance_planned": imbalance(part_costs(costs, cuts)),
         }
