@@ -117,7 +117,7 @@ def time_backend(splats: dict, size: int, backend: str, repeats: int, strips: in
 def measure(scene_file: str, size: int, backend: str, threads: int, repeats: int, strips: int, queue) -> None:
     """Child process: time one configuration and report (seconds, peak RSS growth in MiB)."""
     torch.set_num_threads(threads)
-    splats = torch.load(scene_file)
+    splats = torch.load(scene_file, weights_only=True)
     load_extension()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     seconds = time_backend(splats, size, backend, repeats, strips)
