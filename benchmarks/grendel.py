@@ -40,8 +40,8 @@ def _rank(rank: int, world: int, init_file: str, config: dict, out: dict) -> Non
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=600))
     scene = load_blender_scene(config["data"], image_width=config["width"], num_init_points=config["points"])
-    if config.get("ply"):
-        gaussians = load_ply(config.get("ply"))
+    if config["ply"]:
+        gaussians = load_ply(config["ply"])
     else:
         gaussians = init_from_points(scene.points, scene.colors, sh_degree=1)
     sh_degree = round((gaussians["shN"].shape[1] + 1) ** 0.5) - 1

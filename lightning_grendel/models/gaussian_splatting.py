@@ -87,6 +87,7 @@ class GaussianSplattingModule(LightningModule):
         self.extent = 1.0
         self.register_buffer("background", torch.zeros(3), persistent=False)
         self._lpips: nn.Module | None = None
+        self._lpips_checked = False
 
     # --- model creation and checkpoints -------------------------------------------------------------
 
@@ -264,7 +265,7 @@ class GaussianSplattingModule(LightningModule):
         return values
 
     def _ensure_lpips(self) -> None:
-        if self._lpips is None and not getattr(self, "_lpips_checked", False):
+        if not self._lpips_checked:
             self._lpips_checked = True
             self._lpips = make_lpips()
 
