@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from lightning_grendel.splatting.cameras import Cameras, focal_from_fov, intrinsics_matrix
+from lightning_grendel.splatting.cameras import Cameras, focal_from_fov, intrinsics_matrix, look_at_world_to_camera
 from lightning_grendel.splatting.projection import project_gaussians
 from lightning_grendel.splatting.rasterize import rasterize
 from lightning_grendel.splatting.rasterize_cpp import load_extension, prepare_inputs
@@ -47,15 +47,7 @@ TORCH_MAX_GAUSSIANS = 100_000  # torch's autograd memory grows with splat-tile p
 
 def camera(size: int) -> Cameras:
     """A camera on the +x axis, slightly above the cube, looking at its centre."""
-    eye = torch.tensor([CAMERA_DISTANCE, 0.3, 0.8])
-    forward = -eye / eye.norm()
-    right = torch.linalg.cross(forward, torch.tensor([0.0, 0.0, 1.0]))
-    right = right / right.norm()
-    down = torch.linalg.cross(forward, right)
-    rotation = torch.stack([right, down, forward])
-    w2c = torch.eye(4)
-    w2c[:3, :3] = rotation
-    w2c[:3, 3] = -rotation @ eye
+    w2c = look_at_world_to_camera(torch.tensor([CAMERA_DISTANCE, 0.3, 0.8]), torch.zeros(3))
     focal = focal_from_fov(FOV, size)
     return Cameras(w2c[None], intrinsics_matrix(focal, focal, size / 2, size / 2)[None], size, size)
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from lightning_grendel.data.scene import ImageSplit, SceneData, resized_size
-from lightning_grendel.splatting.cameras import Cameras, focal_from_fov, intrinsics_matrix
+from lightning_grendel.splatting.cameras import Cameras, focal_from_fov, intrinsics_matrix, look_at_world_to_camera
 
 BASE_SIZE = 128
 FIELD_OF_VIEW = math.radians(50.0)
@@ -210,15 +210,7 @@ def orbit_cameras(count: int, width: int, height: int, generator: torch.Generato
         [torch.cos(elevation) * torch.cos(azimuth), torch.cos(elevation) * torch.sin(azimuth), torch.sin(elevation)],
         -1,
     )
-    forward = torch.tensor(LOOK_AT, dtype=torch.float64) - eyes
-    forward = forward / forward.norm(dim=-1, keepdim=True)
-    right = torch.linalg.cross(forward, torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64).expand_as(forward))
-    right = right / right.norm(dim=-1, keepdim=True)
-    down = torch.linalg.cross(forward, right)
-    rotation = torch.stack([right, down, forward], 1)
-    w2c = torch.eye(4, dtype=torch.float64).repeat(count, 1, 1)
-    w2c[:, :3, :3] = rotation
-    w2c[:, :3, 3] = -(rotation @ eyes[..., None])[..., 0]
+    w2c = look_at_world_to_camera(eyes, torch.tensor(LOOK_AT, dtype=torch.float64))
     focal = focal_from_fov(FIELD_OF_VIEW, width)
     intrinsics = intrinsics_matrix(focal, focal, width / 2, height / 2).expand(count, 3, 3).clone()
     return Cameras(w2c.to(torch.float32), intrinsics, width, height)

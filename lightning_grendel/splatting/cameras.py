@@ -19,6 +19,24 @@ def intrinsics_matrix(fx: float, fy: float, cx: float, cy: float) -> Tensor:
     return torch.tensor([[fx, 0.0, cx], [0.0, fy, cy], [0.0, 0.0, 1.0]], dtype=torch.float32)
 
 
+def look_at_world_to_camera(eyes: Tensor, target: Tensor, up: Tensor | None = None) -> Tensor:
+    """OpenCV world-to-camera matrices [..., 4, 4] of cameras at ``eyes`` [..., 3] looking at ``target``.
+
+    Image y points down, so ``up`` (default +z) appears at the top of the image.
+    """
+    up = torch.tensor([0.0, 0.0, 1.0]) if up is None else up
+    forward = target.to(eyes.dtype) - eyes
+    forward = forward / forward.norm(dim=-1, keepdim=True)
+    right = torch.linalg.cross(forward, up.to(eyes.dtype).expand_as(forward))
+    right = right / right.norm(dim=-1, keepdim=True)
+    down = torch.linalg.cross(forward, right)
+    rotation = torch.stack([right, down, forward], dim=-2)
+    world_to_camera = torch.eye(4, dtype=eyes.dtype).expand(*eyes.shape[:-1], 4, 4).clone()
+    world_to_camera[..., :3, :3] = rotation
+    world_to_camera[..., :3, 3] = -(rotation @ eyes[..., None])[..., 0]
+    return world_to_camera
+
+
 def opengl_to_opencv_world_to_camera(camera_to_world_gl: Tensor) -> Tensor:
     """World-to-camera (OpenCV axes) from a Blender/OpenGL camera-to-world matrix (y up, looks along -z)."""
     c2w = camera_to_world_gl.clone().to(torch.float64)

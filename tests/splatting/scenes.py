@@ -6,21 +6,8 @@ import math
 
 import torch
 
-from lightning_grendel.splatting.cameras import Cameras, focal_from_fov, intrinsics_matrix
+from lightning_grendel.splatting.cameras import Cameras, focal_from_fov, intrinsics_matrix, look_at_world_to_camera
 from lightning_grendel.splatting.projection import project_gaussians
-
-
-def look_at_world_to_camera(eye: torch.Tensor, target: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """OpenCV world-to-camera matrix of a camera at ``eye`` looking at ``target`` (y down in the image)."""
-    forward = (target - eye) / (target - eye).norm()
-    right = torch.linalg.cross(forward, up)
-    right = right / right.norm()
-    down = torch.linalg.cross(forward, right)
-    rotation = torch.stack([right, down, forward])
-    w2c = torch.eye(4)
-    w2c[:3, :3] = rotation
-    w2c[:3, 3] = -rotation @ eye
-    return w2c
 
 
 def orbit_cameras(count: int, width: int, height: int, radius: float = 4.0, fov: float = 0.8) -> Cameras:
@@ -28,7 +15,7 @@ def orbit_cameras(count: int, width: int, height: int, radius: float = 4.0, fov:
     for i in range(count):
         angle = 2 * math.pi * i / max(count, 1)
         eye = torch.tensor([radius * math.cos(angle), radius * math.sin(angle), 1.5])
-        matrices.append(look_at_world_to_camera(eye, torch.zeros(3), torch.tensor([0.0, 0.0, 1.0])))
+        matrices.append(look_at_world_to_camera(eye, torch.zeros(3)))
     focal = focal_from_fov(fov, width)
     intrinsics = intrinsics_matrix(focal, focal, width / 2, height / 2)
     return Cameras(torch.stack(matrices), intrinsics.expand(count, 3, 3).clone(), width, height)
