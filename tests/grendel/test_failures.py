@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import datetime
 import os
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +16,6 @@ TIMEOUT_S = 5
 
 
 def _rank(rank: int, init_file: str, behaviour: str, queue) -> None:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "splatting"))
     from scenes import orbit_cameras, random_gaussians
 
     from lightning_grendel.splatting.gaussians import make_parameters

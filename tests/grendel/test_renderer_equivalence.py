@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.distributed as dist
+from distributed_utils import run_distributed
+from scenes import orbit_cameras, random_gaussians
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "splatting"))
-from distributed_utils import run_distributed  # noqa: E402
-from scenes import orbit_cameras, random_gaussians  # noqa: E402
-
-from lightning_grendel.splatting.gaussians import make_parameters  # noqa: E402
-from lightning_grendel.splatting.losses import SSIM_HALO, strip_loss  # noqa: E402
-from lightning_grendel.splatting.render import SingleProcessRenderer  # noqa: E402
-from lightning_grendel.strategies.grendel.balancer import LoadBalancer  # noqa: E402
-from lightning_grendel.strategies.grendel.renderer import GrendelRenderer  # noqa: E402
+from lightning_grendel.splatting.gaussians import make_parameters
+from lightning_grendel.splatting.losses import SSIM_HALO, strip_loss
+from lightning_grendel.splatting.render import SingleProcessRenderer
+from lightning_grendel.strategies.grendel.balancer import LoadBalancer
+from lightning_grendel.strategies.grendel.renderer import GrendelRenderer
 
 WIDTH, HEIGHT, COUNT = 40, 72, 400
 

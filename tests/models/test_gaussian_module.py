@@ -11,6 +11,7 @@ import pytest
 import torch
 from lightning.pytorch import Callback, Trainer
 from plyfile import PlyData
+from scenes import orbit_cameras, random_gaussians
 
 from lightning_grendel.data.gaussian_datamodule import GaussianSplattingDataModule
 from lightning_grendel.models.gaussian_splatting import GaussianSplattingModule
@@ -19,9 +20,6 @@ from lightning_grendel.splatting.gaussians import make_parameters
 from lightning_grendel.splatting.losses import image_loss
 from lightning_grendel.splatting.param_surgery import moments_of
 from lightning_grendel.splatting.render import SingleProcessRenderer
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "splatting"))
-from scenes import orbit_cameras, random_gaussians  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 
