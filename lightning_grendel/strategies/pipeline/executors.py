@@ -124,10 +124,14 @@ def _start_gather(plan: ReshardPlan, op: Gather, rank: int, out: torch.Tensor, d
         if stop > start:
             contribution[offset:offset + stop - start] = pieces[(task, start)]
         offset += stop - start
+    group = groups[op.ranks]
     gathered = [torch.empty_like(contribution) for _ in op.ranks]
     pending._keep.append(contribution)
-    pending._works.append(dist.all_gather(gathered, contribution, group=groups[op.ranks], async_op=True))
-    pending._finishers.append(lambda: _assemble(plan, layout, gathered, out, dst_origin))
+    pending._works.append(dist.all_gather(gathered, contribution, group=group, async_op=True))
+    # all_gather fills the list in group-rank order, which is ascending global rank, not the order of
+    # op.ranks (a mesh may list its ranks in any order): read each receiver's piece at its group rank.
+    order = [dist.get_group_rank(group, r) for r in op.ranks]
+    pending._finishers.append(lambda: _assemble(plan, layout, [gathered[i] for i in order], out, dst_origin))
 
 
 def _assemble(plan: ReshardPlan, layout: Sequence[Sequence[tuple[int, int, int]]],
