@@ -6,13 +6,22 @@ strategy uses the package's cross-mesh resharding for every activation and gradi
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
+from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.plugins.precision import Precision
 from torch import Tensor
 
+from lightning_grendel.strategies.pipeline.checkpoint import (
+    gather_optimizer_state,
+    local_indices,
+    optimizer_parameters,
+    restrict_state,
+    state_owners,
+)
 from lightning_grendel.strategies.pipeline.mesh import Mesh, check_disjoint
 from lightning_grendel.strategies.pipeline.plan import EXECUTORS
 from lightning_grendel.strategies.pipeline.runtime import PipelineRuntime
@@ -29,7 +38,8 @@ class PipelineStrategy(ProcessGroupStrategy):
     ``mesh_shapes`` their shapes (default ``(1, n)``). The LightningModule defines
     ``pipeline_stages(self) -> Pipeline``; its ``training_step`` is replaced by the pipelined step,
     which logs ``train_loss``. Every rank sees the same batches (the first stage reads the inputs,
-    the last the targets).
+    the last the targets). A checkpoint is one ordinary Lightning file: full parameters, and every
+    stage's optimizer state merged by parameter; on resume each rank takes back its stage's part.
     """
 
     strategy_name = "pipeline"
@@ -115,6 +125,30 @@ class PipelineStrategy(ProcessGroupStrategy):
     def lightning_module_state_dict(self) -> dict[str, Any]:
         self.sync_parameters()
         return super().lightning_module_state_dict()
+
+    def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
+        """Every stage's optimizer state, merged by parameter on rank 0 (collective, like the state dict).
+
+        A rank's optimizer only has state for its own stage, so rank 0's alone would lose the others'
+        Adam moments; the merged dict has the layout of an unpipelined optimizer's state dict.
+        """
+        if isinstance(optimizer, LightningOptimizer):
+            optimizer = optimizer._optimizer
+        if self._runtime is None:
+            return super().optimizer_state(optimizer)
+        stages = [stage.module for stage in self._runtime.pipeline.stages]
+        owners = state_owners(optimizer_parameters(optimizer), stages, self._runtime.meshes)
+        return gather_optimizer_state(optimizer, owners)
+
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        """Each rank keeps its own stage's part of the merged state: exactly what it held before saving."""
+        if self._runtime is None:
+            super().load_optimizer_state_dict(checkpoint)
+            return
+        stage = self._runtime.module
+        states = [restrict_state(state, local_indices(optimizer_parameters(optimizer), stage))
+                  for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"], strict=False)]
+        super().load_optimizer_state_dict({**checkpoint, "optimizer_states": states})
 
     def teardown(self) -> None:
         if self._runtime is not None:
