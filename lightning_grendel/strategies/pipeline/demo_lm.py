@@ -1,7 +1,7 @@
-"""A small causal transformer language model and a generated character corpus, for the pipeline recipes.
+"""Small character language models (causal transformer; tensor-parallel MLP) and a generated corpus, for recipes.
 
-The module is an ordinary LightningModule (it trains unpipelined with any strategy); its
-``pipeline_stages`` hook cuts the block stack at ``stage_splits`` so the recipes can pipeline it.
+Both are ordinary LightningModules (they train unpipelined with any strategy); their
+``pipeline_stages`` hooks say how the recipes cut them into stages.
 """
 
 from __future__ import annotations
@@ -103,7 +103,20 @@ def lm_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
 
 
-class TinyTransformerLM(LightningModule):
+class _CharLM(LightningModule):
+    """Training step and optimiser shared by the demo LMs (used when they run unpipelined)."""
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        ids, target = batch
+        loss = lm_loss(self(ids), target)
+        self.log("train_loss", loss, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+
+
+class TinyTransformerLM(_CharLM):
     """Character-level causal LM. ``stage_splits`` are block indices where a new stage starts."""
 
     def __init__(self, vocab_size: int = 64, d_model: int = 32, n_heads: int = 4, n_layers: int = 4,
@@ -121,15 +134,6 @@ class TinyTransformerLM(LightningModule):
             x = block(x)
         return self.head(x)
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        ids, target = batch
-        loss = lm_loss(self(ids), target)
-        self.log("train_loss", loss, prog_bar=True)
-        return loss
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
-
     def pipeline_stages(self) -> Pipeline:
         """Embedding joins the first stage, the head the last; blocks are cut at ``stage_splits``."""
         splits = list(self.hparams.stage_splits or [])
@@ -146,3 +150,33 @@ class TinyTransformerLM(LightningModule):
         if len(specs) != len(modules):
             raise ValueError(f"{len(specs)} stage_input_specs for {len(modules)} stages")
         return Pipeline([PipelineStage(m, spec) for m, spec in zip(modules, specs, strict=True)], lm_loss)
+
+
+class TensorParallelMLPLM(_CharLM):
+    """Character LM: embedding, a wide up-projection, GELU MLP back down, head. Two pipeline stages.
+
+    Stage 0 (embedding + up-projection) ends in the wide Linear, which ``tensor_parallel`` makes
+    column-parallel over its mesh's last axis: its output leaves sharded by features and reaches
+    stage 1, on a mesh of another shape, through cross-mesh resharding.
+    """
+
+    def __init__(self, vocab_size: int = 64, d_model: int = 32, hidden: int = 128, seq_len: int = 32,
+                 lr: float = 3e-3, stage_input_specs: list[str] | None = None, tensor_parallel: bool = True) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.embed = _Embed(vocab_size, d_model, seq_len)
+        self.up = nn.Linear(d_model, hidden)
+        self.down = nn.Sequential(nn.GELU(), nn.Linear(hidden, d_model), nn.GELU())
+        self.head = _Head(d_model, vocab_size)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.down(self.up(self.embed(ids))))
+
+    def pipeline_stages(self) -> Pipeline:
+        """``nn.Sequential(embed, up)`` names the up-projection ``"1"``: that is the column-parallel Linear."""
+        specs = self.hparams.stage_input_specs or ["R", "R"]
+        if len(specs) != 2:
+            raise ValueError(f"{len(specs)} stage_input_specs for 2 stages")
+        front = PipelineStage(nn.Sequential(self.embed, self.up), specs[0],
+                              column_parallel="1" if self.hparams.tensor_parallel else None)
+        return Pipeline([front, PipelineStage(nn.Sequential(self.down, self.head), specs[1])], lm_loss)
