@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from lightning_grendel.strategies.grendel.balancer import LoadBalancer, imbalance
-from lightning_grendel.strategies.grendel.partition import all_tasks, part_costs, partition_rows
+from lightning_grendel.strategies.grendel.partition import (
+    all_tasks,
+    halo_transfers,
+    own_pixel_rows,
+    part_costs,
+    partition_rows,
+)
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4, 7])
@@ -57,3 +63,32 @@ def test_evaluation_partitions_may_leave_ranks_idle():
     cuts = partition_rows(torch.ones(2), 3, allow_empty=True)
     assert cuts.tolist() == [0, 1, 2, 2]
     assert [len(tasks) for tasks in all_tasks(cuts, 2)] == [1, 1, 0]
+
+
+@pytest.mark.parametrize(("world", "views", "height", "halo"), [(2, 1, 72, 5), (3, 2, 100, 5), (4, 3, 41, 5),
+                                                                 (5, 2, 100, 20), (3, 1, 50, 0)])
+def test_halo_transfers_deliver_each_halo_row_once_from_its_owner(world, views, height, halo):
+    tiles_y = -(-height // 16)
+    costs = torch.rand(views * tiles_y, generator=torch.Generator().manual_seed(world + height))
+    tasks = all_tasks(partition_rows(costs, world), tiles_y)
+    owner = torch.full((views, height), -1)
+    for rank, rank_tasks in enumerate(tasks):
+        for task in rank_tasks:
+            start, end = own_pixel_rows(task, height)
+            owner[task.view, start:end] = rank
+    assert (owner >= 0).all()
+    transfers = halo_transfers(tasks, height, halo)
+    assert transfers == sorted(transfers)
+    for rank, rank_tasks in enumerate(tasks):
+        for task in rank_tasks:
+            start, end = own_pixel_rows(task, height)
+            wanted = torch.zeros(height, dtype=torch.int64)
+            wanted[max(0, start - halo) : start] = 1
+            wanted[end : min(height, end + halo)] = 1
+            got = torch.zeros(height, dtype=torch.int64)
+            for t in transfers:
+                if t.target == rank and t.view == task.view:
+                    assert t.source != rank
+                    assert (owner[t.view, t.row_start : t.row_end] == t.source).all()
+                    got[t.row_start : t.row_end] += 1
+            assert torch.equal(got, wanted)

@@ -11,6 +11,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from lightning_grendel.splatting.tiles import TILE_SIZE
+
 
 class RowTask(NamedTuple):
     """Tile rows [tile_row_start, tile_row_end) of batch view ``view`` assigned to one rank."""
@@ -62,6 +64,47 @@ def tasks_of_rank(cuts: Tensor, rank: int, tiles_y: int) -> list[RowTask]:
 def all_tasks(cuts: Tensor, tiles_y: int) -> list[list[RowTask]]:
     """Tasks of every rank, indexed by rank."""
     return [tasks_of_rank(cuts, rank, tiles_y) for rank in range(cuts.numel() - 1)]
+
+
+def own_pixel_rows(task: RowTask, height: int) -> tuple[int, int]:
+    """Pixel rows [start, end) a task renders and takes the loss over."""
+    return task.tile_row_start * TILE_SIZE, min(height, task.tile_row_end * TILE_SIZE)
+
+
+class HaloTransfer(NamedTuple):
+    """Rendered pixel rows [row_start, row_end) of batch view ``view`` that rank ``source`` sends to ``target``."""
+
+    source: int
+    target: int
+    view: int
+    row_start: int
+    row_end: int
+
+
+def halo_transfers(tasks: list[list[RowTask]], height: int, halo: int) -> list[HaloTransfer]:
+    """Every rank's SSIM halo (``halo`` pixel rows above and below its own rows, clipped to the image), as
+    pieces of the neighbouring ranks' renders, sorted by (source, target, view, row).
+
+    Rendering the halo rows locally would need every Gaussian that touches them; shipping the rendered
+    rows costs ``halo`` rows of pixels per cut instead. The order is the order of the exchange's buffers.
+    """
+    if halo <= 0:
+        return []
+    owners = [(rank, task) for rank, rank_tasks in enumerate(tasks) for task in rank_tasks]
+    transfers = []
+    for target, task in owners:
+        start, end = own_pixel_rows(task, height)
+        wanted = [(max(0, start - halo), start), (end, min(height, end + halo))]
+        for source, other in owners:
+            if other.view != task.view or source == target:
+                continue
+            other_start, other_end = own_pixel_rows(other, height)
+            for low, high in wanted:
+                if max(low, other_start) < min(high, other_end):
+                    transfers.append(
+                        HaloTransfer(source, target, task.view, max(low, other_start), min(high, other_end))
+                    )
+    return sorted(transfers)
 
 
 def part_costs(row_costs: Tensor, cuts: Tensor) -> Tensor:

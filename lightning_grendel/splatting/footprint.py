@@ -1,0 +1,48 @@
+"""Which pixel rows a splat can change: tighter than its 3-sigma tile box, and still exact.
+
+The rasterizer skips a splat at a pixel where ``opacity * exp(-q) < 1/255`` (``q`` the conic's quadratic
+form). Minimising ``q`` over the pixel column leaves ``q = dy^2 / (2 Sigma_yy)``, so a splat can only reach
+rows within ``sqrt(2 ln(255 opacity) Sigma_yy)`` of its centre: faint or flat splats reach far fewer rows
+than the square box of their largest axis. Grendel sends a splat to a rank only if it can reach that
+rank's rows, so every splat left out would have been skipped there anyway.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from lightning_grendel.splatting.rasterize_torch import MIN_ALPHA
+from lightning_grendel.splatting.tiles import TILE_SIZE, TileBounds
+
+_SAFETY = 1e-3  # absorbs float32 rounding in the kernels' alpha test, so the bound stays conservative
+
+
+def reachable_pixel_rows(
+    means2d: Tensor, conics: Tensor, opacities: Tensor, bounds: TileBounds
+) -> tuple[Tensor, Tensor]:
+    """Pixel rows [first, end) each splat can blend into (``first >= end`` where it reaches none).
+
+    Pixel centres sit at ``row + 0.5``. The result is also clipped to the splat's tile box ``bounds``
+    (the rasterizer only visits those tiles) and is empty where that box is empty.
+    """
+    mean_y = means2d.detach()[..., 1].to(torch.float64)
+    a, b, c = (conics.detach()[..., i].to(torch.float64) for i in range(3))
+    sigma_yy = a / (a * c - b * b).clamp_min(1e-300)
+    log_ratio = torch.log(opacities.detach().to(torch.float64).clamp_min(1e-300) / MIN_ALPHA) + _SAFETY
+    reach = torch.sqrt(2.0 * log_ratio.clamp_min(0.0) * sigma_yy.clamp_min(0.0)) + _SAFETY
+    reach = torch.nan_to_num(reach, nan=math.inf)  # a degenerate conic: assume it reaches everywhere
+    first = torch.ceil(mean_y - reach - 0.5).clamp(-1, 2**31).to(torch.int64)
+    end = torch.floor(mean_y + reach - 0.5).clamp(-2, 2**31).to(torch.int64) + 1
+    first = torch.maximum(first, bounds.y_min * TILE_SIZE)
+    end = torch.minimum(end, bounds.y_max * TILE_SIZE)
+    empty = (log_ratio < 0) | (bounds.x_max <= bounds.x_min) | (bounds.y_max <= bounds.y_min)
+    return first, torch.where(empty, first, end)
+
+
+def reaches_rows(first: Tensor, end: Tensor, row_start: int, row_end: int) -> Tensor:
+    """Boolean mask of splats that can blend into some pixel row in [row_start, row_end)."""
+    return (first < end) & (first < row_end) & (end > row_start)
+
