@@ -3,7 +3,7 @@
 For W ranks (gloo processes) and b views per step it trains a few passes over the same cameras and
 reports, per step: bytes of splats sent between ranks by the sparse all-to-all against a dense
 baseline that would send every projected Gaussian to every other rank; the partition cost imbalance
-(max/mean of splat-tile intersections per rank) with the balancer on and off (measured on the
+(max/mean of splat-tile pairs per rank) with the balancer on and off (measured on the
 second pass, once every camera has a recorded cost); and images per second (forward + backward).
 
     python benchmarks/grendel.py [--quick] [--data ../shared/data/nerf_synthetic_blocks]

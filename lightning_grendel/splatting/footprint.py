@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from lightning_grendel.splatting.rasterize_torch import MIN_ALPHA
-from lightning_grendel.splatting.tiles import TILE_SIZE, TileBounds
+from lightning_grendel.splatting.tiles import TILE_SIZE, TileBounds, tile_bounds, tile_grid
 
 _SAFETY = 1e-3  # absorbs float32 rounding in the kernels' alpha test, so the bound stays conservative
 
@@ -46,3 +46,24 @@ def reaches_rows(first: Tensor, end: Tensor, row_start: int, row_end: int) -> Te
     """Boolean mask of splats that can blend into some pixel row in [row_start, row_end)."""
     return (first < end) & (first < row_end) & (end > row_start)
 
+
+
+def reachable_tile_row_costs(
+    means2d: Tensor, conics: Tensor, opacities: Tensor, radii: Tensor, width: int, height: int
+) -> Tensor:
+    """Splat-tile pairs per tile row [tiles_y], counting a splat only in the tile rows it can reach.
+
+    A proxy for rendering cost that does not depend on where the rows are cut: every splat that can
+    reach a row is sent to whichever rank renders it, so each rank measures the same cost for a row
+    as any other would, and the load balancer's recorded costs stay put when the cut moves.
+    """
+    _, tiles_y = tile_grid(width, height)
+    bounds = tile_bounds(means2d, radii, width, height)
+    first, end = reachable_pixel_rows(means2d, conics, opacities, bounds)
+    reaches = first < end
+    first_tile = (first[reaches] // TILE_SIZE).clamp(0, tiles_y)
+    end_tile = ((end[reaches] + TILE_SIZE - 1) // TILE_SIZE).clamp(0, tiles_y)
+    span_x = (bounds.x_max - bounds.x_min)[reaches].clamp_min(0).to(torch.float64)
+    change = torch.zeros(tiles_y + 1, dtype=torch.float64, device=means2d.device)
+    change.index_add_(0, first_tile, span_x).index_add_(0, end_tile, -span_x)
+    return torch.cumsum(change, 0)[:tiles_y]

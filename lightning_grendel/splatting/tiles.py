@@ -109,13 +109,3 @@ def intersect_tiles(
     offsets = torch.zeros(num_tiles + 1, dtype=torch.int64, device=device)
     offsets[1:] = torch.cumsum(per_tile, 0)
     return TileIntersections(gaussian_ids, offsets, tile_row_start, tile_row_end, tiles_x)
-
-
-def tile_row_costs(means2d: Tensor, radii: Tensor, width: int, height: int, tile_size: int = TILE_SIZE) -> Tensor:
-    """Splat-tile intersections per tile row [tiles_y]: a deterministic proxy for rendering cost."""
-    tiles_x, tiles_y = tile_grid(width, height, tile_size)
-    bounds = tile_bounds(means2d, radii, width, height, tile_size)
-    span_x = (bounds.x_max - bounds.x_min).clamp_min(0).to(torch.float64)
-    rows = torch.arange(tiles_y, device=means2d.device)
-    inside = (rows >= bounds.y_min.reshape(-1, 1)) & (rows < bounds.y_max.reshape(-1, 1))
-    return (inside.to(torch.float64) * span_x.reshape(-1, 1)).sum(0)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from scenes import projected_splats
 
-from lightning_grendel.splatting.footprint import reachable_pixel_rows, reaches_rows
+from lightning_grendel.splatting.footprint import reachable_pixel_rows, reachable_tile_row_costs, reaches_rows
 from lightning_grendel.splatting.rasterize_torch import MIN_ALPHA
 from lightning_grendel.splatting.tiles import TILE_SIZE, tile_bounds
 
@@ -47,3 +47,19 @@ def test_every_blended_row_is_reachable_and_the_rows_are_tighter_than_the_tile_b
         assert torch.equal(mask | blended[:, start:stop].any(1), mask)
     box_rows = ((bounds.y_max - bounds.y_min) * TILE_SIZE).clamp_min(0) * (bounds.x_max > bounds.x_min)
     assert (end - first).clamp_min(0).sum() < 0.8 * box_rows.sum(), "the footprint should beat the tile box"
+
+
+def test_tile_row_costs_count_each_splat_in_the_tile_rows_it_reaches():
+    splats = projected_splats(500, WIDTH, HEIGHT, seed=6)
+    splats["opacities"] = torch.rand(500, generator=torch.Generator().manual_seed(3))
+    costs = reachable_tile_row_costs(splats["means2d"], splats["conics"], splats["opacities"], splats["radii"],
+                                     WIDTH, HEIGHT)
+    bounds = tile_bounds(splats["means2d"], splats["radii"], WIDTH, HEIGHT)
+    first, end = reachable_pixel_rows(splats["means2d"], splats["conics"], splats["opacities"], bounds)
+    expected = torch.zeros(HEIGHT // TILE_SIZE, dtype=torch.float64)
+    for i in range(500):
+        for row in range(HEIGHT // TILE_SIZE):
+            if reaches_rows(first[i : i + 1], end[i : i + 1], row * TILE_SIZE, (row + 1) * TILE_SIZE).item():
+                expected[row] += int(bounds.x_max[i] - bounds.x_min[i])
+    assert expected.sum() > 100
+    torch.testing.assert_close(costs, expected)

@@ -1,8 +1,9 @@
 """Per-camera row costs for the pixel partitioner (Grendel's dynamic load balancer).
 
 Costs measured when a camera was last rendered are reused the next time it is sampled (about an epoch
-later); until then its rows cost the same. ``pairs`` counts splat-tile intersections, deterministic
-and equal on every rank; ``time`` uses measured rendering time; ``off`` keeps uniform costs.
+later); until then its rows cost the same. ``pairs`` counts splat-tile pairs in the rows each splat can
+reach, deterministic and the same whichever rank renders a row; ``time`` uses measured rendering
+time; ``off`` keeps uniform costs.
 """
 
 from __future__ import annotations

@@ -21,10 +21,10 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lightning_grendel.splatting.cameras import Cameras
-from lightning_grendel.splatting.footprint import reachable_pixel_rows, reaches_rows
+from lightning_grendel.splatting.footprint import reachable_pixel_rows, reachable_tile_row_costs, reaches_rows
 from lightning_grendel.splatting.rasterize import rasterize
 from lightning_grendel.splatting.render import RenderResult, Splats, ViewRender, splat_gaussians
-from lightning_grendel.splatting.tiles import tile_bounds, tile_grid, tile_row_costs
+from lightning_grendel.splatting.tiles import tile_bounds, tile_grid
 from lightning_grendel.strategies.grendel.balancer import LoadBalancer, imbalance
 from lightning_grendel.strategies.grendel.exchange import exchange_counts, exchange_rows, sparse_all_to_all
 from lightning_grendel.strategies.grendel.partition import (
@@ -179,8 +179,10 @@ class GrendelRenderer:
         if self.balancer.mode == "time":
             measured[task.view, span] = seconds / (task.tile_row_end - task.tile_row_start)
         else:
-            radii = rows[:, 10].detach().round().to(torch.int32)
-            measured[task.view, span] = tile_row_costs(rows[:, 0:2].detach(), radii, width, height)[span].cpu()
+            rows = rows.detach()
+            radii = rows[:, 10].round().to(torch.int32)
+            costs = reachable_tile_row_costs(rows[:, 0:2], rows[:, 2:5], rows[:, 8], radii, width, height)
+            measured[task.view, span] = costs[span].cpu()
 
     def _update_balancer(self, cameras: Cameras, measured: Tensor, cuts: Tensor) -> None:
         dist.all_reduce(measured, group=self.group)  # ranks own disjoint rows: the sum assembles them

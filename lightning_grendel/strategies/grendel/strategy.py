@@ -39,7 +39,7 @@ class GrendelStrategy(ProcessGroupStrategy):
         process_group_backend: ``gloo`` or ``nccl``; by default the one that suits the device.
         timeout_s: seconds a collective may wait before failing (a dead rank becomes an error, not a hang).
         start_method: ``popen`` (re-runs the script; for the CLI), ``spawn`` or ``fork``.
-        load_balancing: ``pairs`` (splat-tile intersections, deterministic), ``time`` (measured) or ``off``.
+        load_balancing: ``pairs`` (splat-tile pairs, deterministic), ``time`` (measured) or ``off``.
         redistribute_threshold: even out shard sizes after densification when the largest exceeds the
             smallest by more than this fraction; ``None`` disables it.
         rasterizer_backend: overrides the module's rasterizer backend when given.
