@@ -63,6 +63,7 @@ def write_outputs(results: dict[int, dict], out: Path) -> str:
     table = "\n".join(lines)
     (out / "scaling.md").write_text(table + "\n")
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -72,7 +73,9 @@ def write_outputs(results: dict[int, dict], out: Path) -> str:
     psnrs = [results[w]["test"]["test/psnr"] for w in sorted(results)]
     axis.plot(counts, psnrs, "o-")
     for world, x, y in zip(sorted(results), counts, psnrs, strict=True):
-        axis.annotate(f"W={world}", (x, y), textcoords="offset points", xytext=(5, -12))
+        axis.annotate(f"W={world}", (x, y), textcoords="offset points", xytext=(6, 4))
+    axis.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value / 1000:g}k"))
+    axis.margins(x=0.15, y=0.15)
     axis.set_xlabel("total Gaussians")
     axis.set_ylabel("test PSNR (dB)")
     axis.set_title("Same per-rank capacity, more ranks")
