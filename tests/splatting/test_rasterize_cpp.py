@@ -67,23 +67,25 @@ def mixed_scene(width: int, height: int, channels: int = 3, seed: int = 0, dtype
     return {k: v.to(dtype) if v.is_floating_point() else v for k, v in scene.items()}
 
 
-def render(scene: dict, backend: str, width: int, height: int, rows: tuple[int, int], background: torch.Tensor):
-    """Image and gradients of a fixed random projection of it."""
-    params = {k: v.clone().requires_grad_(k in PARAMS) for k, v in scene.items()}
-    image = rasterize(**params, width=width, height=height, background=background, row_start=rows[0],
-                      row_end=rows[1], backend=backend)
+def render(scene: dict, backend: str, width: int, height: int, rows: tuple[int, int], background: torch.Tensor,
+           device: str = "cpu"):
+    """Image and gradients (on the CPU) of a fixed random projection of it, rendered on ``device``."""
+    params = {k: v.detach().clone().to(device).requires_grad_(k in PARAMS) for k, v in scene.items()}
+    image = rasterize(**params, width=width, height=height, background=background.to(device), row_start=rows[0],
+                      row_end=rows[1], backend=backend).cpu()
     weights = torch.randn(image.shape, generator=torch.Generator().manual_seed(5), dtype=image.dtype)
     (image * weights).sum().backward()
-    return image.detach(), {k: params[k].grad for k in PARAMS}
+    return image.detach(), {k: params[k].grad.cpu() for k in PARAMS}
 
 
-def assert_parity(scene: dict, width: int, height: int, rows: tuple[int, int]) -> None:
+def assert_parity(scene: dict, width: int, height: int, rows: tuple[int, int], backend: str = "cpp",
+                  device: str = "cpu", image_atol: float = 1e-5) -> None:
     channels = scene["colors"].shape[1]
     background = torch.linspace(0.1, 0.9, channels, dtype=scene["colors"].dtype)
     ref_image, ref_grads = render(scene, "torch", width, height, rows, background)
-    image, grads = render(scene, "cpp", width, height, rows, background)
+    image, grads = render(scene, backend, width, height, rows, background, device)
     assert image.shape == (rows[1] - rows[0], width, channels)
-    torch.testing.assert_close(image, ref_image, rtol=0, atol=1e-5)
+    torch.testing.assert_close(image, ref_image, rtol=0, atol=image_atol)
     for name in PARAMS:
         scale = ref_grads[name].abs().max().item()
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-5 * scale + 1e-7, msg=name)
@@ -168,8 +170,15 @@ def test_auto_picks_cpp_on_cpu(caplog):
         assert resolve_backend("auto", torch.device("cpu")) == "cpp"
 
 
+@pytest.mark.skipif(not gsplat_available(), reason="needs CUDA and gsplat (pip install 'lightning-grendel[cuda]')")
+@pytest.mark.parametrize("rows", [(0, 61), (5, 29), (16, 48)])
+def test_gsplat_matches_torch_on_cuda(rows):
+    """The gsplat mapping (strip shift, per-axis radii, background) against the reference, strips included."""
+    assert_parity(mixed_scene(75, 61), 75, 61, rows, backend="gsplat", device="cuda", image_atol=1e-4)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
 def test_gsplat_without_cuda_is_a_clear_error():
-    assert not gsplat_available()
     scene = projected_splats(10, 16, 16)
     with pytest.raises(ValueError, match="gsplat.*CUDA"):
         rasterize(**scene, width=16, height=16, backend="gsplat")
