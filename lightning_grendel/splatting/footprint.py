@@ -30,10 +30,13 @@ def reachable_pixel_rows(
     """
     mean_y = means2d.detach()[..., 1].to(torch.float64)
     a, b, c = (conics.detach()[..., i].to(torch.float64) for i in range(3))
-    sigma_yy = a / (a * c - b * b).clamp_min(1e-300)
+    determinant = a * c - b * b
+    sigma_yy = a / determinant.clamp_min(1e-300)
     log_ratio = torch.log(opacities.detach().to(torch.float64).clamp_min(1e-300) / MIN_ALPHA) + _SAFETY
     reach = torch.sqrt(2.0 * log_ratio.clamp_min(0.0) * sigma_yy.clamp_min(0.0)) + _SAFETY
-    reach = torch.nan_to_num(reach, nan=math.inf)  # a degenerate conic: assume it reaches everywhere
+    # A conic that is not positive definite (or not finite) gets no bound: its whole tile box.
+    definite = (a > 0) & (determinant > 0) & torch.isfinite(reach)
+    reach = torch.where(definite, reach, torch.full_like(reach, math.inf))
     first = torch.ceil(mean_y - reach - 0.5).clamp(-1, 2**31).to(torch.int64)
     end = torch.floor(mean_y + reach - 0.5).clamp(-2, 2**31).to(torch.int64) + 1
     first = torch.maximum(first, bounds.y_min * TILE_SIZE)

@@ -35,6 +35,8 @@ def test_every_blended_row_is_reachable_and_the_rows_are_tighter_than_the_tile_b
     splats = projected_splats(3000, WIDTH, HEIGHT, seed=4)
     opacity = torch.rand(3000, generator=torch.Generator().manual_seed(2))
     splats["opacities"] = torch.cat([opacity[:1000] * 0.02, opacity[1000:]])  # many near the 1/255 cut
+    splats["conics"][-20:-10, 0] *= -1  # not positive definite: no bound but the tile box
+    splats["conics"][-10:, 1] = splats["conics"][-10:, 0] * 3
     blended = brute_force_rows(splats)
     assert blended.any(dim=1).sum() > 500, "the scene must put many splats on screen"
     bounds = tile_bounds(splats["means2d"], splats["radii"], WIDTH, HEIGHT)
