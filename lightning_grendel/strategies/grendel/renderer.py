@@ -153,8 +153,7 @@ class GrendelRenderer:
             view.row_start -= sum(block.shape[0] for block in top)
             view.row_end += sum(block.shape[0] for block in bottom)
             view.image = torch.cat([*top, view.image, *bottom])
-        # Keeps the exchange in the graph even when nothing arrived, so every rank joins its backward.
-        views[0].image = views[0].image + 0.0 * received.sum()
+        _keep_in_graph(views, received)
 
     def __call__(
         self, params: dict[str, Tensor], cameras: Cameras, sh_degree: int, background: Tensor, halo: int = 0
@@ -168,8 +167,7 @@ class GrendelRenderer:
             view, seconds = self._render_task(task, per_view[task.view], width, height, background)
             views.append(view)
             self._measure(measured, task, per_view[task.view], seconds, width, height)
-        # Keeps the exchange in the graph even when nothing arrived, so every rank joins its backward.
-        views[0].image = views[0].image + 0.0 * received.sum()
+        _keep_in_graph(views, received)
         self._swap_halo(views, tasks, height, halo)
         self._update_balancer(cameras, measured, cuts)
         return RenderResult(views, splats.means2d, splats.radii, width, height)
@@ -200,6 +198,11 @@ class GrendelRenderer:
                 images[task.view, view.row_start : view.row_end] = view.image
             dist.all_reduce(images, group=self.group)
         return images
+
+
+def _keep_in_graph(views: list[ViewRender], received: Tensor) -> None:
+    """Tie an exchange's output to the loss even when nothing arrived, so every rank joins its backward."""
+    views[0].image = views[0].image + 0.0 * received.sum()
 
 
 def _rows_of(view: ViewRender, row_start: int, row_end: int) -> Tensor:
