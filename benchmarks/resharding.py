@@ -1,11 +1,13 @@
 """Cross-mesh resharding: send_recv vs allgather vs broadcast (+ sender selection), and eager 1F1B vs 1F1B.
 
-Measured side by side in one run on gloo over loopback, and every plan also timed in the topology cost
-model (lightning_grendel.strategies.pipeline.costmodel), where inter-host NICs are the bottleneck.
+Measured side by side in one run on this one machine with both transports (payloads over gloo's TCP
+loopback, and through shared memory with gloo carrying only signals: what ``reshard()`` picks on one
+host), and every plan also timed in the topology cost model
+(lightning_grendel.strategies.pipeline.costmodel), where inter-host NICs are the bottleneck.
 The eager-vs-1F1B step time uses an emulated per-transfer latency (each send starts that much later
 on the sender's outbox thread): an emulation of a slow link, not a measurement of one.
 
-    python benchmarks/resharding.py            # full: 16 MiB tensors, 5 repeats (several minutes)
+    python benchmarks/resharding.py            # full: 64 MiB tensors, 9 repeats (several minutes)
     python benchmarks/resharding.py --quick    # 1-to-m up to 4 receivers, 2 MiB, 1 repeat (under a minute)
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import random
 import statistics
 import tempfile
 import time
@@ -27,9 +30,12 @@ from lightning_grendel.strategies.pipeline.costmodel import Topology, plan_makes
 from lightning_grendel.strategies.pipeline.executors import GroupCache, start_plan
 from lightning_grendel.strategies.pipeline.mesh import box_slices, local_box
 from lightning_grendel.strategies.pipeline.plan import default_hosts
+from lightning_grendel.strategies.pipeline.planner import box_shape
+from lightning_grendel.strategies.pipeline.shm import SharedMemoryArenas
 
 VARIANTS = [("send_recv", "normal"), ("allgather", "normal"), ("broadcast", "normal"),
             ("broadcast", "no_loadbalance"), ("broadcast", "loadbalance_size"), ("broadcast", "loadbalance_order")]
+TRANSPORTS = ("dist", "shm")  # payloads over gloo TCP loopback / through shared memory
 
 
 def _one_to_m(m: int) -> tuple:
@@ -70,39 +76,49 @@ def _bench_rank(rank: int, world: int, init: str, quick: bool, mib: int, repeats
     shape = (256, 256, 4 * mib)
     full = torch.arange(torch.Size(shape).numel(), dtype=torch.float32).reshape(shape)
     groups = GroupCache(600)
+    arenas = SharedMemoryArenas()
     plans = {}
     for name, src, src_spec, dst, dst_spec, hosts in _cases(quick):
         for executor, mode in VARIANTS:
             plan = make_plan(shape, full.dtype, src, src_spec, dst, dst_spec, executor, mode, host_of=hosts)
             groups.ensure(plan.groups())
             plans[(name, executor, mode)] = plan
-    timings: dict[tuple, list[float]] = {key: [] for key in plans}
+    timings: dict[tuple, list[float]] = {(*key, t): [] for key in plans for t in TRANSPORTS}
     for name, src, _, dst, _, _ in _cases(quick):
-        local = None
+        specs = plans[(name, "send_recv", "normal")]
+        local = buffer = None
         if rank in src.ranks:
-            spec = plans[(name, "send_recv", "normal")].src_spec
-            local = full[box_slices(local_box(src, spec, shape, rank))].contiguous()
+            local = full[box_slices(local_box(src, specs.src_spec, shape, rank))].contiguous()
+        if rank in dst.ranks:
+            # Every variant receives into one pre-touched buffer: the transfer is timed, not the page faults
+            # of a fresh 64 MiB allocation (a constant that would otherwise dominate small differences).
+            buffer = torch.zeros(box_shape(local_box(dst, specs.dst_spec, shape, rank)))
+        runs = [(transport, executor, mode) for transport in TRANSPORTS for executor, mode in VARIANTS]
         for repeat in range(repeats + 1):  # the first round warms up connections and buffers
-            for executor, mode in VARIANTS:
+            # A seeded shuffle per repeat (the same on every rank): no variant always runs at the same point.
+            for transport, executor, mode in random.Random(repeat).sample(runs, len(runs)):
                 plan = plans[(name, executor, mode)]
                 dist.barrier()
                 start = time.perf_counter()
-                result = start_plan(plan, rank, local, groups).wait()
+                result = start_plan(plan, rank, local, groups, shm=arenas if transport == "shm" else None,
+                                    out=buffer).wait()
                 elapsed = torch.tensor(time.perf_counter() - start, dtype=torch.float64)
                 dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
                 if repeat > 0:
-                    timings[(name, executor, mode)].append(float(elapsed))
+                    timings[(name, executor, mode, transport)].append(float(elapsed))
                 if repeat == 0 and result is not None:  # correctness of what was timed
                     want = full[box_slices(local_box(dst, plan.dst_spec, shape, rank))]
-                    assert torch.equal(result, want), (name, executor, mode)
+                    assert torch.equal(result, want), (name, executor, mode, transport)
+                    result.zero_()
     if rank == 0:
-        for (name, executor, mode), values in timings.items():
-            plan = plans[(name, executor, mode)]
+        for (name, executor, mode), plan in plans.items():
             hosts = next(c[5] for c in _cases(quick) if c[0] == name)
             sent = traffic(plan, hosts)
-            out[(name, executor, mode)] = (statistics.median(values), plan_makespan(plan, Topology(hosts)),
+            medians = [statistics.median(timings[(name, executor, mode, t)]) for t in TRANSPORTS]
+            out[(name, executor, mode)] = (*medians, plan_makespan(plan, Topology(hosts)),
                                            sum(sent.values()), max(sent.values()))
     dist.barrier()
+    arenas.close()
     dist.destroy_process_group()
 
 
@@ -152,40 +168,43 @@ def _spawn(fn, world: int, *args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="1-to-m cases up to 4 receivers, 2 MiB, 1 repeat")
-    parser.add_argument("--mib", type=int, default=None, help="tensor size in MiB (default 16, quick 2)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per variant (default 5, quick 1)")
+    parser.add_argument("--mib", type=int, default=None, help="tensor size in MiB (default 64, quick 2)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per variant (default 9, quick 1)")
     parser.add_argument("--latency-ms", type=float, default=20.0, help="emulated per-transfer latency")
     args = parser.parse_args()
-    mib = args.mib or (2 if args.quick else 16)
-    repeats = args.repeats or (1 if args.quick else 5)
+    mib = args.mib or (2 if args.quick else 64)
+    repeats = args.repeats or (1 if args.quick else 9)
     results = _spawn(_bench_rank, _world(args.quick), args.quick, mib, repeats)
 
-    print(f"\nResharding, float32 {mib} MiB, gloo over loopback on {os.cpu_count()} CPUs, median of {repeats}; "
-          "cost model: 12.5 GB/s NIC per host, 100 GB/s inside a host")
-    header = (f"{'case':<30} {'executor':<10} {'senders':<17} {'loopback ms':>11} {'vs s/r':>7} "
-              f"{'model ms':>9} {'vs s/r':>7} {'total MiB':>9} {'max/rank MiB':>12}")
+    print(f"\nResharding, float32 {mib} MiB on one machine ({os.cpu_count()} CPUs), median of {repeats}: payloads over "
+          "gloo TCP loopback ('gloo') and through shared memory ('shm'); cost model: 12.5 GB/s NIC per host, "
+          "100 GB/s inside a host")
+    header = (f"{'case':<30} {'executor':<10} {'senders':<17} {'gloo ms':>8} {'vs s/r':>7} {'shm ms':>8} "
+              f"{'vs s/r':>7} {'model ms':>9} {'vs s/r':>7} {'total MiB':>9} {'max/rank MiB':>12}")
     print(header)
     print("-" * len(header))
-    worst, names = 0.0, []
+    worst = {t: 0.0 for t in TRANSPORTS}
     for name, *_ in _cases(args.quick):
-        names.append(name)
-        base_time, base_model = results[(name, "send_recv", "normal")][:2]
+        base = results[(name, "send_recv", "normal")]
         for executor, mode in VARIANTS:
-            seconds, model, total, peak = results[(name, executor, mode)]
-            print(f"{name:<30} {executor:<10} {mode:<17} {seconds * 1e3:>11.1f} {base_time / seconds:>6.2f}x "
-                  f"{model * 1e3:>9.2f} {base_model / model:>6.2f}x {total / 2**20:>9.0f} {peak / 2**20:>12.0f}")
+            row = results[(name, executor, mode)]
+            gloo, shm, model, total, peak = row
+            print(f"{name:<30} {executor:<10} {mode:<17} {gloo * 1e3:>8.1f} {base[0] / gloo:>6.2f}x "
+                  f"{shm * 1e3:>8.1f} {base[1] / shm:>6.2f}x {model * 1e3:>9.2f} {base[2] / model:>6.2f}x "
+                  f"{total / 2**20:>9.0f} {peak / 2**20:>12.0f}")
             if (executor, mode) == ("broadcast", "normal"):
-                worst = max(worst, seconds / base_time)
+                worst = {t: max(worst[t], row[i] / base[i]) for i, t in enumerate(TRANSPORTS)}
     pipeline = _spawn(_pipeline_rank, 4, args.latency_ms / 1e3, 1 if args.quick else 5)
     print(f"\nPipeline step, TinyTransformerLM, 4 stages x 1 rank, 8 micro-batches, emulated transfer latency "
           f"{args.latency_ms:.0f} ms: 1F1B {pipeline['1f1b'] * 1e3:.0f} ms, eager 1F1B "
           f"{pipeline['eager_1f1b'] * 1e3:.0f} ms\n")
     one_to_four = "1-to-4 RRR"
-    loop = results[(one_to_four, "send_recv", "normal")][0] / results[(one_to_four, "broadcast", "normal")][0]
-    model = results[(one_to_four, "send_recv", "normal")][1] / results[(one_to_four, "broadcast", "normal")][1]
-    print(f"RESULT resharding.broadcast_speedup_1to4={loop:.3f}")
-    print(f"RESULT resharding.model_speedup_1to4={model:.3f}")
-    print(f"RESULT resharding.worst_broadcast_ratio={worst:.3f}")
+    send_recv, broadcast = results[(one_to_four, "send_recv", "normal")], results[(one_to_four, "broadcast", "normal")]
+    print(f"gloo TCP loopback (for comparison): 1-to-4 broadcast {send_recv[0] / broadcast[0]:.3f}x send_recv, "
+          f"worst broadcast / send_recv {worst['dist']:.3f}")
+    print(f"RESULT resharding.broadcast_speedup_1to4={send_recv[1] / broadcast[1]:.3f}")
+    print(f"RESULT resharding.model_speedup_1to4={send_recv[2] / broadcast[2]:.3f}")
+    print(f"RESULT resharding.worst_broadcast_ratio={worst['shm']:.3f}")
     print(f"RESULT pipeline.eager_vs_1f1b={pipeline['1f1b'] / pipeline['eager_1f1b']:.3f}")
 
 

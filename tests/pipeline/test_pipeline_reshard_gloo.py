@@ -33,7 +33,7 @@ MATRIX_SPEC_PAIRS = [
 ]
 
 
-def _check_pairs(rank: int, world: int, pairs, spec_pairs, executors, sender_modes, shape) -> int:
+def _check_pairs(rank: int, world: int, pairs, spec_pairs, executors, sender_modes, shape, transport) -> int:
     full = test_tensor(shape, seed=1)
     checked = 0
     for src, dst in pairs:
@@ -42,7 +42,7 @@ def _check_pairs(rank: int, world: int, pairs, spec_pairs, executors, sender_mod
                 for sender_mode in sender_modes:
                     mine = expected_shard(full, src, src_spec, rank) if rank in src.ranks else None
                     out = reshard(mine, src, src_spec, dst, dst_spec, executor, shape=shape, dtype=full.dtype,
-                                  sender_mode=sender_mode)
+                                  sender_mode=sender_mode, transport=transport)
                     if rank in dst.ranks:
                         want = expected_shard(full, dst, dst_spec, rank)
                         assert torch.equal(out, want), (src.shape, dst.shape, src_spec, dst_spec, executor,
@@ -54,7 +54,7 @@ def _check_pairs(rank: int, world: int, pairs, spec_pairs, executors, sender_mod
     return checked
 
 
-def _alpa_cases(rank: int) -> None:
+def _alpa_cases(rank: int, transport: str) -> None:
     """The shapes of Alpa's own tests: (4,8,16) R->S0, S0->S0, RS0->S0; (3,8,2) all-gather at dim 1."""
     src, dst = Mesh([0, 1], (1, 2)), Mesh([2, 3], (1, 2))
     for shape, src_spec, dst_spec in [((4, 8, 16), "RRR", "S1RR"), ((4, 8, 16), "S1RR", "S1RR"),
@@ -62,20 +62,20 @@ def _alpa_cases(rank: int) -> None:
         full = torch.arange(torch.Size(shape).numel(), dtype=torch.int32).reshape(shape)
         for executor in EXECUTORS:
             out = reshard(full if rank in src.ranks else None, src, src_spec, dst, dst_spec, executor,
-                          shape=shape, dtype=full.dtype)
+                          shape=shape, dtype=full.dtype, transport=transport)
             if rank in dst.ranks:
                 assert torch.equal(out, expected_shard(full, dst, dst_spec, rank))
 
 
-def _all_checks(rank: int, world: int) -> int:
+def _all_checks(rank: int, world: int, transport: str) -> int:
     """One spawn for everything: process start-up dominates on a loaded 2-core machine."""
     specs = all_specs(2, 2)
     spec_pairs = [(a, "RR") for a in specs] + [("RR", b) for b in specs[1:]]
     spec_pairs += [("S0R", "S1R"), ("S01R", "RS10"), ("S1S0", "S0S1"), ("RS0", "S10R"), ("S0S1", "S0S1")]
-    checked = _check_pairs(rank, world, MESH_PAIRS, spec_pairs, EXECUTORS, ("normal",), (6, 8))
+    checked = _check_pairs(rank, world, MESH_PAIRS, spec_pairs, EXECUTORS, ("normal",), (6, 8), transport)
     mode_pairs = [("S0R", "S0R"), ("RR", "S1R"), ("RS01", "S10R"), ("S1R", "RR"), ("S0S1", "RS0")]
-    checked += _check_pairs(rank, world, MESH_PAIRS[1:2], mode_pairs, EXECUTORS, SENDER_MODES, (7, 9))
-    _alpa_cases(rank)
+    checked += _check_pairs(rank, world, MESH_PAIRS[1:2], mode_pairs, EXECUTORS, SENDER_MODES, (7, 9), transport)
+    _alpa_cases(rank, transport)
     _bad_input_raises_before_communication(rank)
     return checked
 
@@ -92,15 +92,17 @@ def _bad_input_raises_before_communication(rank: int) -> None:
     dist.barrier()
 
 
-def _executor_mode_matrix(rank: int, world: int) -> int:
-    return _check_pairs(rank, world, MATRIX_PAIRS, MATRIX_SPEC_PAIRS, EXECUTORS, SENDER_MODES, (7, 9))
+def _executor_mode_matrix(rank: int, world: int, transport: str) -> int:
+    return _check_pairs(rank, world, MATRIX_PAIRS, MATRIX_SPEC_PAIRS, EXECUTORS, SENDER_MODES, (7, 9), transport)
 
 
 @pytest.mark.timeout(300)
-def test_reshard_on_gloo_every_executor_times_every_sender_mode():
+@pytest.mark.parametrize("transport", ["dist", "shm"])
+def test_reshard_on_gloo_every_executor_times_every_sender_mode(transport):
     """Each of the 3 executors with each of the 4 sender modes, on every spec pair of MATRIX_SPEC_PAIRS,
-    over (1,2)->(2,2), (2,2)->(1,4) and the misaligned (2,2)->(3,1): bit-exact on every destination rank."""
-    results = run_distributed(_executor_mode_matrix, 8, timeout_s=150)
+    over (1,2)->(2,2), (2,2)->(1,4) and the misaligned (2,2)->(3,1): bit-exact on every destination rank,
+    with payloads over gloo and through shared memory."""
+    results = run_distributed(_executor_mode_matrix, 8, transport, timeout_s=150)
     per_combination = len(MATRIX_SPEC_PAIRS) * len(EXECUTORS) * len(SENDER_MODES)
     assert sum(results) == per_combination * sum(dst.size for _, dst in MATRIX_PAIRS)
 
@@ -112,7 +114,8 @@ def test_reshard_on_gloo_every_executor_and_sender_mode():
     choose from; Alpa's test shapes in int32.
 
     Every pair of every executor and sender mode also runs in the single-process executor
-    (test_pipeline_planner.py); here real collectives move the same plans' bytes.
+    (test_pipeline_planner.py); here real gloo collectives move the same plans' bytes (the
+    shared-memory transport runs the matrix test above).
     """
-    results = run_distributed(_all_checks, 8, timeout_s=180)
+    results = run_distributed(_all_checks, 8, "dist", timeout_s=180)
     assert sum(results) > 0

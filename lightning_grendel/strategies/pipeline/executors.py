@@ -1,4 +1,5 @@
-"""Run a :class:`ReshardPlan`: over ``torch.distributed`` (gloo/NCCL), or inside one process.
+"""Run a :class:`ReshardPlan`: over ``torch.distributed`` (gloo/NCCL; on one host the payloads may go
+through shared memory instead, see ``shm.py``), or inside one process.
 
 The single-process executor moves the same bytes between per-rank buffers following the same
 operations, so meshes larger than a test machine can spawn are still checked bit for bit.
@@ -15,6 +16,7 @@ import torch.distributed as dist
 from lightning_grendel.strategies.pipeline.mesh import box_slices, local_box
 from lightning_grendel.strategies.pipeline.plan import Broadcast, Gather, ReshardPlan, Send, gather_layout
 from lightning_grendel.strategies.pipeline.planner import Box, box_shape
+from lightning_grendel.strategies.pipeline.shm import SharedMemoryArenas, arena_layout
 
 
 class GroupCache:
@@ -55,6 +57,7 @@ class PendingReshard:
         self._works: list[dist.Work] = []
         self._finishers: list[Callable[[], None]] = []
         self._keep: list[torch.Tensor] = []
+        self._closing: Callable[[], None] | None = None
 
     def drain(self) -> None:
         for work in self._works:
@@ -65,19 +68,90 @@ class PendingReshard:
 
     def wait(self) -> torch.Tensor | None:
         self.drain()
+        if self._closing is not None:
+            self._closing()
+            self._closing = None
         return self.out
 
 
+def _signal() -> torch.Tensor:
+    return torch.zeros(1, dtype=torch.uint8)
+
+
+class _Staging:
+    """Where this rank's payloads go and where received ones are read: message buffers or shared memory."""
+
+    def __init__(self, plan: ReshardPlan, rank: int, shm: SharedMemoryArenas | None) -> None:
+        self.plan, self.rank, self.shm = plan, rank, shm
+        self.layout = arena_layout(plan) if shm is not None else None
+        if shm is not None and not shm.on_this_host((*plan.src_mesh.ranks, *plan.dst_mesh.ranks)):
+            raise ValueError("the shared-memory transport needs every rank of both meshes on one host; "
+                             "use transport='dist' across hosts")
+
+    def slot(self, index: int, writer: int, numel: int) -> torch.Tensor:
+        """The arena slot ``writer`` uses for operation ``index`` (map it only after ``writer`` signalled)."""
+        offset = self.layout.offsets[(index, writer)]
+        nbytes = numel * self.plan.itemsize
+        if writer == self.rank:
+            arena = self.shm.writable(self.layout.sizes[writer])
+        else:
+            arena = self.shm.readable(writer, offset + nbytes)
+        return arena[offset:offset + nbytes].view(self.plan.dtype)
+
+    def acknowledge(self, tag: int) -> None:
+        """Tell each writer this rank read from that it is done; wait until this rank's readers are.
+
+        After this a writer may reuse its arena: the next plan's payloads cannot overwrite unread bytes.
+        """
+        readers = self.layout.readers
+        works = [dist.isend(_signal(), writer, tag=tag) for writer in sorted(readers)
+                 if writer != self.rank and self.rank in readers[writer]]
+        works += [dist.irecv(_signal(), reader, tag=tag) for reader in sorted(readers.get(self.rank, ()))]
+        for work in works:
+            work.wait()
+
+
+def _stage(slot: torch.Tensor, local: torch.Tensor, origin: Sequence[int], box: Box,
+           piece: tuple[int, int] | None) -> None:
+    """Copy a task's box (or its flat piece) straight into a shared-memory slot."""
+    if piece is None:
+        slot.view(box_shape(box)).copy_(local[box_slices(box, origin)])
+    else:
+        slot.copy_(_read(local, origin, box, piece))
+
+
+def _receive_device(local: torch.Tensor | None) -> torch.device:
+    """Where this rank's destination shard lives: NCCL moves only CUDA tensors, gloo CPU ones."""
+    if local is not None:
+        return local.device
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def start_plan(plan: ReshardPlan, rank: int, local: torch.Tensor | None, groups: GroupCache,
-               tag: int = 0) -> PendingReshard:
-    """Issue this rank's part of ``plan``; only the last round stays in flight after return."""
+               tag: int = 0, shm: SharedMemoryArenas | None = None,
+               out: torch.Tensor | None = None) -> PendingReshard:
+    """Issue this rank's part of ``plan``; only the last round stays in flight after return.
+
+    With ``shm`` the payloads travel through the ranks' shared-memory arenas and ``torch.distributed``
+    carries only one-byte signals; every rank of the plan must then be on this host. A destination
+    rank may pass ``out`` (its shard's shape and dtype) to receive into a buffer it reuses: a fresh
+    large tensor costs a page fault per page on first write.
+    """
+    staging = _Staging(plan, rank, shm)
     src_origin = _origin(local_box(plan.src_mesh, plan.src_spec, plan.shape, rank)) if local is not None else None
-    out = None
     dst_origin: tuple[int, ...] = ()
     if rank in plan.dst_mesh.ranks:
         dst_box = local_box(plan.dst_mesh, plan.dst_spec, plan.shape, rank)
         dst_origin = _origin(dst_box)
-        out = torch.empty(box_shape(dst_box), dtype=plan.dtype, device=local.device if local is not None else None)
+        if out is None:
+            out = torch.empty(box_shape(dst_box), dtype=plan.dtype, device=_receive_device(local))
+        elif tuple(out.shape) != box_shape(dst_box) or out.dtype != plan.dtype:
+            raise ValueError(f"rank {rank}: out has shape {tuple(out.shape)} and dtype {out.dtype}; its destination "
+                             f"shard needs {box_shape(dst_box)} and {plan.dtype}")
+    else:
+        out = None
     pending = PendingReshard(out)
     pieces: dict[tuple[int, int], torch.Tensor] = {}
     current = None
@@ -85,48 +159,95 @@ def start_plan(plan: ReshardPlan, rank: int, local: torch.Tensor | None, groups:
         if current is not None and op.round != current:
             pending.drain()
         current = op.round
-        if isinstance(op, Send):
-            task = plan.tasks[op.task]
-            if rank == op.sender:
-                payload = _read(local, src_origin, task.box, op.piece)
-                pending._keep.append(payload)
-                pending._works.append(dist.isend(payload, op.receiver, tag=tag + index))
-            elif rank == op.receiver:
-                numel = task.numel if op.piece is None else op.piece[1] - op.piece[0]
-                buffer = torch.empty(numel, dtype=plan.dtype, device=out.device)
-                pending._works.append(dist.irecv(buffer, op.sender, tag=tag + index))
-                if op.piece is None:
-                    pending._finishers.append(lambda b=buffer, x=task.box: _write(out, dst_origin, x, b))
-                else:
-                    pieces[(op.task, op.piece[0])] = buffer
+        if isinstance(op, Send) and rank in (op.sender, op.receiver):
+            _start_send(plan, index, op, rank, local, src_origin, out, dst_origin, pieces, staging, tag, pending)
         elif isinstance(op, Broadcast) and rank in op.ranks:
-            task = plan.tasks[op.task]
-            if rank == op.ranks[0]:
-                buffer = _read(local, src_origin, task.box, None)
-            else:
-                buffer = torch.empty(box_shape(task.box), dtype=plan.dtype, device=out.device)
-                pending._finishers.append(lambda b=buffer, x=task.box: _write(out, dst_origin, x, b))
-            pending._keep.append(buffer)
-            pending._works.append(dist.broadcast(buffer, src=op.ranks[0], group=groups[op.ranks], async_op=True))
+            _start_broadcast(plan, index, op, rank, local, src_origin, out, dst_origin, staging, groups, pending)
         elif isinstance(op, Gather) and rank in op.ranks:
-            _start_gather(plan, op, rank, out, dst_origin, pieces, groups, pending)
+            _start_gather(plan, index, op, rank, out, dst_origin, pieces, staging, groups, pending)
+    if shm is not None:
+        pending._closing = lambda: staging.acknowledge(tag + len(plan.ops))
     return pending
 
 
-def _start_gather(plan: ReshardPlan, op: Gather, rank: int, out: torch.Tensor, dst_origin: tuple[int, ...],
-                  pieces: Mapping[tuple[int, int], torch.Tensor], groups: GroupCache,
-                  pending: PendingReshard) -> None:
+def _start_send(plan: ReshardPlan, index: int, op: Send, rank: int, local: torch.Tensor | None,
+                src_origin: tuple[int, ...] | None, out: torch.Tensor | None, dst_origin: tuple[int, ...],
+                pieces: dict[tuple[int, int], torch.Tensor], staging: _Staging, tag: int,
+                pending: PendingReshard) -> None:
+    task = plan.tasks[op.task]
+    numel = task.numel if op.piece is None else op.piece[1] - op.piece[0]
+    if rank == op.sender:
+        if staging.shm is None:
+            payload = _read(local, src_origin, task.box, op.piece)
+        else:
+            _stage(staging.slot(index, rank, numel), local, src_origin, task.box, op.piece)
+            payload = _signal()
+        pending._keep.append(payload)
+        pending._works.append(dist.isend(payload, op.receiver, tag=tag + index))
+        return
+    if staging.shm is None:
+        buffer = torch.empty(numel, dtype=plan.dtype, device=out.device)
+        pending._works.append(dist.irecv(buffer, op.sender, tag=tag + index))
+
+        def received() -> torch.Tensor:
+            return buffer
+    else:
+        signal = _signal()
+        pending._keep.append(signal)
+        pending._works.append(dist.irecv(signal, op.sender, tag=tag + index))
+
+        def received() -> torch.Tensor:
+            return staging.slot(index, op.sender, numel)
+    if op.piece is None:
+        pending._finishers.append(lambda: _write(out, dst_origin, task.box, received()))
+    else:
+        pending._finishers.append(lambda: pieces.__setitem__((op.task, op.piece[0]), received()))
+
+
+def _start_broadcast(plan: ReshardPlan, index: int, op: Broadcast, rank: int, local: torch.Tensor | None,
+                     src_origin: tuple[int, ...] | None, out: torch.Tensor | None, dst_origin: tuple[int, ...],
+                     staging: _Staging, groups: GroupCache, pending: PendingReshard) -> None:
+    task = plan.tasks[op.task]
+    sender = op.ranks[0]
+    if staging.shm is None:
+        if rank == sender:
+            buffer = _read(local, src_origin, task.box, None)
+        else:
+            buffer = torch.empty(box_shape(task.box), dtype=plan.dtype, device=out.device)
+            pending._finishers.append(lambda: _write(out, dst_origin, task.box, buffer))
+    else:
+        if rank == sender:
+            _stage(staging.slot(index, rank, task.numel), local, src_origin, task.box, None)
+        else:
+            pending._finishers.append(
+                lambda: _write(out, dst_origin, task.box, staging.slot(index, sender, task.numel)))
+        buffer = _signal()
+    pending._keep.append(buffer)
+    pending._works.append(dist.broadcast(buffer, src=sender, group=groups[op.ranks], async_op=True))
+
+
+def _start_gather(plan: ReshardPlan, index: int, op: Gather, rank: int, out: torch.Tensor,
+                  dst_origin: tuple[int, ...], pieces: Mapping[tuple[int, int], torch.Tensor],
+                  staging: _Staging, groups: GroupCache, pending: PendingReshard) -> None:
     layout, size = gather_layout(plan.tasks, op)
     mine = layout[op.ranks.index(rank)]
-    contribution = torch.zeros(size, dtype=plan.dtype, device=out.device)
+    if staging.shm is None:
+        contribution = torch.zeros(size, dtype=plan.dtype, device=out.device)
+    else:
+        contribution = staging.slot(index, rank, size)
     offset = 0
     for task, start, stop in mine:
         if stop > start:
             contribution[offset:offset + stop - start] = pieces[(task, start)]
         offset += stop - start
     group = groups[op.ranks]
-    gathered = [torch.empty_like(contribution) for _ in op.ranks]
     pending._keep.append(contribution)
+    if staging.shm is not None:
+        pending._works.append(dist.barrier(group=group, async_op=True))
+        pending._finishers.append(lambda: _assemble(
+            plan, layout, [staging.slot(index, member, size) for member in op.ranks], out, dst_origin))
+        return
+    gathered = [torch.empty_like(contribution) for _ in op.ranks]
     pending._works.append(dist.all_gather(gathered, contribution, group=group, async_op=True))
     # all_gather fills the list in group-rank order, which is ascending global rank, not the order of
     # op.ranks (a mesh may list its ranks in any order): read each receiver's piece at its group rank.

@@ -13,22 +13,60 @@ import torch.distributed as dist
 from lightning_grendel.strategies.pipeline.executors import GroupCache, start_plan
 from lightning_grendel.strategies.pipeline.mesh import Mesh, ShardingSpec, box_slices, local_box, local_shape
 from lightning_grendel.strategies.pipeline.plan import make_plan
+from lightning_grendel.strategies.pipeline.shm import SharedMemoryArenas
 
-# (default process group, its group cache): a re-initialised world gets a fresh cache.
-_DEFAULT_GROUPS: list = [None, None]
+TRANSPORTS = ("auto", "dist", "shm")
+
+
+class _WorldState:
+    """Process groups and shared-memory arenas of the current default group (a new world starts afresh)."""
+
+    def __init__(self) -> None:
+        self.world = dist.group.WORLD
+        self.groups = GroupCache()
+        self.arenas: SharedMemoryArenas | None = None
+        self.arenas_checked = False
+
+    def shared_memory(self, required: bool) -> SharedMemoryArenas | None:
+        """The arenas, created on first use (collective: every rank asks with the same transport)."""
+        if not self.arenas_checked:
+            if dist.get_backend() == "gloo":
+                usable = torch.tensor([int(SharedMemoryArenas.available())])
+                dist.all_reduce(usable, op=dist.ReduceOp.MIN)  # every rank decides alike
+                self.arenas = SharedMemoryArenas() if usable.item() else None
+            self.arenas_checked = True
+        if required and self.arenas is None:
+            raise ValueError("transport='shm' needs the gloo backend (CPU tensors) and a writable /dev/shm on "
+                             "every rank")
+        return self.arenas
+
+
+_STATE: list[_WorldState] = []
+
+
+def _world_state() -> _WorldState:
+    if not _STATE or _STATE[0].world is not dist.group.WORLD:
+        _STATE[:] = [_WorldState()]
+    return _STATE[0]
 
 
 def reshard(tensor_or_shard: torch.Tensor | None, src_mesh: Mesh, src_spec: str | ShardingSpec, dst_mesh: Mesh,
             dst_spec: str | ShardingSpec, mode: str = "broadcast", *, shape: Sequence[int] | None = None,
             dtype: torch.dtype | None = None, sender_mode: str = "normal", seed: int = 0,
-            groups: GroupCache | None = None) -> torch.Tensor | None:
+            groups: GroupCache | None = None, transport: str = "auto",
+            out: torch.Tensor | None = None) -> torch.Tensor | None:
     """Return this rank's shard of the tensor under ``dst_spec`` on ``dst_mesh`` (None off that mesh).
 
     Collective over the default process group: every rank calls it with the same layouts, ``shape``
     and ``dtype`` (source ranks may omit them by passing the full tensor). Source ranks pass either
     the full tensor or their local shard; the other ranks pass None. ``mode`` is the executor
-    (``send_recv``, ``allgather``, ``broadcast``); ``sender_mode`` the sender selection.
+    (``send_recv``, ``allgather``, ``broadcast``); ``sender_mode`` the sender selection. ``transport``:
+    ``dist`` moves payloads with ``torch.distributed``; ``shm`` through shared memory (gloo, every rank
+    of both meshes on one host); ``auto`` picks ``shm`` where it applies and ``dist`` elsewhere.
+    A destination rank may pass ``out`` (its shard's shape and dtype) to receive into a reused buffer.
     """
+    if transport not in TRANSPORTS:
+        raise ValueError(f"unknown transport {transport!r}; choose one of {TRANSPORTS}")
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("reshard() needs an initialised torch.distributed process group")
     rank = dist.get_rank()
@@ -47,12 +85,15 @@ def reshard(tensor_or_shard: torch.Tensor | None, src_mesh: Mesh, src_spec: str 
         local = _local_shard(tensor_or_shard, plan.src_mesh, plan.src_spec, shape, rank)
         if local.dtype != dtype:
             raise ValueError(f"tensor dtype {local.dtype} differs from the declared dtype {dtype}")
-    if groups is None:
-        if _DEFAULT_GROUPS[0] is not dist.group.WORLD:
-            _DEFAULT_GROUPS[:] = [dist.group.WORLD, GroupCache()]
-        groups = _DEFAULT_GROUPS[1]
+    state = _world_state()
+    shm = None
+    if transport != "dist":
+        shm = state.shared_memory(required=transport == "shm")
+        if transport == "auto" and shm is not None and not shm.on_this_host((*src_mesh.ranks, *dst_mesh.ranks)):
+            shm = None
+    groups = state.groups if groups is None else groups
     groups.ensure(plan.groups())
-    return start_plan(plan, rank, local, groups).wait()
+    return start_plan(plan, rank, local, groups, shm=shm, out=out).wait()
 
 
 def _local_shard(tensor: torch.Tensor | None, mesh: Mesh, spec: ShardingSpec, shape: tuple[int, ...],
