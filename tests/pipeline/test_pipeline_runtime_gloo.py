@@ -7,6 +7,8 @@ a column-parallel Linear over axis 1, so activations go 1 -> (rows over 2, repli
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -50,33 +52,32 @@ def _reference() -> tuple[float, list[list[torch.Tensor]], list[list[torch.Tenso
     return loss.item(), grads, stepped
 
 
-def _equivalence(rank: int, world: int, schedules, executors, sender_mode) -> int:
+def _equivalence(rank: int, world: int, schedules, executors, sender_mode, transports) -> int:
     want_loss, want_grads, want_stepped = _reference()
     x, y = _data()
     checked = 0
-    for schedule in schedules:
-        for executor in executors:
-            modules = _stages()
-            runtime = PipelineRuntime(_pipeline(modules), MESHES, schedule=schedule, executor=executor,
-                                      sender_mode=sender_mode, num_microbatches=3)
-            loss = runtime.step(x, y)
-            assert torch.allclose(loss, torch.tensor(want_loss), rtol=1e-5, atol=0), (schedule, executor)
-            s = runtime.stage
-            # The column-parallel Linear's rows are computed on one TP rank each; the stage reduction
-            # leaves the full gradient on every rank of the stage, so every parameter compares in full.
-            for got, want in zip(modules[s].parameters(), want_grads[s], strict=True):
-                torch.testing.assert_close(got.grad, want, rtol=1e-5, atol=1e-7)
-                checked += 1
-            others = [m for i, m in enumerate(modules) if i != s]
-            assert all(p.grad is None for m in others for p in m.parameters())
-            with torch.no_grad():  # a plain SGD step on what this rank owns, then gather every stage
-                for p in modules[s].parameters():
-                    p -= LR * p.grad
-            runtime.sync_parameters()
-            for module, want in zip(modules, want_stepped, strict=True):
-                for got, value in zip(module.parameters(), want, strict=True):
-                    torch.testing.assert_close(got.detach(), value, rtol=1e-5, atol=1e-6)
-            runtime.close()
+    for schedule, executor, transport in itertools.product(schedules, executors, transports):
+        modules = _stages()
+        runtime = PipelineRuntime(_pipeline(modules), MESHES, schedule=schedule, executor=executor,
+                                  sender_mode=sender_mode, num_microbatches=3, transport=transport)
+        loss = runtime.step(x, y)
+        assert torch.allclose(loss, torch.tensor(want_loss), rtol=1e-5, atol=0), (schedule, executor, transport)
+        s = runtime.stage
+        # The column-parallel Linear's rows are computed on one TP rank each; the stage reduction
+        # leaves the full gradient on every rank of the stage, so every parameter compares in full.
+        for got, want in zip(modules[s].parameters(), want_grads[s], strict=True):
+            torch.testing.assert_close(got.grad, want, rtol=1e-5, atol=1e-7)
+            checked += 1
+        others = [m for i, m in enumerate(modules) if i != s]
+        assert all(p.grad is None for m in others for p in m.parameters())
+        with torch.no_grad():  # a plain SGD step on what this rank owns, then gather every stage
+            for p in modules[s].parameters():
+                p -= LR * p.grad
+        runtime.sync_parameters()
+        for module, want in zip(modules, want_stepped, strict=True):
+            for got, value in zip(module.parameters(), want, strict=True):
+                torch.testing.assert_close(got.detach(), value, rtol=1e-5, atol=1e-6)
+        runtime.close()
     dist.barrier()
     return checked
 
@@ -111,13 +112,14 @@ def _lorentz_equivalence(rank: int) -> None:
 
 
 def _all_equivalences(rank: int, world: int) -> int:
-    checked = _equivalence(rank, world, SCHEDULES, EXECUTORS, "normal")
+    checked = _equivalence(rank, world, SCHEDULES, EXECUTORS, "normal", ("dist", "shm"))
     _lorentz_equivalence(rank)
     return checked
 
 
 @pytest.mark.timeout(300)
 def test_pipelined_step_equals_unpipelined_for_every_schedule_and_executor():
-    """Plus the Lorentz transformer recipe's model, in the same processes (start-up dominates here)."""
+    """With payloads over gloo and through shared memory; plus the Lorentz transformer recipe's model
+    (default transport), in the same processes (start-up dominates here)."""
     results = run_distributed(_all_equivalences, 6, timeout_s=150)
     assert all(n > 0 for n in results)

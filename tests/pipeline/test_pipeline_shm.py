@@ -23,6 +23,7 @@ from lightning_grendel.strategies.pipeline import (
 )
 from lightning_grendel.strategies.pipeline.plan import Broadcast, Gather, Send
 from lightning_grendel.strategies.pipeline.reshard import _world_state
+from lightning_grendel.strategies.pipeline.shm import arena_kind
 
 
 @pytest.mark.parametrize("executor", EXECUTORS)
@@ -43,12 +44,16 @@ def test_arena_slots_never_overlap_and_readers_are_the_receivers(executor):
         for writer, reads in writes.items():
             offset = layout.offsets[(index, writer)]
             assert offset % 64 == 0
-            slots.setdefault(writer, []).append((offset, offset + plan.op_bytes(op)))
+            slots.setdefault((writer, arena_kind(op)), []).append((offset, offset + plan.op_bytes(op)))
             readers.setdefault(writer, set()).update(reads)
-    for writer, spans in slots.items():
+    assert set(slots) == set(layout.sizes)
+    # Sources write only transfer arenas, destinations only gather arenas: a pipeline stage's two threads
+    # (outbox sends, main-thread receives) never write the same arena.
+    assert all((kind == "transfer") == (writer in src.ranks) for writer, kind in slots)
+    for arena, spans in slots.items():
         spans.sort()
-        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False)), (writer, spans)
-        assert spans[-1][1] <= layout.sizes[writer]
+        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False)), (arena, spans)
+        assert spans[-1][1] <= layout.sizes[arena]
     assert {w: set(r) for w, r in layout.readers.items()} == readers
 
 
@@ -109,11 +114,12 @@ def _growth_host_check_and_fallback(rank: int, world: int) -> bool:
             start_plan(plan, rank, None, GroupCache(), out=torch.zeros(4, 8))
     dist.barrier()
     arenas = SharedMemoryArenas()
-    arena_file = f"{arenas._prefix}{rank}"
-    arenas.writable(16)
-    assert os.path.exists(arena_file)
+    arena_files = [arenas.path(rank, kind) for kind in ("transfer", "gather")]
+    arenas.writable("transfer", 16)
+    arenas.writable("gather", 16)
+    assert all(os.path.exists(f) for f in arena_files)
     arenas.close()
-    assert not os.path.exists(arena_file)
+    assert not any(os.path.exists(f) for f in arena_files)
     # Pretend rank 1 lives on another host: "shm" refuses before any transfer starts, "auto" falls back.
     reshard_arenas = _world_state().shared_memory(required=True)
     reshard_arenas.hosts[1] += "-elsewhere"

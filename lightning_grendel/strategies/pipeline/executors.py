@@ -16,7 +16,7 @@ import torch.distributed as dist
 from lightning_grendel.strategies.pipeline.mesh import box_slices, local_box
 from lightning_grendel.strategies.pipeline.plan import Broadcast, Gather, ReshardPlan, Send, gather_layout
 from lightning_grendel.strategies.pipeline.planner import Box, box_shape
-from lightning_grendel.strategies.pipeline.shm import SharedMemoryArenas, arena_layout
+from lightning_grendel.strategies.pipeline.shm import SharedMemoryArenas, arena_kind, arena_layout
 
 
 class GroupCache:
@@ -92,10 +92,11 @@ class _Staging:
         """The arena slot ``writer`` uses for operation ``index`` (map it only after ``writer`` signalled)."""
         offset = self.layout.offsets[(index, writer)]
         nbytes = numel * self.plan.itemsize
+        kind = arena_kind(self.plan.ops[index])
         if writer == self.rank:
-            arena = self.shm.writable(self.layout.sizes[writer])
+            arena = self.shm.writable(kind, self.layout.sizes[(writer, kind)])
         else:
-            arena = self.shm.readable(writer, offset + nbytes)
+            arena = self.shm.readable(writer, kind, offset + nbytes)
         return arena[offset:offset + nbytes].view(self.plan.dtype)
 
     def acknowledge(self, tag: int) -> None:

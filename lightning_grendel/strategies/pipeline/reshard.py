@@ -13,9 +13,7 @@ import torch.distributed as dist
 from lightning_grendel.strategies.pipeline.executors import GroupCache, start_plan
 from lightning_grendel.strategies.pipeline.mesh import Mesh, ShardingSpec, box_slices, local_box, local_shape
 from lightning_grendel.strategies.pipeline.plan import make_plan
-from lightning_grendel.strategies.pipeline.shm import SharedMemoryArenas
-
-TRANSPORTS = ("auto", "dist", "shm")
+from lightning_grendel.strategies.pipeline.shm import SharedMemoryArenas, arenas_for, check_transport, create_arenas
 
 
 class _WorldState:
@@ -25,19 +23,13 @@ class _WorldState:
         self.world = dist.group.WORLD
         self.groups = GroupCache()
         self.arenas: SharedMemoryArenas | None = None
-        self.arenas_checked = False
+        self.arenas_created = False
 
     def shared_memory(self, required: bool) -> SharedMemoryArenas | None:
         """The arenas, created on first use (collective: every rank asks with the same transport)."""
-        if not self.arenas_checked:
-            if dist.get_backend() == "gloo":
-                usable = torch.tensor([int(SharedMemoryArenas.available())])
-                dist.all_reduce(usable, op=dist.ReduceOp.MIN)  # every rank decides alike
-                self.arenas = SharedMemoryArenas() if usable.item() else None
-            self.arenas_checked = True
-        if required and self.arenas is None:
-            raise ValueError("transport='shm' needs the gloo backend (CPU tensors) and a writable /dev/shm on "
-                             "every rank")
+        if not self.arenas_created or (required and self.arenas is None):
+            self.arenas = create_arenas(required)
+            self.arenas_created = True
         return self.arenas
 
 
@@ -65,8 +57,7 @@ def reshard(tensor_or_shard: torch.Tensor | None, src_mesh: Mesh, src_spec: str 
     of both meshes on one host); ``auto`` picks ``shm`` where it applies and ``dist`` elsewhere.
     A destination rank may pass ``out`` (its shard's shape and dtype) to receive into a reused buffer.
     """
-    if transport not in TRANSPORTS:
-        raise ValueError(f"unknown transport {transport!r}; choose one of {TRANSPORTS}")
+    check_transport(transport)
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("reshard() needs an initialised torch.distributed process group")
     rank = dist.get_rank()
@@ -88,9 +79,8 @@ def reshard(tensor_or_shard: torch.Tensor | None, src_mesh: Mesh, src_spec: str 
     state = _world_state()
     shm = None
     if transport != "dist":
-        shm = state.shared_memory(required=transport == "shm")
-        if transport == "auto" and shm is not None and not shm.on_this_host((*src_mesh.ranks, *dst_mesh.ranks)):
-            shm = None
+        shm = arenas_for(transport, state.shared_memory(required=transport == "shm"),
+                         (*src_mesh.ranks, *dst_mesh.ranks))
     groups = state.groups if groups is None else groups
     groups.ensure(plan.groups())
     return start_plan(plan, rank, local, groups, shm=shm, out=out).wait()

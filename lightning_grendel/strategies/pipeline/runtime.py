@@ -21,6 +21,7 @@ from lightning_grendel.strategies.pipeline.mesh import Mesh, ShardingSpec, check
 from lightning_grendel.strategies.pipeline.plan import EXECUTORS, ReshardPlan, make_plan
 from lightning_grendel.strategies.pipeline.schedules import check_schedule, stage_order
 from lightning_grendel.strategies.pipeline.senders import check_mode
+from lightning_grendel.strategies.pipeline.shm import SharedMemoryArenas, arenas_for, check_transport, create_arenas
 from lightning_grendel.strategies.pipeline.stages import Pipeline, output_spec, resolve_stage_specs
 from lightning_grendel.strategies.pipeline.tensor_parallel import find_linear, make_column_parallel
 
@@ -30,8 +31,8 @@ _FORWARD, _BACKWARD = 0, 1
 class _Outbox:
     """FIFO of outgoing reshardings run by one thread, each started no earlier than ``latency_s``."""
 
-    def __init__(self, rank: int, groups: GroupCache, latency_s: float) -> None:
-        self._rank, self._groups, self._latency = rank, groups, latency_s
+    def __init__(self, rank: int, groups: GroupCache, latency_s: float, shm: SharedMemoryArenas | None) -> None:
+        self._rank, self._groups, self._latency, self._shm = rank, groups, latency_s, shm
         self._queue: queue.Queue = queue.Queue()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -51,7 +52,7 @@ class _Outbox:
                 if delay > 0:
                     time.sleep(delay)
                 if self._error is None:
-                    start_plan(plan, self._rank, tensor, self._groups, tag).wait()
+                    start_plan(plan, self._rank, tensor, self._groups, tag, self._shm).wait()
             except BaseException as error:  # noqa: BLE001 - re-raised on the main thread in flush()
                 self._error = error
             finally:
@@ -72,12 +73,15 @@ class PipelineRuntime:
 
     Every rank of the default process group must construct it and call :meth:`step` with the same
     batch: plans are derived identically everywhere and process groups are created in one order.
+    ``transport`` is that of :func:`reshard` (``auto``: shared memory when every rank is on this host
+    and the backend is gloo).
     """
 
     def __init__(self, pipeline: Pipeline, meshes: Sequence[Mesh], *, schedule: str = "eager_1f1b",
                  executor: str = "broadcast", sender_mode: str = "normal", num_microbatches: int = 4,
-                 transfer_latency_s: float = 0.0, timeout_s: float = 120.0) -> None:
+                 transfer_latency_s: float = 0.0, timeout_s: float = 120.0, transport: str = "auto") -> None:
         check_schedule(schedule)
+        check_transport(transport)
         check_mode(sender_mode)
         if executor not in EXECUTORS:
             raise ValueError(f"unknown resharding executor {executor!r}; choose one of {EXECUTORS}")
@@ -121,7 +125,13 @@ class PipelineRuntime:
                     linear = find_linear(stage.module, stage.column_parallel)
                     self._tp_parts = mesh.shape[-1]
                     make_column_parallel(linear, mesh.coordinate(self.rank)[-1], self._tp_parts, group)
-        self._outbox = _Outbox(self.rank, self._groups, transfer_latency_s)
+        arenas = create_arenas(required=transport == "shm") if transport != "dist" else None
+        if transport == "shm" and not arenas.on_this_host(used):
+            raise ValueError("transport='shm' needs every rank of the pipeline on one host")
+        self._shm = arenas_for(transport, arenas, used)
+        if arenas is not None and self._shm is None:
+            arenas.close()
+        self._outbox = _Outbox(self.rank, self._groups, transfer_latency_s, self._shm)
         self._layouts: dict[tuple, list[tuple[ShardingSpec, ShardingSpec, tuple[int, ...], torch.dtype]]] = {}
         self._plans: dict[tuple, tuple[list[ReshardPlan], list[ReshardPlan], int]] = {}
 
@@ -191,7 +201,7 @@ class PipelineRuntime:
                     x = micro_inputs[m][tuple(slice(a, b) for a, b in box)]
                 else:
                     x = start_plan(forward[s - 1], self.rank, None, self._groups,
-                                   self._tag(m, _FORWARD, s - 1, span)).wait()
+                                   self._tag(m, _FORWARD, s - 1, span), self._shm).wait()
                     x.requires_grad_(x.is_floating_point())
                 y = self.module(x)
                 if s < last:
@@ -212,7 +222,7 @@ class PipelineRuntime:
                     y.backward()
                 else:
                     grad = start_plan(backward[s], self.rank, None, self._groups,
-                                      self._tag(m, _BACKWARD, s, span)).wait()
+                                      self._tag(m, _BACKWARD, s, span), self._shm).wait()
                     y.backward(grad)
                 if s > 0 and x.requires_grad:
                     self._outbox.put(backward[s - 1], x.grad, self._tag(m, _BACKWARD, s - 1, span))
@@ -278,3 +288,5 @@ class PipelineRuntime:
 
     def close(self) -> None:
         self._outbox.close()
+        if self._shm is not None:
+            self._shm.close()

@@ -4,8 +4,12 @@ Over loopback TCP every receiver's copy costs the same CPU whichever rank forwar
 the bytes into and out of the kernel), so a broadcast cannot beat separate sends on one machine. Through
 shared memory a broadcast is one write plus one read per receiver while ``send_recv`` still writes once
 per receiver: the saving the broadcast-based method is about (NCCL gets the same effect inside a node
-from its shared-memory and peer-to-peer transports). Each rank owns one arena file in ``/dev/shm``,
+from its shared-memory and peer-to-peer transports). Payloads go into arena files in ``/dev/shm``,
 laid out per plan by :func:`arena_layout`; only tiny gloo messages carry the signals.
+
+Each rank has two arenas: ``transfer`` for what it sends (``Send``, ``Broadcast``) and ``gather`` for
+its all-gather contributions. A pipeline stage sends on its outbox thread while its main thread
+receives (and, with the ``allgather`` executor, contributes): each thread then writes only its own arena.
 """
 
 from __future__ import annotations
@@ -20,20 +24,28 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from lightning_grendel.strategies.pipeline.plan import Broadcast, ReshardPlan, Send
+from lightning_grendel.strategies.pipeline.plan import Broadcast, Gather, ReshardPlan, Send
 
 SHM_DIRECTORY = "/dev/shm"
 _ALIGN = 64  # cache-line aligned slots; also a multiple of every dtype's item size
 _HOSTNAME_BYTES = 256
+_MIN_ARENA = 4096  # a zero-length file cannot be mapped
+ARENA_KINDS = ("transfer", "gather")
+TRANSPORTS = ("auto", "dist", "shm")
+
+
+def arena_kind(op: Send | Broadcast | Gather) -> str:
+    """The arena an operation's payload is written to (see the module docstring)."""
+    return "gather" if isinstance(op, Gather) else "transfer"
 
 
 @dataclass(frozen=True)
 class ArenaLayout:
     """Where each writer puts each payload of one plan, and who reads what it wrote."""
 
-    offsets: dict[tuple[int, int], int]  # (op index, writer rank) -> byte offset in that writer's arena
-    sizes: dict[int, int]  # writer rank -> bytes its arena needs for this plan
-    readers: dict[int, frozenset[int]]  # writer rank -> the other ranks that read from its arena
+    offsets: dict[tuple[int, int], int]  # (op index, writer rank) -> byte offset in its arena of the op's kind
+    sizes: dict[tuple[int, str], int]  # (writer rank, arena kind) -> bytes that arena needs for this plan
+    readers: dict[int, frozenset[int]]  # writer rank -> the other ranks that read from its arenas
 
 
 def _aligned(nbytes: int) -> int:
@@ -47,7 +59,7 @@ def arena_layout(plan: ReshardPlan) -> ArenaLayout:
     contribution), read by every other member.
     """
     offsets: dict[tuple[int, int], int] = {}
-    sizes: dict[int, int] = {}
+    sizes: dict[tuple[int, str], int] = {}
     readers: dict[int, set[int]] = {}
     for index, op in enumerate(plan.ops):
         if isinstance(op, Send):
@@ -58,8 +70,9 @@ def arena_layout(plan: ReshardPlan) -> ArenaLayout:
             writes = [(member, tuple(r for r in op.ranks if r != member)) for member in op.ranks]
         nbytes = _aligned(plan.op_bytes(op))
         for writer, reads in writes:
-            offsets[(index, writer)] = sizes.get(writer, 0)
-            sizes[writer] = sizes.get(writer, 0) + nbytes
+            arena = (writer, arena_kind(op))
+            offsets[(index, writer)] = sizes.get(arena, 0)
+            sizes[arena] = sizes.get(arena, 0) + nbytes
             readers.setdefault(writer, set()).update(reads)
     return ArenaLayout(offsets, sizes, {w: frozenset(r) for w, r in readers.items()})
 
@@ -78,19 +91,20 @@ def _map(path: str, nbytes: int, create: bool) -> tuple[mmap.mmap, torch.Tensor]
     return mapping, torch.frombuffer(mapping, dtype=torch.uint8)
 
 
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
+def _unlink_all(paths: Iterable[str]) -> None:
+    for path in paths:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
 
 
 class SharedMemoryArenas:
-    """This rank's arena (grown on demand) and read mappings of the arenas of the ranks on its host.
+    """This rank's arenas (grown on demand) and read mappings of the arenas of the ranks on its host.
 
     Collective over the default process group when created: ranks exchange host names and agree on a
-    session id, so several jobs on one machine never share files. The arena file is removed when this
-    object is garbage-collected or the process exits.
+    session id, so several jobs on one machine never share files. The arena files are removed by
+    :meth:`close`, or when this object is garbage-collected or the process exits.
     """
 
     def __init__(self, directory: str = SHM_DIRECTORY) -> None:
@@ -103,9 +117,10 @@ class SharedMemoryArenas:
             session[0] = int.from_bytes(os.urandom(7), "little")
         dist.broadcast(session, src=0)
         self._prefix = os.path.join(directory, f"lightning_grendel_{int(session):x}_rank")
-        self._own: tuple[mmap.mmap, torch.Tensor] | None = None
-        self._peers: dict[int, tuple[mmap.mmap, torch.Tensor]] = {}
-        self._finalizer = weakref.finalize(self, _unlink, self._path(self.rank))
+        self._own: dict[str, tuple[mmap.mmap, torch.Tensor]] = {}
+        self._peers: dict[tuple[int, str], tuple[mmap.mmap, torch.Tensor]] = {}
+        paths = [self.path(self.rank, kind) for kind in ARENA_KINDS]
+        self._finalizer = weakref.finalize(self, _unlink_all, paths)
 
     @staticmethod
     def available(directory: str = SHM_DIRECTORY) -> bool:
@@ -115,30 +130,31 @@ class SharedMemoryArenas:
         """True when every rank in ``ranks`` runs on the same host as this rank."""
         return all(self.hosts[r] == self.hosts[self.rank] for r in ranks)
 
-    def _path(self, rank: int) -> str:
-        return f"{self._prefix}{rank}"
+    def path(self, rank: int, kind: str) -> str:
+        return f"{self._prefix}{rank}_{kind}"
 
-    def writable(self, nbytes: int) -> torch.Tensor:
-        """This rank's arena, at least ``nbytes`` long (grown before any peer is told to read it)."""
-        if self._own is None or self._own[1].numel() < nbytes:
-            grown = max(nbytes, 2 * self._own[1].numel() if self._own is not None else 0)
-            self._own = _map(self._path(self.rank), grown, create=True)
-        return self._own[1]
+    def writable(self, kind: str, nbytes: int) -> torch.Tensor:
+        """This rank's ``kind`` arena, at least ``nbytes`` long (grown before any peer is told to read it)."""
+        own = self._own.get(kind)
+        if own is None or own[1].numel() < nbytes:
+            grown = max(nbytes, _MIN_ARENA, 2 * own[1].numel() if own is not None else 0)
+            own = self._own[kind] = _map(self.path(self.rank, kind), grown, create=True)
+        return own[1]
 
-    def readable(self, writer: int, nbytes: int) -> torch.Tensor:
-        """``writer``'s arena, mapped to at least ``nbytes``; call only after ``writer`` signalled."""
+    def readable(self, writer: int, kind: str, nbytes: int) -> torch.Tensor:
+        """``writer``'s ``kind`` arena, mapped to at least ``nbytes``; call only after ``writer`` signalled."""
         if writer == self.rank:
-            return self.writable(nbytes)
-        mapped = self._peers.get(writer)
+            return self.writable(kind, nbytes)
+        mapped = self._peers.get((writer, kind))
         if mapped is None or mapped[1].numel() < nbytes:
-            mapped = self._peers[writer] = _map(self._path(writer), nbytes, create=False)
+            mapped = self._peers[(writer, kind)] = _map(self.path(writer, kind), nbytes, create=False)
             if mapped[1].numel() < nbytes:
-                raise RuntimeError(f"rank {writer}'s shared-memory arena holds {mapped[1].numel()} bytes, "
-                                   f"fewer than the {nbytes} the plan needs")
+                raise RuntimeError(f"rank {writer}'s {kind} arena holds {mapped[1].numel()} bytes, fewer than "
+                                   f"the {nbytes} the plan needs")
         return mapped[1]
 
     def close(self) -> None:
-        """Remove this rank's arena file (peers' existing mappings stay valid)."""
+        """Remove this rank's arena files (peers' existing mappings stay valid)."""
         self._finalizer()
 
 
@@ -150,3 +166,33 @@ def _all_hostnames() -> list[str]:
     gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, mine)
     return [bytes(t.tolist()).rstrip(b"\0").decode(errors="replace") for t in gathered]
+
+
+def check_transport(transport: str) -> None:
+    if transport not in TRANSPORTS:
+        raise ValueError(f"unknown transport {transport!r}; choose one of {TRANSPORTS}")
+
+
+def create_arenas(required: bool) -> SharedMemoryArenas | None:
+    """Collective over the default group: arenas if every rank can use shared memory, else None.
+
+    Shared memory needs the gloo backend (CPU tensors) and a writable ``/dev/shm`` on every rank;
+    ``required`` turns their absence into an error instead of None.
+    """
+    arenas = None
+    if dist.get_backend() == "gloo":
+        usable = torch.tensor([int(SharedMemoryArenas.available())])
+        dist.all_reduce(usable, op=dist.ReduceOp.MIN)  # every rank decides alike
+        arenas = SharedMemoryArenas() if usable.item() else None
+    if required and arenas is None:
+        raise ValueError("transport='shm' needs the gloo backend (CPU tensors) and a writable /dev/shm on every rank")
+    return arenas
+
+
+def arenas_for(transport: str, arenas: SharedMemoryArenas | None, ranks: Iterable[int]) -> SharedMemoryArenas | None:
+    """The arenas a transfer among ``ranks`` uses: ``auto`` takes them only if all ranks share this host."""
+    if transport == "dist" or arenas is None:
+        return None
+    if transport == "auto" and not arenas.on_this_host(ranks):
+        return None
+    return arenas

@@ -27,6 +27,7 @@ from lightning_grendel.strategies.pipeline.plan import EXECUTORS
 from lightning_grendel.strategies.pipeline.runtime import PipelineRuntime
 from lightning_grendel.strategies.pipeline.schedules import check_schedule
 from lightning_grendel.strategies.pipeline.senders import check_mode
+from lightning_grendel.strategies.pipeline.shm import check_transport
 from lightning_grendel.strategies.pipeline.stages import get_pipeline
 from lightning_grendel.strategies.process_group import ProcessGroupStrategy, StartMethod
 
@@ -40,6 +41,7 @@ class PipelineStrategy(ProcessGroupStrategy):
     which logs ``train_loss``. Every rank sees the same batches (the first stage reads the inputs,
     the last the targets). A checkpoint is one ordinary Lightning file: full parameters, and every
     stage's optimizer state merged by parameter; on resume each rank takes back its stage's part.
+    ``transport`` (``auto``, ``dist``, ``shm``) is how activations and gradients move, as in ``reshard()``.
     """
 
     strategy_name = "pipeline"
@@ -47,7 +49,7 @@ class PipelineStrategy(ProcessGroupStrategy):
     def __init__(self, stage_meshes: list[list[int]] | None = None, mesh_shapes: list[list[int]] | None = None,
                  schedule: str = "eager_1f1b", resharding: str = "broadcast", sender_selection: str = "normal",
                  num_microbatches: int = 4, transfer_latency_s: float = 0.0, start_method: StartMethod = "popen",
-                 timeout_s: float = 120.0, accelerator: Any = None,
+                 timeout_s: float = 120.0, transport: str = "auto", accelerator: Any = None,
                  parallel_devices: list[torch.device] | None = None,
                  cluster_environment: ClusterEnvironment | None = None, checkpoint_io: CheckpointIO | None = None,
                  precision_plugin: Precision | None = None) -> None:
@@ -56,6 +58,7 @@ class PipelineStrategy(ProcessGroupStrategy):
                          precision_plugin=precision_plugin, timeout_s=timeout_s, start_method=start_method)
         check_schedule(schedule)
         check_mode(sender_selection)
+        check_transport(transport)
         if resharding not in EXECUTORS:
             raise ValueError(f"unknown resharding executor {resharding!r}; choose one of {EXECUTORS}")
         if mesh_shapes is not None and (stage_meshes is None or len(mesh_shapes) != len(stage_meshes)):
@@ -63,7 +66,7 @@ class PipelineStrategy(ProcessGroupStrategy):
         self._meshes = self._build_meshes(stage_meshes, mesh_shapes) if stage_meshes is not None else None
         self.schedule, self.resharding, self.sender_selection = schedule, resharding, sender_selection
         self.num_microbatches, self.transfer_latency_s = num_microbatches, transfer_latency_s
-        self._timeout_s = timeout_s
+        self._timeout_s, self.transport = timeout_s, transport
         self._runtime: PipelineRuntime | None = None
         self._pending_grads: list[tuple[Tensor, Tensor | None]] = []
 
@@ -89,7 +92,8 @@ class PipelineStrategy(ProcessGroupStrategy):
         self._runtime = PipelineRuntime(get_pipeline(module, len(meshes)), meshes, schedule=self.schedule,
                                         executor=self.resharding, sender_mode=self.sender_selection,
                                         num_microbatches=self.num_microbatches,
-                                        transfer_latency_s=self.transfer_latency_s, timeout_s=self._timeout_s)
+                                        transfer_latency_s=self.transfer_latency_s, timeout_s=self._timeout_s,
+                                        transport=self.transport)
 
     def training_step(self, batch: Any, batch_idx: int = 0, *args: Any, **kwargs: Any) -> Tensor:
         assert self._runtime is not None
