@@ -121,6 +121,11 @@ def _stage(slot: torch.Tensor, local: torch.Tensor, origin: Sequence[int], box: 
         slot.copy_(_read(local, origin, box, piece))
 
 
+def _covers(out: torch.Tensor, origin: Sequence[int], box: Box) -> bool:
+    """Whether ``box`` is this rank's whole destination shard, so a receive can land in ``out`` itself."""
+    return out.is_contiguous() and tuple(origin) == _origin(box) and box_shape(box) == tuple(out.shape)
+
+
 def _receive_device(local: torch.Tensor | None) -> torch.device:
     """Where this rank's destination shard lives: NCCL moves only CUDA tensors, gloo CPU ones."""
     if local is not None:
@@ -186,6 +191,9 @@ def _start_send(plan: ReshardPlan, index: int, op: Send, rank: int, local: torch
         pending._keep.append(payload)
         pending._works.append(dist.isend(payload, op.receiver, tag=tag + index))
         return
+    if staging.shm is None and op.piece is None and _covers(out, dst_origin, task.box):
+        pending._works.append(dist.irecv(out, op.sender, tag=tag + index))  # straight into the result
+        return
     if staging.shm is None:
         buffer = torch.empty(numel, dtype=plan.dtype, device=out.device)
         pending._works.append(dist.irecv(buffer, op.sender, tag=tag + index))
@@ -213,6 +221,8 @@ def _start_broadcast(plan: ReshardPlan, index: int, op: Broadcast, rank: int, lo
     if staging.shm is None:
         if rank == sender:
             buffer = _read(local, src_origin, task.box, None)
+        elif _covers(out, dst_origin, task.box):
+            buffer = out  # straight into the result
         else:
             buffer = torch.empty(box_shape(task.box), dtype=plan.dtype, device=out.device)
             pending._finishers.append(lambda: _write(out, dst_origin, task.box, buffer))
