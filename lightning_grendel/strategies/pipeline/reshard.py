@@ -25,10 +25,10 @@ class _WorldState:
         self.arenas: SharedMemoryArenas | None = None
         self.arenas_created = False
 
-    def shared_memory(self, required: bool) -> SharedMemoryArenas | None:
+    def shared_memory(self) -> SharedMemoryArenas | None:
         """The arenas, created on first use (collective: every rank asks with the same transport)."""
-        if not self.arenas_created or (required and self.arenas is None):
-            self.arenas = create_arenas(required)
+        if not self.arenas_created:
+            self.arenas = create_arenas()
             self.arenas_created = True
         return self.arenas
 
@@ -77,10 +77,8 @@ def reshard(tensor_or_shard: torch.Tensor | None, src_mesh: Mesh, src_spec: str 
         if local.dtype != dtype:
             raise ValueError(f"tensor dtype {local.dtype} differs from the declared dtype {dtype}")
     state = _world_state()
-    shm = None
-    if transport != "dist":
-        shm = arenas_for(transport, state.shared_memory(required=transport == "shm"),
-                         (*src_mesh.ranks, *dst_mesh.ranks))
+    arenas = state.shared_memory() if transport != "dist" else None
+    shm = arenas_for(transport, arenas, (*src_mesh.ranks, *dst_mesh.ranks))
     groups = state.groups if groups is None else groups
     groups.ensure(plan.groups())
     return start_plan(plan, rank, local, groups, shm=shm, out=out).wait()

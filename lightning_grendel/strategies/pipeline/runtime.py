@@ -125,9 +125,7 @@ class PipelineRuntime:
                     linear = find_linear(stage.module, stage.column_parallel)
                     self._tp_parts = mesh.shape[-1]
                     make_column_parallel(linear, mesh.coordinate(self.rank)[-1], self._tp_parts, group)
-        arenas = create_arenas(required=transport == "shm") if transport != "dist" else None
-        if transport == "shm" and not arenas.on_this_host(used):
-            raise ValueError("transport='shm' needs every rank of the pipeline on one host")
+        arenas = create_arenas() if transport != "dist" else None
         self._shm = arenas_for(transport, arenas, used)
         if arenas is not None and self._shm is None:
             arenas.close()

@@ -173,26 +173,27 @@ def check_transport(transport: str) -> None:
         raise ValueError(f"unknown transport {transport!r}; choose one of {TRANSPORTS}")
 
 
-def create_arenas(required: bool) -> SharedMemoryArenas | None:
+def create_arenas() -> SharedMemoryArenas | None:
     """Collective over the default group: arenas if every rank can use shared memory, else None.
 
-    Shared memory needs the gloo backend (CPU tensors) and a writable ``/dev/shm`` on every rank;
-    ``required`` turns their absence into an error instead of None.
+    Shared memory needs the gloo backend (CPU tensors) and a writable ``/dev/shm`` on every rank.
     """
-    arenas = None
-    if dist.get_backend() == "gloo":
-        usable = torch.tensor([int(SharedMemoryArenas.available())])
-        dist.all_reduce(usable, op=dist.ReduceOp.MIN)  # every rank decides alike
-        arenas = SharedMemoryArenas() if usable.item() else None
-    if required and arenas is None:
-        raise ValueError("transport='shm' needs the gloo backend (CPU tensors) and a writable /dev/shm on every rank")
-    return arenas
+    if dist.get_backend() != "gloo":
+        return None
+    usable = torch.tensor([int(SharedMemoryArenas.available())])
+    dist.all_reduce(usable, op=dist.ReduceOp.MIN)  # every rank decides alike
+    return SharedMemoryArenas() if usable.item() else None
 
 
 def arenas_for(transport: str, arenas: SharedMemoryArenas | None, ranks: Iterable[int]) -> SharedMemoryArenas | None:
-    """The arenas a transfer among ``ranks`` uses: ``auto`` takes them only if all ranks share this host."""
-    if transport == "dist" or arenas is None:
+    """The arenas a transfer among ``ranks`` uses under ``transport``, or None for torch.distributed.
+
+    ``auto`` takes them only if all ranks share this host; ``shm`` without them is a ``ValueError``.
+    """
+    if transport == "dist":
         return None
-    if transport == "auto" and not arenas.on_this_host(ranks):
-        return None
-    return arenas
+    usable = arenas is not None and arenas.on_this_host(ranks)
+    if transport == "shm" and not usable:
+        raise ValueError("transport='shm' needs the gloo backend (CPU tensors), a writable /dev/shm and every "
+                         "rank of both meshes on one host")
+    return arenas if usable else None
