@@ -84,6 +84,7 @@ def _bench_rank(rank: int, world: int, init: str, quick: bool, mib: int, repeats
             groups.ensure(plan.groups())
             plans[(name, executor, mode)] = plan
     timings: dict[tuple, list[float]] = {(*key, t): [] for key in plans for t in TRANSPORTS}
+    runs = [(transport, executor, mode) for transport in TRANSPORTS for executor, mode in VARIANTS]
     for name, src, _, dst, _, _ in _cases(quick):
         specs = plans[(name, "send_recv", "normal")]
         local = buffer = None
@@ -93,7 +94,6 @@ def _bench_rank(rank: int, world: int, init: str, quick: bool, mib: int, repeats
             # Every variant receives into one pre-touched buffer: the transfer is timed, not the page faults
             # of a fresh 64 MiB allocation (a constant that would otherwise dominate small differences).
             buffer = torch.zeros(box_shape(local_box(dst, specs.dst_spec, shape, rank)))
-        runs = [(transport, executor, mode) for transport in TRANSPORTS for executor, mode in VARIANTS]
         for repeat in range(repeats + 1):  # the first round warms up connections and buffers
             # A seeded shuffle per repeat (the same on every rank): no variant always runs at the same point.
             for transport, executor, mode in random.Random(repeat).sample(runs, len(runs)):
