@@ -13,10 +13,10 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/lightning-grendel fit -c recipes/gaussian/demo.yaml
+	$(VENV)/bin/lightning-grendel fit -c gaussian/demo
 
 test: $(VENV)/.installed
-	$(PY) -m lightning_grendel.splatting.build_extension
+	$(PY) -m lightning_grendel.splatting.rasterize.build
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 

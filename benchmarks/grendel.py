@@ -23,13 +23,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from lightning_grendel.data.blender import load_blender_scene
+from lightning_grendel.splatting.data.blender import load_blender_scene
 from lightning_grendel.splatting.gaussians import init_from_points, make_parameters
+from lightning_grendel.splatting.grendel.balancer import LoadBalancer
+from lightning_grendel.splatting.grendel.redistribute import even_shares
+from lightning_grendel.splatting.grendel.renderer import PAYLOAD, GrendelRenderer
 from lightning_grendel.splatting.losses import strip_loss
 from lightning_grendel.splatting.ply import load_ply
-from lightning_grendel.strategies.grendel.balancer import LoadBalancer
-from lightning_grendel.strategies.grendel.redistribute import even_shares
-from lightning_grendel.strategies.grendel.renderer import PAYLOAD, GrendelRenderer
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nerf_synthetic_blocks"
 

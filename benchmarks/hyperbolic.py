@@ -85,8 +85,8 @@ def compare(a: nn.Module, b: nn.Module, x, call_a: Callable, call_b: Callable, r
 
 def kg_epoch_seconds(path: Path, retraction: str, max_steps: int | None) -> tuple[float, int]:
     """Wall seconds of one training epoch (extrapolated from ``max_steps`` steps when given)."""
-    from lightning_grendel.data.knowledge_graph import KnowledgeGraphDataModule
-    from lightning_grendel.hyperbolic.kg import HyboNetKG
+    from lightning_grendel.hyperbolic.data.knowledge_graph import KnowledgeGraphDataModule
+    from lightning_grendel.hyperbolic.nets.kg import HyboNetKG
 
     torch.manual_seed(0)
     dm = KnowledgeGraphDataModule(str(path), batch_size=2000, num_negatives=50)

@@ -32,7 +32,7 @@ import torch
 from lightning_grendel.splatting.cameras import Cameras, focal_from_fov, intrinsics_matrix, look_at_world_to_camera
 from lightning_grendel.splatting.projection import project_gaussians
 from lightning_grendel.splatting.rasterize import rasterize
-from lightning_grendel.splatting.rasterize_cpp import load_extension, prepare_inputs
+from lightning_grendel.splatting.rasterize.cpp_backend import load_extension, prepare_inputs
 
 # As the Makefile runs everything; the measuring child processes read it when their OpenMP starts.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

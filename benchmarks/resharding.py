@@ -3,7 +3,7 @@
 Measured side by side in one run on this one machine with both transports (payloads over gloo's TCP
 loopback, and through shared memory with gloo carrying only signals: what ``reshard()`` picks on one
 host), and every plan also timed in the topology cost model
-(lightning_grendel.strategies.pipeline.costmodel), where inter-host NICs are the bottleneck.
+(lightning_grendel.resharding.costmodel), where inter-host NICs are the bottleneck.
 The eager-vs-1F1B step time uses an emulated per-transfer latency (each send starts that much later
 on the sender's outbox thread): an emulation of a slow link, not a measurement of one.
 
@@ -25,13 +25,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from lightning_grendel.strategies.pipeline import Mesh, make_plan
-from lightning_grendel.strategies.pipeline.costmodel import Topology, plan_makespan, traffic
-from lightning_grendel.strategies.pipeline.executors import GroupCache, start_plan
-from lightning_grendel.strategies.pipeline.mesh import box_slices, local_box
-from lightning_grendel.strategies.pipeline.plan import default_hosts
-from lightning_grendel.strategies.pipeline.planner import box_shape
-from lightning_grendel.strategies.pipeline.shm import SharedMemoryArenas
+from lightning_grendel.pipeline import Mesh, make_plan
+from lightning_grendel.resharding.costmodel import Topology, plan_makespan, traffic
+from lightning_grendel.resharding.executors import GroupCache, start_plan
+from lightning_grendel.resharding.mesh import box_slices, local_box
+from lightning_grendel.resharding.plan import default_hosts
+from lightning_grendel.resharding.shm import SharedMemoryArenas
+from lightning_grendel.resharding.tasks import box_shape
 
 VARIANTS = [("send_recv", "normal"), ("allgather", "normal"), ("broadcast", "normal"),
             ("broadcast", "no_loadbalance"), ("broadcast", "loadbalance_size"), ("broadcast", "loadbalance_order")]
@@ -123,8 +123,8 @@ def _bench_rank(rank: int, world: int, init: str, quick: bool, mib: int, repeats
 
 
 def _pipeline_rank(rank: int, world: int, init: str, latency_s: float, steps: int, out: dict) -> None:
-    from lightning_grendel.strategies.pipeline.demo_lm import TinyTransformerLM
-    from lightning_grendel.strategies.pipeline.runtime import PipelineRuntime
+    from lightning_grendel.pipeline.examples.tiny_lm import TinyTransformerLM
+    from lightning_grendel.pipeline.runtime import PipelineRuntime
 
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)

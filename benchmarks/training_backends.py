@@ -23,10 +23,10 @@ import lightning as L
 import torch
 import yaml
 
-from lightning_grendel.data.gaussian_datamodule import GaussianSplattingDataModule
-from lightning_grendel.models.gaussian_splatting import GaussianSplattingModule, cameras_from_batch
-from lightning_grendel.models.image_metrics import psnr
+from lightning_grendel.splatting.data.datamodule import GaussianSplattingDataModule
 from lightning_grendel.splatting.densify import DensifyConfig
+from lightning_grendel.splatting.metrics import psnr
+from lightning_grendel.splatting.module import GaussianSplattingModule, cameras_from_batch
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 REPO = Path(__file__).resolve().parents[1]

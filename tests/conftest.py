@@ -3,25 +3,23 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+from tests.helpers.paths import shared_dataset_path
 
 _DIST_ENV_KEYS = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "GROUP_RANK")
 
 torch.set_num_threads(1)
 
 
-def shared_dataset(name: str) -> Path:
-    """Path of a dataset under ``../shared/data``; skips the test with a reason when it is absent."""
-    path = SHARED_DATA / name
-    if not path.is_dir():
-        pytest.skip(f"shared dataset {path} is not present")
-    return path
+@pytest.fixture(scope="session")
+def shared_dataset() -> Callable[[str], Path]:
+    """``shared_dataset(name)``: the path of ``../shared/data/<name>``, skipping the test when it is absent."""
+    return shared_dataset_path
 
 
 @pytest.fixture(autouse=True)

@@ -12,7 +12,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_grendel  # noqa: F401  (registers strategy="pipeline")
-from lightning_grendel.strategies.pipeline import Pipeline, PipelineStage
+from lightning_grendel.pipeline import Pipeline, PipelineStage
 
 
 class SpiralData(LightningDataModule):

@@ -14,7 +14,7 @@ import math
 import torch
 from torch import Tensor
 
-from lightning_grendel.splatting.rasterize_torch import MIN_ALPHA
+from lightning_grendel.splatting.rasterize.torch_backend import MIN_ALPHA
 from lightning_grendel.splatting.tiles import TILE_SIZE, TileBounds, tile_bounds, tile_grid
 
 _SAFETY = 1e-3  # absorbs float32 rounding in the kernels' alpha test, so the bound stays conservative

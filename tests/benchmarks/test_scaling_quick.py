@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from conftest import shared_dataset
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers.paths import REPO_ROOT
+
+REPO = REPO_ROOT
 
 
 @pytest.mark.timeout(900)
-def test_scaling_quick_prints_results_table_and_plot(tmp_path):
+def test_scaling_quick_prints_results_table_and_plot(shared_dataset, tmp_path):
     data = shared_dataset("nerf_synthetic_blocks")
     command = [sys.executable, str(REPO / "benchmarks" / "scaling.py"), "--quick", "--data", str(data),
                "--out", str(tmp_path / "out")]

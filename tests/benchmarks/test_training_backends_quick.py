@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from conftest import shared_dataset
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers.paths import REPO_ROOT
+
+REPO = REPO_ROOT
 
 
 @pytest.mark.timeout(600)
-def test_training_backends_quick_reports_both_backends(tmp_path):
+def test_training_backends_quick_reports_both_backends(shared_dataset, tmp_path):
     data = shared_dataset("nerf_synthetic_blocks")
     command = [sys.executable, str(REPO / "benchmarks" / "training_backends.py"), "--quick", "--data", str(data)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=540, cwd=tmp_path)

@@ -17,7 +17,7 @@ from lightning_grendel.hyperbolic.transformer import (
     LorentzTransformerDecoder,
     LorentzTransformerEncoder,
 )
-from tests.hyperbolic.helpers import DTYPES, KS, assert_on_hyperboloid, random_points
+from tests.helpers.hyperbolic import DTYPES, KS, assert_on_hyperboloid, random_points
 
 
 def inputs(k: float, dtype: torch.dtype, shape=(2, 5), dim: int = 8) -> list[torch.Tensor]:

@@ -8,7 +8,7 @@ import torch
 
 from lightning_grendel.hyperbolic import math as lm
 from lightning_grendel.hyperbolic.manifold import LorentzManifold
-from tests.hyperbolic.helpers import DTYPES, KS, assert_on_hyperboloid, random_points
+from tests.helpers.hyperbolic import DTYPES, KS, assert_on_hyperboloid, random_points
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

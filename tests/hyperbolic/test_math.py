@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lightning_grendel.hyperbolic import math as lm
-from tests.hyperbolic.helpers import DTYPES, KS, assert_on_hyperboloid, random_points
+from tests.helpers.hyperbolic import DTYPES, KS, assert_on_hyperboloid, random_points
 
 G = torch.diag(torch.tensor([-1.0, 1.0, 1.0, 1.0, 1.0], dtype=torch.float64))
 

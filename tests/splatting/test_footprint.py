@@ -4,11 +4,11 @@ exact), and they are tighter than the splat's tile box."""
 from __future__ import annotations
 
 import torch
-from scenes import projected_splats
 
 from lightning_grendel.splatting.footprint import reachable_pixel_rows, reachable_tile_row_costs, reaches_rows
-from lightning_grendel.splatting.rasterize_torch import MIN_ALPHA
+from lightning_grendel.splatting.rasterize.torch_backend import MIN_ALPHA
 from lightning_grendel.splatting.tiles import TILE_SIZE, tile_bounds
+from tests.helpers.scenes import projected_splats
 
 WIDTH, HEIGHT = 64, 80
 

@@ -1,0 +1,1 @@
+"""LightningModules for the Lorentz networks (the only part of ``hyperbolic`` that imports Lightning)."""

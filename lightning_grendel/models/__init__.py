@@ -1,1 +1,0 @@
-"""LightningModules: Gaussian splatting and Lorentz (hyperbolic) networks."""

@@ -1,0 +1,184 @@
+"""LightningDataModule serving posed images for Gaussian splatting from COLMAP, Blender or the demo scene.
+
+Distributed 3DGS (Grendel) renders the same cameras on every rank, so the train loader must yield the
+same order everywhere: it is a plain shuffled DataLoader driven by a generator seeded identically on
+every rank, never a DistributedSampler that would hand each rank different views.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+from lightning import LightningDataModule
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_grendel.splatting.cameras import Cameras
+from lightning_grendel.splatting.data.blender import load_blender_scene
+from lightning_grendel.splatting.data.colmap import find_model_dir, load_colmap_scene
+from lightning_grendel.splatting.data.demo_scene import make_demo_scene
+from lightning_grendel.splatting.data.scene import ImageSplit, SceneData
+
+Format = Literal["auto", "blender", "colmap", "demo"]
+BLENDER_INIT_POINTS = 100_000  # as in 3DGS for NeRF-synthetic
+DEMO_INIT_POINTS = 5_000  # enough for the small demo scene, cheap on two CPU cores
+
+
+class PosedImageDataset(Dataset):
+    """Items ``{"image" [H,W,3] float32 in [0,1], "world_to_camera" [4,4], "intrinsics" [3,3], "index"}``.
+
+    Images with alpha are composited over ``background`` per item (``rgb*a + bg*(1-a)``).
+    """
+
+    def __init__(self, split: ImageSplit, background: Tensor) -> None:
+        self.split = split
+        self.background = background.to(torch.float32)
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: int) -> dict[str, Tensor | int]:
+        pixels = self.split.images[index].to(torch.float32) / 255.0
+        if pixels.shape[-1] == 4:
+            alpha = pixels[..., 3:]
+            pixels = pixels[..., :3] * alpha + self.background * (1.0 - alpha)
+        return {
+            "image": pixels,
+            "world_to_camera": self.split.cameras.world_to_camera[index],
+            "intrinsics": self.split.cameras.intrinsics[index],
+            "index": index,
+        }
+
+
+def detect_format(path: Path) -> Literal["blender", "colmap"]:
+    """``blender`` when ``transforms_train.json`` is there, ``colmap`` when a sparse model is."""
+    if (path / "transforms_train.json").is_file():
+        return "blender"
+    try:
+        find_model_dir(path)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(
+            f"{path}: cannot tell the dataset format: no transforms_train.json (Blender) and no "
+            "cameras.bin/cameras.txt in sparse/0, sparse or the folder itself (COLMAP)"
+        ) from error
+    return "colmap"
+
+
+class GaussianSplattingDataModule(LightningDataModule):
+    """Train/val/test posed images plus the initial points and train cameras the Gaussian model needs.
+
+    Args:
+        path: dataset folder (Blender: holds ``transforms_train.json``; COLMAP: holds ``images/`` and
+            ``sparse/0``). Not used for ``format="demo"``.
+        format: ``auto`` detects Blender or COLMAP from the files under ``path`` (demo when no path).
+        image_width: resize images to this width (aspect kept); intrinsics follow.
+        downscale: or divide the size by this factor (give one of image_width / downscale).
+        background: colour transparent Blender pixels are composited over, also the render background.
+        test_every: COLMAP hold-out: every ``test_every``-th image (sorted by name) is a test view;
+            val is the same set.
+        num_init_points: initial points for Blender (uniformly random in [-1.3, 1.3]^3, default 100 000)
+            and the demo scene (on seen surfaces, default 5 000); COLMAP uses its 3D points.
+        batch_size: cameras per training step.
+        num_workers: DataLoader worker processes.
+        seed: seeds the train order (identical on every rank) and random initial points.
+    """
+
+    def __init__(
+        self,
+        path: str | None = None,
+        format: Format = "auto",
+        image_width: int | None = None,
+        downscale: float = 1.0,
+        background: tuple[float, float, float] = (1.0, 1.0, 1.0),
+        test_every: int = 8,
+        num_init_points: int | None = None,
+        batch_size: int = 1,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if format in ("blender", "colmap") and path is None:
+            raise ValueError(f"GaussianSplattingDataModule: format={format!r} needs a path")
+        if format == "demo" and path is not None:
+            raise ValueError(f"GaussianSplattingDataModule: the demo scene is generated in code; got path={path!r}")
+        if test_every < 2:
+            raise ValueError(f"GaussianSplattingDataModule: test_every must be >= 2, got {test_every}")
+        self.path = None if path is None else Path(path)
+        self.format = format
+        self.image_width = image_width
+        self.downscale = downscale
+        self._background = torch.tensor(background, dtype=torch.float32)
+        self.test_every = test_every
+        self.num_init_points = num_init_points
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self._scene: SceneData | None = None
+
+    def resolved_format(self) -> Literal["blender", "colmap", "demo"]:
+        if self.format != "auto":
+            return self.format
+        return "demo" if self.path is None else detect_format(self.path)
+
+    def _load(self) -> SceneData:
+        kind = self.resolved_format()
+        if kind == "blender":
+            count = BLENDER_INIT_POINTS if self.num_init_points is None else self.num_init_points
+            return load_blender_scene(self.path, self.image_width, self.downscale, count, self.seed)
+        if kind == "colmap":
+            return load_colmap_scene(self.path, self.image_width, self.downscale, self.test_every)
+        count = DEMO_INIT_POINTS if self.num_init_points is None else self.num_init_points
+        return make_demo_scene(self.image_width, self.downscale, self.seed, num_points=count)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Decode the whole scene once; later stages reuse it."""
+        if self._scene is None:
+            self._scene = self._load()
+
+    @property
+    def scene(self) -> SceneData:
+        """The decoded scene; accessors load it on first use, so they also work before ``setup``."""
+        self.setup()
+        return self._scene
+
+    @property
+    def background(self) -> Tensor:
+        """Render background colour [3] in [0, 1]."""
+        return self._background.clone()
+
+    def initial_points(self) -> tuple[Tensor, Tensor]:
+        """Initial Gaussian centres [N, 3] and colours [N, 3] in [0, 1]."""
+        return self.scene.points, self.scene.colors
+
+    def train_cameras(self) -> Cameras:
+        """All training cameras (for the 3DGS scene extent)."""
+        return self.scene.train.cameras
+
+    def _dataset(self, split: ImageSplit) -> PosedImageDataset:
+        return PosedImageDataset(split, self._background)
+
+    def train_dataloader(self) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(
+            self._dataset(self.scene.train),
+            batch_size=self.batch_size,
+            shuffle=True,
+            generator=generator,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def _eval_loader(self, split: ImageSplit) -> DataLoader:
+        return DataLoader(self._dataset(split), batch_size=1, shuffle=False, num_workers=self.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.scene.val)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.scene.test)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.scene.test)

@@ -1,0 +1,314 @@
+"""GaussianSplattingModule: 3DGS training as a LightningModule, on one process or under GrendelStrategy.
+
+The module talks to the strategy through a small protocol, so a user's own Gaussian module can follow it:
+- it renders through ``self.renderer`` (a :class:`~lightning_grendel.splatting.render.Renderer`), which
+  the strategy may replace; the result says which rows of which views were rendered here, and the loss
+  is computed from exactly those rows;
+- it creates its Gaussians in ``configure_model`` and keeps the rows ``strategy.shard_indices(n)``
+  when the strategy has that method;
+- after densification it calls ``strategy.after_density_change(params, optimizer)`` when present
+  (Grendel redistributes Gaussians there), and ``strategy.gather_gaussians(params)`` to export a PLY.
+Optimisation is manual because densification changes the number of parameters.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import Tensor, nn
+
+from lightning_grendel.splatting.batching import BatchScaling, scale_adam_hyperparameters
+from lightning_grendel.splatting.cameras import Cameras, scene_extent
+from lightning_grendel.splatting.densify import Densifier, DensifyConfig
+from lightning_grendel.splatting.gaussians import PARAM_KEYS, init_from_points, make_parameters
+from lightning_grendel.splatting.losses import SSIM_HALO, strip_loss
+from lightning_grendel.splatting.metrics import lpips, make_lpips, psnr, ssim
+from lightning_grendel.splatting.ply import save_ply
+from lightning_grendel.splatting.render import Renderer, SingleProcessRenderer
+
+log = logging.getLogger(__name__)
+
+
+def cameras_from_batch(batch: dict[str, Tensor]) -> Cameras:
+    """The batch's cameras; all its images share one size."""
+    height, width = batch["image"].shape[1:3]
+    ids = batch.get("index")
+    ids = torch.as_tensor(ids) if ids is not None else None
+    return Cameras(batch["world_to_camera"], batch["intrinsics"], int(width), int(height), ids)
+
+
+class GaussianSplattingModule(LightningModule):
+    """3D Gaussian Splatting with the reference (Inria) learning rates, schedules and densification.
+
+    Args:
+        sh_degree: highest SH degree; the active degree rises by one every ``sh_degree_interval`` images.
+        ssim_weight: λ in ``(1-λ)·L1 + λ·(1-SSIM)``.
+        total_images: images over which the position learning rate decays log-linearly
+            from ``lr_means`` to ``lr_means_final`` (both multiplied by the scene extent).
+        batch_scaling: how Adam hyperparameters follow the number of views per step
+            (``sqrt``: lr·√b, eps/√b, β^b; see :mod:`lightning_grendel.splatting.batching`).
+        densify: densification thresholds and schedule (images seen).
+        backend: rasterizer backend (``auto``, ``torch``, ``cpp``, ``gsplat``).
+        export_ply: write ``point_cloud.ply`` (all Gaussians) into the log directory at the end of fit.
+    """
+
+    def __init__(
+        self,
+        sh_degree: int = 3,
+        sh_degree_interval: int = 1000,
+        ssim_weight: float = 0.2,
+        total_images: int = 30_000,
+        lr_means: float = 1.6e-4,
+        lr_means_final: float = 1.6e-6,
+        lr_scales: float = 5e-3,
+        lr_quats: float = 1e-3,
+        lr_opacities: float = 0.05,
+        lr_sh0: float = 2.5e-3,
+        lr_shN: float = 1.25e-4,  # noqa: N803 - gsplat's name for the higher SH bands
+        adam_eps: float = 1e-15,
+        batch_scaling: BatchScaling = "sqrt",
+        densify: DensifyConfig | None = None,
+        backend: str = "auto",
+        export_ply: bool = True,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.renderer: Renderer = SingleProcessRenderer(backend)
+        self.densifier = Densifier(densify, sh_degree)
+        self.gaussians: nn.ParameterDict | None = None
+        self.images_seen = 0
+        self.extent = 1.0
+        self.register_buffer("background", torch.zeros(3), persistent=False)
+        self._lpips: nn.Module | None = None
+        self._lpips_checked = False
+
+    # --- model creation and checkpoints -------------------------------------------------------------
+
+    def configure_model(self) -> None:
+        if self.gaussians is not None:
+            return
+        datamodule = self.trainer.datamodule
+        for needed in ("initial_points", "train_cameras"):
+            if not hasattr(datamodule, needed):
+                raise TypeError(
+                    f"GaussianSplattingModule needs a datamodule with {needed}() (e.g. GaussianSplattingDataModule), "
+                    f"got {type(datamodule).__name__}"
+                )
+        points, colors = datamodule.initial_points()
+        raw = init_from_points(points, colors, self.hparams.sh_degree)  # neighbour scales from all points
+        shard = getattr(self.trainer.strategy, "shard_indices", None)
+        if shard is not None:
+            rows = shard(points.shape[0])
+            raw = {key: value[rows] for key, value in raw.items()}
+        self.gaussians = make_parameters({k: v.to(self.device) for k, v in raw.items()})
+        self.extent = scene_extent(datamodule.train_cameras())
+        if hasattr(datamodule, "background"):
+            self.background = datamodule.background.to(self.device)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["gaussian_splatting"] = {"images_seen": self.images_seen, "extent": self.extent}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Resize the Gaussians to the checkpoint's count before Lightning loads the state dict."""
+        state = checkpoint["state_dict"]
+        raw = {key: state[f"gaussians.{key}"] for key in PARAM_KEYS}
+        self.gaussians = make_parameters({k: v.to(self.device) for k, v in raw.items()})
+        extra = checkpoint.get("gaussian_splatting", {})
+        self.images_seen = int(extra.get("images_seen", 0))
+        self.extent = float(extra.get("extent", self.extent))
+
+    # --- optimisation -------------------------------------------------------------------------------
+
+    def _views_per_step(self) -> int:
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        return int(getattr(datamodule, "batch_size", 1) or 1)
+
+    def base_learning_rates(self) -> dict[str, float]:
+        h = self.hparams
+        return {
+            "means": h.lr_means * self.extent,
+            "scales": h.lr_scales,
+            "quats": h.lr_quats,
+            "opacities": h.lr_opacities,
+            "sh0": h.lr_sh0,
+            "shN": h.lr_shN,
+        }
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.gaussians is None:
+            raise RuntimeError("GaussianSplattingModule: Gaussians are created in configure_model(); it has not run")
+        batch = self._views_per_step()
+        lr_factor, betas, eps = scale_adam_hyperparameters(
+            1.0, (0.9, 0.999), self.hparams.adam_eps, batch, self.hparams.batch_scaling
+        )
+        groups = [
+            {"params": [self.gaussians[key]], "lr": lr * lr_factor, "name": key}
+            for key, lr in self.base_learning_rates().items()
+        ]
+        return torch.optim.Adam(groups, betas=betas, eps=eps)
+
+    def means_learning_rate(self, images: int) -> float:
+        """Log-linear decay in images seen, times the batch scaling factor."""
+        h = self.hparams
+        t = min(max(images / max(h.total_images, 1), 0.0), 1.0)
+        lr = math.exp((1 - t) * math.log(h.lr_means) + t * math.log(h.lr_means_final)) * self.extent
+        lr_factor, _, _ = scale_adam_hyperparameters(1.0, (0.9, 0.999), 1.0, self._views_per_step(), h.batch_scaling)
+        return lr * lr_factor
+
+    @property
+    def active_sh_degree(self) -> int:
+        return min(self.hparams.sh_degree, self.images_seen // max(self.hparams.sh_degree_interval, 1))
+
+    # --- training ----------------------------------------------------------------------------------
+
+    def render_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, Any]:
+        """Sum over the batch's views of each view's loss on the rows rendered here (plus the render)."""
+        cameras = cameras_from_batch(batch)
+        targets = batch["image"]
+        halo = SSIM_HALO if self.hparams.ssim_weight > 0 else 0
+        result = self.renderer(self.gaussians, cameras, self.active_sh_degree, self.background, halo=halo)
+        full_pixels = cameras.width * cameras.height * targets.shape[-1]
+        loss = targets.new_zeros(())
+        for view in result.views:
+            target = targets[view.view, view.row_start : view.row_end]
+            loss = loss + strip_loss(
+                view.image, target, view.own_start - view.row_start, view.own_end - view.row_start,
+                full_pixels, self.hparams.ssim_weight,
+            )
+        return loss, result
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        optimizer = self.optimizers()
+        views = batch["image"].shape[0]
+        for group in optimizer.param_groups:
+            if group.get("name") == "means":
+                group["lr"] = self.means_learning_rate(self.images_seen)
+        optimizer.zero_grad(set_to_none=True)
+        loss, result = self.render_loss(batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"GaussianSplattingModule: the loss is {loss.item()} after {self.images_seen} images "
+                "(diverged parameters: lower the learning rates, or check the images and cameras)"
+            )
+        self.manual_backward(loss)
+        if result.means2d.grad is not None:
+            self.densifier.accumulate(result.means2d.grad, result.radii, result.width, result.height)
+        for param in self.gaussians.values():
+            if param.grad is not None:
+                param.grad /= views
+        optimizer.step()
+
+        before, self.images_seen = self.images_seen, self.images_seen + views
+        self._density_control(optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer, before)
+        self.log("train/loss", loss.detach() / views, prog_bar=True, sync_dist=True, reduce_fx="sum")
+        self.log("train/gaussians", float(self.global_gaussian_count()), prog_bar=True)
+        self.log("train/sh_degree", float(self.active_sh_degree))
+        for name, value in getattr(self.renderer, "last_stats", {}).items():  # exchange volume, balance
+            self.log(f"renderer/{name}", value, sync_dist=True, reduce_fx="max" if "imbalance" in name else "sum")
+        return loss
+
+    def _density_control(self, optimizer: torch.optim.Optimizer, images_before: int) -> None:
+        densifier, now = self.densifier, self.images_seen
+        changed = False
+        if densifier.is_densify_step(images_before, now):
+            prune_large = now > densifier.config.opacity_reset_every_images
+            stats = densifier.densify_and_prune(self.gaussians, optimizer, self.extent, prune_large)
+            log.debug("densify at %d images: %s", now, stats)
+            changed = True
+        if densifier.is_opacity_reset_step(images_before, now):
+            densifier.reset_opacity(self.gaussians, optimizer)
+        if changed:
+            hook = getattr(self.trainer.strategy, "after_density_change", None)
+            if hook is not None:
+                hook(self.gaussians, optimizer)
+                densifier.reset_statistics(self.gaussians["means"].shape[0], self.device)
+
+    def global_gaussian_count(self) -> int:
+        local = self.gaussians["means"].shape[0]
+        if self.trainer.world_size == 1:
+            return local
+        total = self.trainer.strategy.reduce(torch.tensor(float(local), device=self.device), reduce_op="sum")
+        return int(total.item())
+
+    # --- evaluation --------------------------------------------------------------------------------
+
+    def render_views(self, cameras: Cameras) -> Tensor:
+        """Full images [C, H, W, 3] of ``cameras`` on every rank (a collective under Grendel)."""
+        with torch.no_grad():
+            full = getattr(self.renderer, "render_full", None)
+            if full is not None:
+                return full(self.gaussians, cameras, self.active_sh_degree, self.background)
+            result = self.renderer(self.gaussians, cameras, self.active_sh_degree, self.background)
+            return torch.stack([view.image for view in result.views])
+
+    def _evaluate(self, batch: dict[str, Tensor], batch_idx: int, stage: str) -> dict[str, Tensor]:
+        cameras = cameras_from_batch(batch)
+        renders = self.render_views(cameras)
+        metrics: dict[str, list[Tensor]] = {"psnr": [], "ssim": [], "lpips": []}
+        for render, target in zip(renders, batch["image"], strict=True):
+            metrics["psnr"].append(psnr(render, target))
+            metrics["ssim"].append(ssim(render, target))
+            if self._lpips is not None:
+                metrics["lpips"].append(lpips(self._lpips, render, target))
+        values = {name: torch.stack(items).mean() for name, items in metrics.items() if items}
+        for name, value in values.items():
+            self.log(f"{stage}/{name}", value, prog_bar=name == "psnr", sync_dist=True, batch_size=len(cameras))
+        if batch_idx == 0:
+            self._log_image_grid(f"{stage}/gt_render_error", renders[0], batch["image"][0])
+        return values
+
+    def _ensure_lpips(self) -> None:
+        if not self._lpips_checked:
+            self._lpips_checked = True
+            self._lpips = make_lpips()
+
+    def on_validation_start(self) -> None:
+        self._ensure_lpips()
+
+    def on_test_start(self) -> None:
+        self._ensure_lpips()
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        return self._evaluate(batch, batch_idx, "val")
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        return self._evaluate(batch, batch_idx, "test")
+
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self.render_views(cameras_from_batch(batch)).clamp(0, 1)
+
+    def _log_image_grid(self, tag: str, render: Tensor, target: Tensor) -> None:
+        if not self.trainer.is_global_zero or not isinstance(self.logger, TensorBoardLogger):
+            return
+        error = (render.clamp(0, 1) - target).abs().mean(-1, keepdim=True).expand_as(target)
+        grid = torch.cat([target, render.clamp(0, 1), error.clamp(0, 1)], dim=1).permute(2, 0, 1)
+        experiment = self.logger.experiment
+        experiment.add_image(tag, grid.float().cpu(), self.global_step)
+        experiment.add_histogram("gaussians/opacity_rank0", torch.sigmoid(self.gaussians["opacities"]).detach().cpu(),
+                                 self.global_step)
+
+    # --- export -----------------------------------------------------------------------------------
+
+    def gathered_gaussians(self) -> dict[str, Tensor] | None:
+        """Every Gaussian on rank 0 (None elsewhere); on one process, this process's Gaussians."""
+        gather = getattr(self.trainer.strategy, "gather_gaussians", None)
+        if gather is not None:
+            return gather(self.gaussians)
+        return {key: value.detach().cpu() for key, value in self.gaussians.items()}
+
+    def on_fit_end(self) -> None:
+        if not self.hparams.export_ply:
+            return
+        params = self.gathered_gaussians()
+        log_dir = self.trainer.log_dir  # a collective under multi-process strategies: every rank asks
+        if params is not None and self.trainer.is_global_zero and log_dir is not None:
+            path = Path(log_dir) / "point_cloud.ply"
+            save_ply(path, params)
+            log.info("wrote %d Gaussians to %s", params["means"].shape[0], path)

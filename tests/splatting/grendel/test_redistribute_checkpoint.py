@@ -1,0 +1,118 @@
+"""Redistribution and resharded checkpoints keep the multiset of (parameters, Adam moments) rows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_grendel.splatting.gaussians import make_parameters
+from lightning_grendel.splatting.grendel.checkpoint import load_sharded, save_sharded
+from lightning_grendel.splatting.grendel.redistribute import needs_redistribution, redistribution_plan
+from lightning_grendel.splatting.param_surgery import moments_of
+from tests.helpers.distributed import run_distributed
+
+
+def random_shard(count: int, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "means": torch.randn(count, 3, generator=g),
+        "scales": torch.randn(count, 3, generator=g),
+        "quats": torch.randn(count, 4, generator=g),
+        "opacities": torch.randn(count, generator=g),
+        "sh0": torch.randn(count, 1, 3, generator=g),
+        "shN": torch.randn(count, 3, 3, generator=g),
+    }
+
+
+def adam_with_state(params: nn.ParameterDict) -> torch.optim.Adam:
+    optimizer = torch.optim.Adam([{"params": [p], "name": k} for k, p in params.items()], lr=0.1)
+    for param in params.values():
+        param.grad = torch.randn_like(param)
+    optimizer.step()
+    return optimizer
+
+
+def row_multiset(params: dict[str, torch.Tensor], moments: dict[str, dict[str, torch.Tensor]]) -> torch.Tensor:
+    """Each Gaussian as one row of its parameters and moments, rows sorted: order-free comparison."""
+    columns = []
+    for key in sorted(params):
+        tensors = [params[key]] + [moments[key][m] for m in ("exp_avg", "exp_avg_sq")]
+        columns += [t.reshape(t.shape[0], params[key].shape[1:].numel()) for t in tensors]
+    rows = torch.cat(columns, dim=1)
+    return rows[torch.argsort(rows[:, 0])]
+
+
+def test_plan_moves_fewest_rows_and_evens_counts():
+    counts = [10, 2, 0, 5]
+    plan = redistribution_plan(counts)
+    after = [counts[r] - sum(plan[r]) + sum(plan[s][r] for s in range(4)) for r in range(4)]
+    assert sorted(after) == [4, 4, 4, 5]
+    assert sum(map(sum, plan)) == 6  # rank 0 gives 6 (10 -> 4 or 5); nobody else sends
+    assert needs_redistribution([110, 100], 0.05) and not needs_redistribution([110, 100], 0.1)
+
+
+def _redistribute_rank(rank: int, world: int, counts: list[int]):
+    from lightning_grendel.splatting.grendel.redistribute import redistribute
+
+    params = make_parameters(random_shard(counts[rank], seed=rank))
+    optimizer = adam_with_state(params)
+    before = row_multiset({k: v.detach() for k, v in params.items()}, moments_of(params, optimizer))
+    moved = redistribute(params, optimizer, threshold=0.1)
+    for group in optimizer.param_groups:  # the optimiser still points at the live parameters
+        assert group["params"][0] is params[group["name"]]
+    after = row_multiset({k: v.detach() for k, v in params.items()}, moments_of(params, optimizer))
+    return moved, before, after
+
+
+@pytest.mark.timeout(120)
+def test_redistribution_preserves_rows_and_moments():
+    counts = [9, 1, 2]
+    results = run_distributed(_redistribute_rank, 3, counts, timeout_s=60)
+    assert all(moved for moved, _, _ in results)
+    assert sorted(r[2].shape[0] for r in results) == [4, 4, 4]
+    before = torch.cat([r[1] for r in results])
+    after = torch.cat([r[2] for r in results])
+    torch.testing.assert_close(before[torch.argsort(before[:, 0])], after[torch.argsort(after[:, 0])], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("saved_world", "loaded_world"), [(2, 2), (2, 3), (3, 2), (3, 1)])
+def test_resharded_checkpoint_keeps_every_gaussian_and_moment(tmp_path, saved_world, loaded_world):
+    shards = []
+    for rank in range(saved_world):
+        params = make_parameters(random_shard(3 + 2 * rank, seed=10 + rank))
+        optimizer = adam_with_state(params)
+        checkpoint = {
+            "state_dict": {f"gaussians.{k}": v.detach() for k, v in params.items()},
+            "optimizer_states": [optimizer.state_dict()],
+            "global_step": 7,
+        }
+        save_sharded(checkpoint, tmp_path, rank, saved_world)
+        shards.append(row_multiset({k: v.detach() for k, v in params.items()}, moments_of(params, optimizer)))
+    loaded = []
+    for rank in range(loaded_world):
+        checkpoint = load_sharded(tmp_path, rank, loaded_world)
+        assert checkpoint["global_step"] == 7
+        keys = ("means", "scales", "quats", "opacities", "sh0", "shN")
+        params = {k: checkpoint["state_dict"][f"gaussians.{k}"] for k in keys}
+        optimizer_state = checkpoint["optimizer_states"][0]
+        index_of = {group["name"]: group["params"][0] for group in optimizer_state["param_groups"]}
+        state = optimizer_state["state"]
+        moments = {k: {m: state[index_of[k]][m] for m in ("exp_avg", "exp_avg_sq")} for k in keys}
+        loaded.append(row_multiset(params, moments))
+    expected, got = torch.cat(shards), torch.cat(loaded)
+    torch.testing.assert_close(got[torch.argsort(got[:, 0])], expected[torch.argsort(expected[:, 0])], rtol=0, atol=0)
+    sizes = [part.shape[0] for part in loaded]
+    if saved_world == loaded_world:
+        assert sizes == [3 + 2 * rank for rank in range(saved_world)]  # each rank gets its own shard back
+    else:
+        assert max(sizes) - min(sizes) <= 1
+
+
+def test_missing_shard_is_reported_by_name(tmp_path):
+    checkpoint = {"state_dict": {f"gaussians.{k}": v for k, v in random_shard(2, 0).items()}}
+    save_sharded(checkpoint, tmp_path, 0, 2)
+    with pytest.raises(FileNotFoundError, match="shard_1.pt"):
+        load_sharded(tmp_path, 0, 2)
+    with pytest.raises(FileNotFoundError, match="not a GrendelStrategy checkpoint"):
+        load_sharded(tmp_path / "elsewhere", 0, 2)
