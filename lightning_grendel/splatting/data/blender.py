@@ -21,6 +21,7 @@ from lightning_grendel.splatting.cameras import (
     opengl_to_opencv_world_to_camera,
 )
 from lightning_grendel.splatting.data.scene import ImageSplit, SceneData, load_image, resized_size, scale_intrinsics
+from lightning_grendel.splatting.data.validate import check_field_of_view, check_rigid_pose, matrix_from_json
 
 SPLITS = ("train", "val", "test")
 INIT_BOX_HALF_WIDTH = 1.3  # random initial points in [-1.3, 1.3]^3, as in 3DGS for NeRF-synthetic
@@ -37,14 +38,15 @@ def _read_transforms(path: Path) -> tuple[float, list[tuple[Path, torch.Tensor]]
         raise ValueError(f"{path}: not a NeRF-synthetic transforms file ({kind}: {error})") from error
     if not frames:
         raise ValueError(f"{path}: 'frames' is empty")
+    check_field_of_view(fov_x, path)
     result = []
     for index, (file_path, matrix) in enumerate(frames):
         image_path = path.parent / (file_path + ".png")
         if not image_path.is_file():
             raise FileNotFoundError(f"{path}: frame {index} points at a missing image {image_path}")
-        c2w = torch.tensor(matrix, dtype=torch.float64)
-        if c2w.shape != (4, 4):
-            raise ValueError(f"{path}: frame {index} transform_matrix must be 4x4, got {tuple(c2w.shape)}")
+        frame = f"frame {index} ({file_path})"
+        c2w = matrix_from_json(matrix, path, frame)
+        check_rigid_pose(c2w, path, frame)
         result.append((image_path, c2w))
     return fov_x, result
 

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from lightning_grendel.splatting.cameras import Cameras
 from lightning_grendel.splatting.data.scene import ImageSplit, SceneData, load_image, resized_size, scale_intrinsics
+from lightning_grendel.splatting.data.validate import check_colmap_model
 
 # COLMAP model id -> (name, number of parameters).
 CAMERA_MODELS: dict[int, tuple[str, int]] = {
@@ -330,6 +331,7 @@ def read_model(path: str | Path) -> ColmapModel:
             raise FileNotFoundError(f"{file}: missing from the COLMAP model in {folder}")
         parsed.append(reader(file))
     cameras, images, points = parsed
+    check_colmap_model(cameras, images, points, files)
     for image in images.values():
         if image.camera_id not in cameras:
             raise ColmapFormatError(f"{files['images']}: image {image.name} refers to missing camera {image.camera_id}")
