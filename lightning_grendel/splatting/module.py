@@ -27,6 +27,7 @@ from lightning_grendel.splatting.batching import BatchScaling, scale_adam_hyperp
 from lightning_grendel.splatting.cameras import Cameras, scene_extent
 from lightning_grendel.splatting.densify import Densifier, DensifyConfig
 from lightning_grendel.splatting.gaussians import PARAM_KEYS, init_from_points, make_parameters
+from lightning_grendel.splatting.guards import FiniteGuard, NonFiniteMode
 from lightning_grendel.splatting.losses import SSIM_HALO, strip_loss
 from lightning_grendel.splatting.metrics import lpips, make_lpips, psnr, ssim
 from lightning_grendel.splatting.ply import save_ply
@@ -56,6 +57,9 @@ class GaussianSplattingModule(LightningModule):
         densify: densification thresholds and schedule (images seen).
         backend: rasterizer backend (``auto``, ``torch``, ``cpp``, ``gsplat``).
         export_ply: write ``point_cloud.ply`` (all Gaussians) into the log directory at the end of fit.
+        on_nonfinite: what a NaN or infinite loss, gradient or Gaussian does (checked on every rank after
+            each step and densification, see :mod:`lightning_grendel.splatting.guards`): ``stop`` raises
+            (non-zero exit, no checkpoint after the failure); ``skip`` drops the step or restores the rows.
     """
 
     def __init__(
@@ -76,12 +80,14 @@ class GaussianSplattingModule(LightningModule):
         densify: DensifyConfig | None = None,
         backend: str = "auto",
         export_ply: bool = True,
+        on_nonfinite: NonFiniteMode = "stop",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.renderer: Renderer = SingleProcessRenderer(backend)
         self.densifier = Densifier(densify, sh_degree)
+        self.guard = FiniteGuard(on_nonfinite, type(self).__name__)
         self.gaussians: nn.ParameterDict | None = None
         self.images_seen = 0
         self.extent = 1.0
@@ -109,6 +115,9 @@ class GaussianSplattingModule(LightningModule):
             raw = {key: value[rows] for key, value in raw.items()}
         self.gaussians = make_parameters({k: v.to(self.device) for k, v in raw.items()})
         self.extent = scene_extent(datamodule.train_cameras())
+        if not math.isfinite(self.extent):
+            raise ValueError(f"GaussianSplattingModule: the scene extent is {self.extent}: a training camera of "
+                             f"{type(datamodule).__name__} has a non-finite pose")
         if hasattr(datamodule, "background"):
             self.background = datamodule.background.to(self.device)
 
@@ -192,21 +201,20 @@ class GaussianSplattingModule(LightningModule):
                 group["lr"] = self.means_learning_rate(self.images_seen)
         optimizer.zero_grad(set_to_none=True)
         loss, result = self.render_loss(batch)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"GaussianSplattingModule: the loss is {loss.item()} after {self.images_seen} images "
-                "(diverged parameters: lower the learning rates, or check the images and cameras)"
-            )
         self.manual_backward(loss)
-        if result.means2d.grad is not None:
-            self.densifier.accumulate(result.means2d.grad, result.radii, result.width, result.height)
+        step, inner = self.global_step + 1, optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
         for param in self.gaussians.values():
             if param.grad is not None:
                 param.grad /= views
+        if not self.guard.before_step(loss, self.gaussians, inner, step, self.images_seen):  # skipped on every rank
+            return loss.detach()
+        if result.means2d.grad is not None:
+            self.densifier.accumulate(result.means2d.grad, result.radii, result.width, result.height)
         optimizer.step()
+        self.guard.after_step(self.gaussians, inner, step, self.images_seen)
 
         before, self.images_seen = self.images_seen, self.images_seen + views
-        self._density_control(optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer, before)
+        self._density_control(inner, before, step)
         self.log("train/loss", loss.detach() / views, prog_bar=True, sync_dist=True, reduce_fx="sum")
         self.log("train/gaussians", float(self.global_gaussian_count()), prog_bar=True)
         self.log("train/sh_degree", float(self.active_sh_degree))
@@ -214,13 +222,14 @@ class GaussianSplattingModule(LightningModule):
             self.log(f"renderer/{name}", value, sync_dist=True, reduce_fx="max" if "imbalance" in name else "sum")
         return loss
 
-    def _density_control(self, optimizer: torch.optim.Optimizer, images_before: int) -> None:
+    def _density_control(self, optimizer: torch.optim.Optimizer, images_before: int, step: int) -> None:
         densifier, now = self.densifier, self.images_seen
         changed = False
         if densifier.is_densify_step(images_before, now):
             prune_large = now > densifier.config.opacity_reset_every_images
             stats = densifier.densify_and_prune(self.gaussians, optimizer, self.extent, prune_large)
             log.debug("densify at %d images: %s", now, stats)
+            self.guard.after_densify(self.gaussians, optimizer, step, now)
             changed = True
         if densifier.is_opacity_reset_step(images_before, now):
             densifier.reset_opacity(self.gaussians, optimizer)
