@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch import LightningModule
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
@@ -27,6 +28,7 @@ from lightning_grendel.splatting.batching import BatchScaling, scale_adam_hyperp
 from lightning_grendel.splatting.cameras import Cameras, scene_extent
 from lightning_grendel.splatting.densify import Densifier, DensifyConfig
 from lightning_grendel.splatting.gaussians import PARAM_KEYS, init_from_points, make_parameters
+from lightning_grendel.splatting.grendel.checkpoint import CheckedCheckpointIO
 from lightning_grendel.splatting.guards import FiniteGuard, NonFiniteMode
 from lightning_grendel.splatting.losses import SSIM_HALO, strip_loss
 from lightning_grendel.splatting.metrics import lpips, make_lpips, psnr, ssim
@@ -120,6 +122,12 @@ class GaussianSplattingModule(LightningModule):
                              f"{type(datamodule).__name__} has a non-finite pose")
         if hasattr(datamodule, "background"):
             self.background = datamodule.background.to(self.device)
+
+    def setup(self, stage: str) -> None:
+        """On one process, checkpoint errors name the file (and say when it is a Grendel directory)."""
+        strategy = self.trainer.strategy  # GrendelStrategy reads its directories itself, not through this
+        if type(strategy.checkpoint_io) is TorchCheckpointIO:
+            strategy.checkpoint_io = CheckedCheckpointIO()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["gaussian_splatting"] = {"images_seen": self.images_seen, "extent": self.extent}

@@ -50,6 +50,17 @@ def _check_params(params: dict[str, Tensor]) -> int:
     return n
 
 
+def non_finite_summary(params: dict[str, Tensor]) -> str:
+    """Empty when every Gaussian is finite, else how many rows are not, in total and per parameter."""
+    n = params["means"].shape[0]
+    rows = {key: ~torch.isfinite(value.detach()).reshape(n, -1).all(dim=1) for key, value in params.items()}
+    bad = torch.stack(list(rows.values())).any(dim=0) if rows else torch.zeros(n, dtype=torch.bool)
+    if not bad.any():
+        return ""
+    parts = ", ".join(f"{key}: {int(mask.sum())}" for key, mask in rows.items() if mask.any())
+    return f"{int(bad.sum())} of {n} Gaussians have NaN or infinite values ({parts})"
+
+
 def _as_numpy(tensor: Tensor) -> np.ndarray:
     return tensor.detach().to("cpu", torch.float32).numpy()
 
@@ -57,6 +68,9 @@ def _as_numpy(tensor: Tensor) -> np.ndarray:
 def save_ply(path: str | os.PathLike, params: dict[str, Tensor]) -> None:
     """Write Gaussians to ``path`` atomically (a half-written file never replaces a good one)."""
     n = _check_params(params)
+    problem = non_finite_summary(params)
+    if problem:
+        raise ValueError(f"save_ply: {path}: {problem}; refusing to write a diverged model")
     sh_rest = params["shN"].transpose(1, 2).reshape(n, -1)
     columns = [
         _as_numpy(params["means"]),
@@ -116,7 +130,7 @@ def load_ply(path: str | os.PathLike) -> dict[str, Tensor]:
 
     n = vertex.count
     sh_rest = stack([f"f_rest_{i}" for i in range(num_rest)]) if num_rest else torch.zeros(n, 0)
-    return {
+    params = {
         "means": stack(["x", "y", "z"]),
         "scales": stack([f"scale_{i}" for i in range(3)]),
         "quats": stack([f"rot_{i}" for i in range(4)]),
@@ -124,3 +138,7 @@ def load_ply(path: str | os.PathLike) -> dict[str, Tensor]:
         "sh0": stack([f"f_dc_{i}" for i in range(3)]).reshape(n, 1, 3),
         "shN": sh_rest.reshape(n, 3, coefficients - 1).transpose(1, 2).contiguous(),
     }
+    problem = non_finite_summary(params)
+    if problem:
+        raise ValueError(f"{path}: {problem}")
+    return params

@@ -143,3 +143,33 @@ def test_every_rank_stops_when_one_rank_has_a_nan():
     messages = run_distributed(_one_bad_rank, 2, timeout_s=30)
     for message in messages:
         assert "quats: 1 rows" in message and "optimiser step 7" in message and "summed over 2 ranks" in message
+
+
+def test_save_ply_refuses_non_finite_rows_and_leaves_the_old_file(tmp_path):
+    from lightning_grendel.splatting.ply import load_ply, save_ply
+
+    path = tmp_path / "point_cloud.ply"
+    good = random_gaussians(5, sh_degree=1)
+    save_ply(path, good)
+    bad = {**good, "scales": good["scales"].clone(), "quats": good["quats"].clone()}
+    bad["scales"][1, 2] = float("nan")
+    bad["quats"][3, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"point_cloud\.ply: 2 of 5 Gaussians have NaN or infinite values "
+                                         r"\(scales: 1, quats: 1\); refusing"):
+        save_ply(path, bad)
+    torch.testing.assert_close(load_ply(path)["scales"], good["scales"], rtol=0, atol=0)
+
+
+def test_load_ply_reports_non_finite_rows_naming_the_file(tmp_path):
+    import numpy as np
+    from plyfile import PlyData
+
+    from lightning_grendel.splatting.ply import load_ply, save_ply
+
+    path = tmp_path / "in.ply"
+    save_ply(path, random_gaussians(4, sh_degree=0))
+    ply = PlyData.read(str(path), mmap=False)
+    ply["vertex"].data["opacity"][2] = np.nan  # what another tool may have written
+    ply.write(str(path))
+    with pytest.raises(ValueError, match=r"in\.ply: 1 of 4 Gaussians have NaN or infinite values \(opacities: 1\)"):
+        load_ply(path)

@@ -25,7 +25,13 @@ from torch import Tensor, nn
 
 from lightning_grendel._process_group import ProcessGroupStrategy, StartMethod
 from lightning_grendel.splatting.grendel.balancer import BalanceMode, LoadBalancer
-from lightning_grendel.splatting.grendel.checkpoint import load_sharded, reshard, save_sharded
+from lightning_grendel.splatting.grendel.checkpoint import (
+    CheckpointIntegrityError,
+    load_file,
+    load_sharded,
+    reshard,
+    save_sharded,
+)
 from lightning_grendel.splatting.grendel.redistribute import even_shares, redistribute
 from lightning_grendel.splatting.grendel.renderer import GrendelRenderer
 
@@ -139,16 +145,30 @@ class GrendelStrategy(ProcessGroupStrategy):
     # --- sharded checkpoints ------------------------------------------------------------------------
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        """All or nothing (see ``checkpoint.py``): a rank that dies mid-save fails it on every rank."""
         checkpoint = {**checkpoint, "grendel": {"balancer": self.balancer.state_dict()}}
         save_sharded(checkpoint, Path(filepath), self.global_rank, self.world_size)
-        self.barrier()
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """Every rank checks the files it reads; one rank's failure is raised on all of them (no hang)."""
         path = Path(checkpoint_path)
-        if path.is_file():  # a single-process checkpoint: every rank reads it, then keeps its share
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-            return {**checkpoint, **reshard([checkpoint], self.global_rank, self.world_size)}
-        checkpoint = load_sharded(path, self.global_rank, self.world_size)
+        checkpoint, error = None, None
+        try:
+            if path.is_file():  # a single-process checkpoint: every rank reads it, then keeps its share
+                single = load_file(path)
+                checkpoint = {**single, **reshard([single], self.global_rank, self.world_size)}
+            else:
+                checkpoint = load_sharded(path, self.global_rank, self.world_size)
+        except (OSError, CheckpointIntegrityError, KeyError) as failure:
+            error = f"{type(failure).__name__}: {failure}"
+        errors = [error]
+        if dist.is_initialized() and self.world_size > 1:
+            errors = [None] * self.world_size
+            dist.all_gather_object(errors, error)
+        failed = [(rank, message) for rank, message in enumerate(errors) if message is not None]
+        if failed:
+            rank, message = failed[0]
+            raise CheckpointIntegrityError(f"cannot resume from {path} (rank {rank}): {message}")
         self.balancer.load_state_dict(checkpoint.get("grendel", {}).get("balancer", {}))
         return checkpoint
 

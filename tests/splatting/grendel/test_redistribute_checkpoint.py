@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from lightning_grendel.splatting.gaussians import make_parameters
-from lightning_grendel.splatting.grendel.checkpoint import load_sharded, save_sharded
+from lightning_grendel.splatting.grendel.checkpoint import commit_sharded, load_sharded, write_shard
 from lightning_grendel.splatting.grendel.redistribute import needs_redistribution, redistribution_plan
 from lightning_grendel.splatting.param_surgery import moments_of
 from tests.helpers.distributed import run_distributed
@@ -78,7 +78,8 @@ def test_redistribution_preserves_rows_and_moments():
 
 @pytest.mark.parametrize(("saved_world", "loaded_world"), [(2, 2), (2, 3), (3, 2), (3, 1)])
 def test_resharded_checkpoint_keeps_every_gaussian_and_moment(tmp_path, saved_world, loaded_world):
-    shards = []
+    shards, digests = [], []
+    tmp_path = tmp_path / "ckpt"
     for rank in range(saved_world):
         params = make_parameters(random_shard(3 + 2 * rank, seed=10 + rank))
         optimizer = adam_with_state(params)
@@ -87,8 +88,9 @@ def test_resharded_checkpoint_keeps_every_gaussian_and_moment(tmp_path, saved_wo
             "optimizer_states": [optimizer.state_dict()],
             "global_step": 7,
         }
-        save_sharded(checkpoint, tmp_path, rank, saved_world)
+        digests.append(write_shard(checkpoint, tmp_path, rank, "save"))  # what every rank does, then rank 0 commits
         shards.append(row_multiset({k: v.detach() for k, v in params.items()}, moments_of(params, optimizer)))
+    commit_sharded({"global_step": 7}, tmp_path, "save", digests)
     loaded = []
     for rank in range(loaded_world):
         checkpoint = load_sharded(tmp_path, rank, loaded_world)
@@ -111,8 +113,10 @@ def test_resharded_checkpoint_keeps_every_gaussian_and_moment(tmp_path, saved_wo
 
 def test_missing_shard_is_reported_by_name(tmp_path):
     checkpoint = {"state_dict": {f"gaussians.{k}": v for k, v in random_shard(2, 0).items()}}
-    save_sharded(checkpoint, tmp_path, 0, 2)
+    digests = [write_shard(checkpoint, tmp_path / "ckpt", rank, "s") for rank in range(2)]
+    commit_sharded(checkpoint, tmp_path / "ckpt", "s", digests)
+    (tmp_path / "ckpt" / "shard_1.pt").unlink()
     with pytest.raises(FileNotFoundError, match="shard_1.pt"):
-        load_sharded(tmp_path, 0, 2)
-    with pytest.raises(FileNotFoundError, match="not a GrendelStrategy checkpoint"):
+        load_sharded(tmp_path / "ckpt", 0, 2)
+    with pytest.raises(FileNotFoundError, match="no such GrendelStrategy checkpoint"):
         load_sharded(tmp_path / "elsewhere", 0, 2)
