@@ -30,7 +30,7 @@ def read_triples(path: str | Path) -> list[tuple[str, str, str]]:
     """Read ``head<TAB>relation<TAB>tail`` lines; blank lines are skipped, anything else is an error."""
     path = Path(path)
     triples = []
-    with path.open(encoding="utf-8") as f:
+    with path.open(encoding="utf-8-sig") as f:  # a UTF-8 BOM (Windows editors) is not part of the first entity
         for lineno, line in enumerate(f, start=1):
             line = line.strip()
             if not line:

@@ -14,10 +14,11 @@ from torchmetrics.functional.classification import (
     multiclass_f1_score,
 )
 
+from lightning_grendel.hyperbolic.modules.finite import StopOnNonFinite
 from lightning_grendel.hyperbolic.nets.gcn import HyboNetGCN
 
 
-class LorentzGCNModule(L.LightningModule):
+class LorentzGCNModule(StopOnNonFinite, L.LightningModule):
     """Trains on ``idx_train``; logs ``{train,val,test}/{loss,acc,f1}`` (micro accuracy, macro F1).
 
     ``loss="margin"`` is HyboNet's ``mean(relu(margin - logit_true + logit_c))``; ``"ce"`` is cross

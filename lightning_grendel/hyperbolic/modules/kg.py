@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_grendel.hyperbolic.modules.finite import StopOnNonFinite
 from lightning_grendel.hyperbolic.nets.kg import HyboNetKG
 
 
@@ -23,7 +24,7 @@ def filtered_ranks(scores: Tensor, target: Tensor, filter_rows: Tensor, filter_c
     return (scores >= target_score).sum(dim=1)
 
 
-class LorentzKGModule(L.LightningModule):
+class LorentzKGModule(StopOnNonFinite, L.LightningModule):
     """HyboNet KG scorer trained on ``(h, r, [t, negatives...])`` batches from a KG DataModule.
 
     The entity and relation counts come from the datamodule (``trainer.datamodule.num_entities`` and

@@ -9,10 +9,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_grendel.hyperbolic.data.sequences import BOS, PAD
+from lightning_grendel.hyperbolic.modules.finite import StopOnNonFinite
 from lightning_grendel.hyperbolic.nets.seq import LorentzSeq2Seq, LorentzSequenceClassifier
 
 
-class LorentzTransformerModule(L.LightningModule):
+class LorentzTransformerModule(StopOnNonFinite, L.LightningModule):
     """``task="classify"``: logs ``acc``; ``task="seq2seq"``: logs teacher-forced ``token_acc`` and, in
     validation/test, greedy-decoding ``seq_acc`` (whole target sequence right). Vocabulary size and class
     count come from the datamodule (``vocab_size``, ``num_classes``, ``max_len``) when not given."""
