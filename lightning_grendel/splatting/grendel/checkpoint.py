@@ -8,7 +8,9 @@ even share, so no Gaussian is lost. Files are loaded with ``weights_only=True``.
 A save is all or nothing: every rank writes into a staging directory beside the target, the ranks
 exchange their files' SHA-256 digests (a collective, so a dead rank fails the save, it cannot tear it),
 and rank 0 writes ``manifest.json`` (save id, world size, digest of every file) and swaps the staging
-directory into place with renames. The previous checkpoint stays whole until the swap. On load every
+directory into place: in one atomic exchange on Linux (``renameat2(RENAME_EXCHANGE)``), elsewhere with
+two renames (a crash between them leaves the previous checkpoint in ``.NAME.old-ID``, which the load
+error points at). The previous checkpoint stays whole until the swap. On load every
 file read is checked against the manifest, so a shard from another save, a flipped byte or a missing
 file is refused naming the file (torch's zip reader checks no CRC). Staging directories of killed saves
 are removed by the next successful save of the same name and are never read.
@@ -16,6 +18,8 @@ are removed by the next successful save of the same name and are never read.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import json
 import os
@@ -107,6 +111,20 @@ def _fsync_directory(path: Path) -> None:
         os.close(descriptor)
 
 
+def exchange_directories(first: Path, second: Path) -> bool:
+    """Swap two directories in one atomic step (Linux ``renameat2``); False where that is unsupported."""
+    function = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if function is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if function(at_fdcwd, os.fsencode(first), at_fdcwd, os.fsencode(second), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):  # old kernel or a filesystem without it
+        return False
+    raise OSError(code, os.strerror(code), f"{first} <-> {second}")
+
+
 def commit_sharded(checkpoint: dict[str, Any], directory: Path, save_id: str, digests: list[str]) -> None:
     """Rank 0, once every shard is staged: write meta and manifest, then swap the directory into place."""
     directory = Path(directory)
@@ -118,7 +136,9 @@ def commit_sharded(checkpoint: dict[str, Any], directory: Path, save_id: str, di
     manifest = {"save_id": save_id, "world_size": len(digests), "files": files}
     (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
     _fsync_directory(staging)
-    if directory.exists():
+    if directory.exists() and exchange_directories(staging, directory):
+        shutil.rmtree(staging, ignore_errors=True)  # it now holds the previous checkpoint
+    elif directory.exists():
         old = directory.parent / f".{directory.name}.old-{save_id}"
         os.rename(directory, old)
         os.rename(staging, directory)
