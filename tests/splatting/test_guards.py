@@ -173,3 +173,15 @@ def test_load_ply_reports_non_finite_rows_naming_the_file(tmp_path):
     ply.write(str(path))
     with pytest.raises(ValueError, match=r"in\.ply: 1 of 4 Gaussians have NaN or infinite values \(opacities: 1\)"):
         load_ply(path)
+
+
+@pytest.mark.timeout(180)
+def test_under_grendel_every_rank_stops_on_a_far_too_large_learning_rate(tmp_path):
+    from lightning_grendel.splatting.grendel import GrendelStrategy
+
+    data = GaussianSplattingDataModule(format="demo", image_width=32, batch_size=1, num_init_points=150)
+    trainer = Trainer(strategy=GrendelStrategy(start_method="spawn", timeout_s=30), accelerator="cpu", devices=2,
+                      max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      limit_val_batches=0, default_root_dir=tmp_path, enable_model_summary=False)
+    with pytest.raises(Exception, match=r"NonFiniteError: .*scales\.grad: \d+ rows\) .*summed over 2 ranks"):
+        trainer.fit(_module(lr_scales=1e3), data)
