@@ -1,6 +1,6 @@
 """Grendel's headline at CPU scale: more ranks hold more Gaussians under the same per-rank capacity.
 
-Runs ``recipes/gaussian/scaling_w4.yaml`` through the CLI for W = 1, 2, 4 gloo processes (same images
+Runs the ``gaussian/scaling_w4`` recipe through the CLI for W = 1, 2, 4 gloo processes (same images
 seen, same schedule, same capacity per rank), tests each on the held-out views, and writes a markdown
 table and a PSNR-vs-Gaussians plot into ``--out``. Commands are printed so each run can be repeated.
 

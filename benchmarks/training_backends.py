@@ -1,6 +1,6 @@
 """Wall time to the foundation PSNR when training with the cpp rasterizer against the torch one.
 
-Both backends train ``recipes/gaussian/blender.yaml`` at 400x400 from the same seed, one after the
+Both backends train the ``gaussian/blender`` recipe at 400x400 from the same seed, one after the
 other in this process. The training clock pauses while the first ``--test-views`` held-out views are
 rendered for PSNR, which happens every ``--probe-seconds`` of training (the first step, with its
 one-off start-up costs, is not timed). cpp trains until its test PSNR reaches ``--target`` (24 dB,

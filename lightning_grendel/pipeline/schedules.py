@@ -114,7 +114,7 @@ def peak_in_flight(name: str, stage: int, num_stages: int, num_microbatches: int
 
 
 def render(slots: list[Slot], num_stages: int) -> str:
-    """Text clock table (one row per stage), for logs and the README."""
+    """Text clock table (one row per stage), for logs and the docs."""
     times = sorted({slot.start for slot in slots})
     rows = []
     for s in range(num_stages):

@@ -2,8 +2,10 @@
 
 A mesh is a list of global ranks laid out row-major in a shape; a sharding spec says, per tensor dim,
 whether it is replicated (``R``) or chunked over one or more mesh axes (``S0``, ``S1``, ``S01``).
-Chunks follow ``torch.chunk`` semantics (size ``ceil(n / k)``, the last ones may be short or empty),
-which is also what DTensor's ``Shard`` uses, so uneven sizes work.
+Chunks follow ``torch.chunk`` semantics (size ``ceil(n / k)``, the last ones may be short or empty), so
+uneven sizes work. A dim over several axes is chunked once into their product: for ``S01`` on 13 rows
+of a (2, 2) mesh that is [4, 4, 4, 1], where DTensor's nested ``[Shard(0), Shard(0)]`` gives [4, 3, 3, 3]
+(the two agree for one axis, or when the sizes divide evenly).
 """
 
 from __future__ import annotations
