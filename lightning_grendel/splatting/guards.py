@@ -95,7 +95,7 @@ class FiniteGuard:
         grad_rows = [bad_rows(p.grad) if p.grad is not None else p.new_zeros(p.shape[0], dtype=torch.bool)
                      for p in params.values()]
         local = [int(not torch.isfinite(loss.detach()).all())] + [int(rows.sum()) for rows in grad_rows]
-        counts = global_sum(torch.tensor(local, dtype=torch.int64))
+        counts = global_sum(torch.tensor(local, dtype=torch.int64, device=loss.device))  # NCCL: on the GPU
         if not counts.any():
             self.skipped_in_a_row = 0
             if self.mode == "skip":
