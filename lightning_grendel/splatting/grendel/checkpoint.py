@@ -195,8 +195,11 @@ class CheckedCheckpointIO(TorchCheckpointIO):
             )
         if local.is_file() and not zipfile.is_zipfile(local):
             raise CheckpointIntegrityError(f"{local}: truncated or not a checkpoint file (no zip directory at its end)")
+        options: dict[str, Any] = {"weights_only": True if weights_only is None else weights_only}
+        if map_location is not None:
+            options["map_location"] = map_location
         try:
-            return super().load_checkpoint(path, weights_only=True if weights_only is None else weights_only)
+            return super().load_checkpoint(path, **options)
         except (RuntimeError, EOFError, ValueError, OSError) as error:
             if isinstance(error, FileNotFoundError):
                 raise
