@@ -73,12 +73,12 @@ class Densifier:
     def is_densify_step(self, images_before: int, images_after: int) -> bool:
         c = self.config
         in_window = c.start_images < images_after <= c.stop_images
-        return in_window and _crosses_multiple(images_before, images_after, c.every_images)
+        return in_window and crosses_multiple(images_before, images_after, c.every_images)
 
     def is_opacity_reset_step(self, images_before: int, images_after: int) -> bool:
         c = self.config
         in_window = images_after <= c.stop_images
-        return in_window and _crosses_multiple(images_before, images_after, c.opacity_reset_every_images)
+        return in_window and crosses_multiple(images_before, images_after, c.opacity_reset_every_images)
 
     def densify_and_prune(
         self, params: nn.ParameterDict, optimizer: torch.optim.Optimizer | None, extent: float, prune_large: bool,
@@ -113,6 +113,20 @@ class Densifier:
         select_rows(params, optimizer, ~prune)
         self.reset_statistics(params["means"].shape[0], params["means"].device)
         return {"cloned": int(clone.sum()), "split": int(split.sum()), "pruned": int(prune.sum()) - int(split.sum())}
+
+    def step(
+        self, params: nn.ParameterDict, optimizer: torch.optim.Optimizer | None, images_before: int,
+        images_after: int, extent: float, generator: torch.Generator | None = None,
+    ) -> bool:
+        """After an optimiser step: densify and prune, reset opacities, as scheduled; True if densified."""
+        densified = self.is_densify_step(images_before, images_after)
+        if densified:
+            prune_large = images_after > self.config.opacity_reset_every_images
+            stats = self.densify_and_prune(params, optimizer, extent, prune_large, generator)
+            log.debug("densify at %d images: %s", images_after, stats)
+        if self.is_opacity_reset_step(images_before, images_after):
+            self.reset_opacity(params, optimizer)
+        return densified
 
     def reset_opacity(self, params: nn.ParameterDict, optimizer: torch.optim.Optimizer | None) -> None:
         """Clamp every opacity to at most 0.01 so that floaters must earn their opacity again."""
@@ -156,6 +170,6 @@ class Densifier:
 torch.serialization.add_safe_globals([DensifyConfig])
 
 
-def _crosses_multiple(before: int, after: int, every: int) -> bool:
+def crosses_multiple(before: int, after: int, every: int) -> bool:
     """True when a multiple of ``every`` lies in (before, after]: schedules in images at any batch size."""
     return every > 0 and after // every > before // every

@@ -1,8 +1,8 @@
 """Row edits on Gaussian parameters that keep the Adam state aligned with them.
 
-Densification (clone, split, prune, opacity reset) and Grendel's redistribution change the number of
-Gaussians; each edit swaps the ``nn.Parameter`` in the ``ParameterDict`` and in the optimiser's param
-group, and edits ``exp_avg`` / ``exp_avg_sq`` row for row.
+Densification (clone, split, prune, opacity reset, MCMC relocation) and Grendel's redistribution change
+the number of Gaussians or rewrite some; each edit swaps the ``nn.Parameter`` in the ``ParameterDict``
+and in the optimiser's param group, and edits ``exp_avg`` / ``exp_avg_sq`` row for row.
 """
 
 from __future__ import annotations
@@ -58,6 +58,26 @@ def append_rows(
             return torch.cat([tensor, added.get(name, torch.zeros_like(value)).to(tensor)])
 
         _swap(params, optimizer, key, torch.cat([params[key].detach(), value]), grow)
+
+
+def overwrite_rows(
+    params: nn.ParameterDict, optimizer: torch.optim.Optimizer | None, index: Tensor, rows: dict[str, Tensor]
+) -> None:
+    """Write ``rows[key]`` into rows ``index`` of every parameter and zero those rows' Adam moments.
+
+    MCMC relocation: the rewritten rows are new Gaussians, so the moments of their old selves must not
+    steer them. Repeated indices must carry equal rows.
+    """
+    for key in list(params.keys()):
+        value = params[key].detach().clone()
+        value[index] = rows[key].to(value)
+
+        def zero_rows(_name: str, tensor: Tensor) -> Tensor:
+            tensor = tensor.clone()
+            tensor[index] = 0
+            return tensor
+
+        _swap(params, optimizer, key, value, zero_rows)
 
 
 def replace_values(params: nn.ParameterDict, optimizer: torch.optim.Optimizer | None, key: str, value: Tensor) -> None:
