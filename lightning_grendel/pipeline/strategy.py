@@ -38,7 +38,7 @@ class PipelineStrategy(ProcessGroupStrategy):
     ``stage_meshes`` lists the global ranks of each stage (default: one rank per stage) and
     ``mesh_shapes`` their shapes (default ``(1, n)``). The LightningModule defines
     ``pipeline_stages(self) -> Pipeline``; its ``training_step`` is replaced by the pipelined step,
-    which logs ``train_loss``. Every rank sees the same batches (the first stage reads the inputs,
+    which logs ``train/loss``. Every rank sees the same batches (the first stage reads the inputs,
     the last the targets). A checkpoint is one ordinary Lightning file: full parameters, and every
     stage's optimizer state merged by parameter; on resume each rank takes back its stage's part.
     ``transport`` (``auto``, ``dist``, ``shm``) is how activations and gradients move, as in ``reshard()``.
@@ -105,7 +105,7 @@ class PipelineStrategy(ProcessGroupStrategy):
         self._pending_grads = [(p, p.grad) for p in params]
         for p in params:
             p.grad = None
-        self.lightning_module.log("train_loss", loss, prog_bar=True)
+        self.lightning_module.log("train/loss", loss, prog_bar=True)
         return loss
 
     def backward(self, closure_loss: Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> Tensor:

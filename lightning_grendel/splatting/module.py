@@ -1,13 +1,10 @@
 """GaussianSplattingModule: 3DGS training as a LightningModule, on one process or under GrendelStrategy.
 
-The module talks to the strategy through a small protocol, so a user's own Gaussian module can follow it:
-- it renders through ``self.renderer`` (a :class:`~lightning_grendel.splatting.render.Renderer`), which
-  the strategy may replace; the result says which rows of which views were rendered here, and the loss
-  is computed from exactly those rows;
-- it creates its Gaussians in ``configure_model`` and keeps the rows ``strategy.shard_indices(n)``
-  when the strategy has that method;
-- after densification it calls ``strategy.after_density_change(params, optimizer)`` when present
-  (Grendel redistributes Gaussians there), and ``strategy.gather_gaussians(params)`` to export a PLY.
+The module talks to the strategy through the contracts in :mod:`lightning_grendel.splatting.protocols`,
+so a user's own Gaussian module can follow them: it renders through ``self.renderer`` (a ``Renderer``,
+which the strategy may replace; the loss covers exactly the rows rendered here), and when the strategy
+is a ``GaussianShardingStrategy`` it keeps the rows ``shard_indices(n)`` of the initial points, calls
+``after_density_change`` after densification and ``gather_gaussians`` to export a PLY.
 Optimisation is manual because densification changes the number of parameters.
 """
 
@@ -33,7 +30,8 @@ from lightning_grendel.splatting.guards import FiniteGuard, NonFiniteMode
 from lightning_grendel.splatting.losses import SSIM_HALO, strip_loss
 from lightning_grendel.splatting.metrics import lpips, make_lpips, psnr, ssim
 from lightning_grendel.splatting.ply import save_ply
-from lightning_grendel.splatting.render import Renderer, SingleProcessRenderer
+from lightning_grendel.splatting.protocols import GaussianShardingStrategy, Renderer
+from lightning_grendel.splatting.render import SingleProcessRenderer
 
 log = logging.getLogger(__name__)
 
@@ -111,9 +109,9 @@ class GaussianSplattingModule(LightningModule):
                 )
         points, colors = datamodule.initial_points()
         raw = init_from_points(points, colors, self.hparams.sh_degree)  # neighbour scales from all points
-        shard = getattr(self.trainer.strategy, "shard_indices", None)
-        if shard is not None:
-            rows = shard(points.shape[0])
+        strategy = self.trainer.strategy
+        if isinstance(strategy, GaussianShardingStrategy):
+            rows = strategy.shard_indices(points.shape[0])
             raw = {key: value[rows] for key, value in raw.items()}
         self.gaussians = make_parameters({k: v.to(self.device) for k, v in raw.items()})
         self.extent = scene_extent(datamodule.train_cameras())
@@ -226,7 +224,7 @@ class GaussianSplattingModule(LightningModule):
         self.log("train/loss", loss.detach() / views, prog_bar=True, sync_dist=True, reduce_fx="sum")
         self.log("train/gaussians", float(self.global_gaussian_count()), prog_bar=True)
         self.log("train/sh_degree", float(self.active_sh_degree))
-        for name, value in getattr(self.renderer, "last_stats", {}).items():  # exchange volume, balance
+        for name, value in self.renderer.last_stats.items():  # exchange volume, balance
             self.log(f"renderer/{name}", value, sync_dist=True, reduce_fx="max" if "imbalance" in name else "sum")
         return loss
 
@@ -242,9 +240,9 @@ class GaussianSplattingModule(LightningModule):
         if densifier.is_opacity_reset_step(images_before, now):
             densifier.reset_opacity(self.gaussians, optimizer)
         if changed:
-            hook = getattr(self.trainer.strategy, "after_density_change", None)
-            if hook is not None:
-                hook(self.gaussians, optimizer)
+            strategy = self.trainer.strategy
+            if isinstance(strategy, GaussianShardingStrategy):
+                strategy.after_density_change(self.gaussians, optimizer)
                 densifier.reset_statistics(self.gaussians["means"].shape[0], self.device)
 
     def global_gaussian_count(self) -> int:
@@ -259,11 +257,7 @@ class GaussianSplattingModule(LightningModule):
     def render_views(self, cameras: Cameras) -> Tensor:
         """Full images [C, H, W, 3] of ``cameras`` on every rank (a collective under Grendel)."""
         with torch.no_grad():
-            full = getattr(self.renderer, "render_full", None)
-            if full is not None:
-                return full(self.gaussians, cameras, self.active_sh_degree, self.background)
-            result = self.renderer(self.gaussians, cameras, self.active_sh_degree, self.background)
-            return torch.stack([view.image for view in result.views])
+            return self.renderer.render_full(self.gaussians, cameras, self.active_sh_degree, self.background)
 
     def _evaluate(self, batch: dict[str, Tensor], batch_idx: int, stage: str) -> dict[str, Tensor]:
         cameras = cameras_from_batch(batch)
@@ -315,9 +309,9 @@ class GaussianSplattingModule(LightningModule):
 
     def gathered_gaussians(self) -> dict[str, Tensor] | None:
         """Every Gaussian on rank 0 (None elsewhere); on one process, this process's Gaussians."""
-        gather = getattr(self.trainer.strategy, "gather_gaussians", None)
-        if gather is not None:
-            return gather(self.gaussians)
+        strategy = self.trainer.strategy
+        if isinstance(strategy, GaussianShardingStrategy):
+            return strategy.gather_gaussians(self.gaussians)
         return {key: value.detach().cpu() for key, value in self.gaussians.items()}
 
     def on_fit_end(self) -> None:

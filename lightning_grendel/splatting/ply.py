@@ -10,13 +10,14 @@ blue), which is ``shN.transpose(1, 2).flatten(1)`` for ``shN`` of shape [N, K-1,
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from plyfile import PlyData, PlyElement, PlyParseError
 from torch import Tensor
+
+from lightning_grendel._atomic import atomic_write
 
 PARAM_KEYS = ("means", "scales", "quats", "opacities", "sh0", "shN")
 _MAX_DEGREE = 3
@@ -88,16 +89,8 @@ def save_ply(path: str | os.PathLike, params: dict[str, Tensor]) -> None:
         vertices[name] = flat[:, i]
     ply = PlyData([PlyElement.describe(vertices, "vertex")], text=False, byte_order="<")
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            ply.write(handle)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as handle:
+        ply.write(handle)
 
 
 def load_ply(path: str | os.PathLike) -> dict[str, Tensor]:

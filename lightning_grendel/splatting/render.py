@@ -9,30 +9,19 @@ renders only this rank's pixel partition, and the same ``training_step`` works w
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
 
+import torch
 from torch import Tensor
 
 from lightning_grendel.splatting.cameras import Cameras
 from lightning_grendel.splatting.gaussians import activated_opacities, activated_scales, sh_coefficients
 from lightning_grendel.splatting.projection import project_gaussians
-from lightning_grendel.splatting.rasterize import rasterize
+from lightning_grendel.splatting.rasterize import Splats, rasterize
 from lightning_grendel.splatting.sh import sh_to_rgb
 
 
-class Splats(NamedTuple):
-    """2-D splats of N Gaussians on C cameras: what the rasterizer (and Grendel's exchange) consumes."""
-
-    means2d: Tensor  # [C, N, 2]
-    conics: Tensor  # [C, N, 3]
-    colors: Tensor  # [C, N, 3]
-    opacities: Tensor  # [C, N]
-    depths: Tensor  # [C, N]
-    radii: Tensor  # [C, N] int32
-
-
 def splat_gaussians(params: dict[str, Tensor], cameras: Cameras, sh_degree: int) -> Splats:
-    """Project Gaussians onto every camera and evaluate their view-dependent colour."""
+    """Project Gaussians onto every camera and evaluate their view-dependent colour: splats [C, N, ...]."""
     projected = project_gaussians(params["means"], params["quats"], activated_scales(params), cameras)
     directions = params["means"][None] - cameras.centers.to(params["means"].dtype)[:, None]
     colors = sh_to_rgb(sh_degree, sh_coefficients(params)[None], directions)
@@ -63,17 +52,12 @@ class RenderResult:
     height: int
 
 
-class Renderer(Protocol):
-    def __call__(
-        self, params: dict[str, Tensor], cameras: Cameras, sh_degree: int, background: Tensor, halo: int = 0
-    ) -> RenderResult: ...
-
-
 class SingleProcessRenderer:
-    """Renders every row of every view in this process."""
+    """Renders every row of every view in this process (a :class:`~.protocols.Renderer`)."""
 
     def __init__(self, backend: str = "auto") -> None:
         self.backend = backend
+        self.last_stats: dict[str, float] = {}
 
     def __call__(
         self, params: dict[str, Tensor], cameras: Cameras, sh_degree: int, background: Tensor, halo: int = 0
@@ -84,9 +68,10 @@ class SingleProcessRenderer:
         width, height = cameras.width, cameras.height
         views = []
         for view in range(len(cameras)):
-            image = rasterize(
-                splats.means2d[view], splats.conics[view], splats.colors[view], splats.opacities[view],
-                splats.depths[view], splats.radii[view], width, height, background, backend=self.backend,
-            )
+            image = rasterize(*splats.camera(view).tensors(), width, height, background, backend=self.backend)
             views.append(ViewRender(view, image, 0, height, 0, height))
         return RenderResult(views, splats.means2d, splats.radii, width, height)
+
+    def render_full(self, params: dict[str, Tensor], cameras: Cameras, sh_degree: int, background: Tensor) -> Tensor:
+        """Whole images [C, H, W, 3] of ``cameras``."""
+        return torch.stack([view.image for view in self(params, cameras, sh_degree, background).views])

@@ -43,16 +43,6 @@ def tile_bounds(means2d: Tensor, radii: Tensor, width: int, height: int, tile_si
     return TileBounds(x_min, x_max, y_min, y_max)
 
 
-def touches_tile_rows(bounds: TileBounds, row_start: int, row_end: int) -> Tensor:
-    """Boolean mask of splats whose tile rectangle meets tile rows [row_start, row_end)."""
-    return (
-        (bounds.x_max > bounds.x_min)
-        & (bounds.y_max > bounds.y_min)
-        & (bounds.y_min < row_end)
-        & (bounds.y_max > row_start)
-    )
-
-
 class TileIntersections(NamedTuple):
     """Splat ids grouped by tile (row-major over the rendered tile rows) and depth-sorted inside a tile."""
 

@@ -185,7 +185,9 @@ def test_sharded_initialisation_equals_the_rows_of_the_full_one():
 
     def initial(shard_indices=None) -> dict[str, torch.Tensor]:
         module = GaussianSplattingModule(sh_degree=1)
-        strategy = SimpleNamespace() if shard_indices is None else SimpleNamespace(shard_indices=shard_indices)
+        strategy = SimpleNamespace()
+        if shard_indices is not None:  # a GaussianShardingStrategy
+            strategy = SimpleNamespace(shard_indices=shard_indices, after_density_change=print, gather_gaussians=print)
         module._trainer = SimpleNamespace(datamodule=data, strategy=strategy)
         module.configure_model()
         return {key: value.detach() for key, value in module.gaussians.items()}

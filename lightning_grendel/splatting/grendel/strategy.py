@@ -34,12 +34,16 @@ from lightning_grendel.splatting.grendel.checkpoint import (
 )
 from lightning_grendel.splatting.grendel.redistribute import even_shares, redistribute
 from lightning_grendel.splatting.grendel.renderer import GrendelRenderer
+from lightning_grendel.splatting.protocols import Renderer
 
 log = logging.getLogger(__name__)
 
 
 class GrendelStrategy(ProcessGroupStrategy):
     """Distributed 3DGS (Grendel): sharded Gaussians, pixel partitions, sparse all-to-all, load balancing.
+
+    It is a :class:`~lightning_grendel.splatting.protocols.GaussianShardingStrategy` and replaces the
+    module's ``renderer`` (a :class:`~lightning_grendel.splatting.protocols.Renderer`) in ``setup``.
 
     Args:
         process_group_backend: ``gloo`` or ``nccl``; by default the one that suits the device.
@@ -90,10 +94,12 @@ class GrendelStrategy(ProcessGroupStrategy):
         self.precision_plugin.convert_module(self.model)
         self.model_to_device()
         module = self.lightning_module
-        backend = self.rasterizer_backend or getattr(getattr(module, "renderer", None), "backend", "auto")
-        self.renderer = GrendelRenderer(self.balancer, backend=backend)
-        if hasattr(module, "renderer"):
-            module.renderer = self.renderer
+        own = getattr(module, "renderer", None)
+        if not isinstance(own, Renderer):
+            raise TypeError(f"GrendelStrategy needs a module whose `renderer` attribute is a Renderer "
+                            f"(see lightning_grendel.splatting.protocols); {type(module).__name__} has {own!r}")
+        self.renderer = GrendelRenderer(self.balancer, backend=self.rasterizer_backend or own.backend)
+        module.renderer = self.renderer
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)
         self.setup_precision_plugin()

@@ -9,7 +9,7 @@ from torch import Tensor
 
 @dataclass(frozen=True)
 class Splats:
-    """One camera's projected splats, one row each.
+    """Projected splats, one row each: for one camera as below, or with a leading camera axis [C, N, ...].
 
     ``means2d`` [N, 2] (pixel centres at x + 0.5), ``conics`` [N, 3] (upper triangle of the inverse 2-D
     covariance), ``colors`` [N, D], ``opacities`` [N] (activated), ``depths`` [N] (the sort key) and
@@ -26,6 +26,14 @@ class Splats:
     def replace(self, **fields: Tensor) -> Splats:
         """A copy with some fields swapped (e.g. the same splats in another dtype)."""
         return replace(self, **fields)
+
+    def camera(self, index: int) -> Splats:
+        """Camera ``index``'s splats from a bundle with a leading camera axis."""
+        return Splats(*(tensor[index] for tensor in self.tensors()))
+
+    def tensors(self) -> tuple[Tensor, ...]:
+        """(means2d, conics, colors, opacities, depths, radii): the order ``rasterize`` takes them in."""
+        return self.means2d, self.conics, self.colors, self.opacities, self.depths, self.radii
 
 
 @dataclass(frozen=True)
