@@ -19,6 +19,7 @@ _SHORT_PATHS = {
     "GaussianSplattingModule": "lightning_grendel.splatting.module",
     "GaussianSplattingDataModule": "lightning_grendel.splatting.data.datamodule",
     "RunSummary": "lightning_grendel.splatting.callbacks",
+    "RunLogger": "lightning_grendel.loggers",
     "GrendelStrategy": "lightning_grendel.splatting.grendel.strategy",
     "PipelineStrategy": "lightning_grendel.pipeline.strategy",
     "LorentzGCNModule": "lightning_grendel.hyperbolic.modules.gcn",

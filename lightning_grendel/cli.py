@@ -15,11 +15,24 @@ from lightning_grendel._recipes import format_recipe_list, resolve_config_args
 from lightning_grendel._registry import register_strategies
 
 
+class GrendelCLI(LightningCLI):
+    """LightningCLI that roots a :class:`~lightning_grendel.loggers.RunLogger` without a ``save_dir`` at
+    ``--trainer.default_root_dir``, so that one flag moves events, checkpoints and ``config.yaml``."""
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        root = config.trainer.get("default_root_dir") or "."
+        loggers = config.trainer.get("logger")
+        for logger in loggers if isinstance(loggers, list) else [loggers]:
+            if getattr(logger, "class_path", "").endswith("RunLogger") and logger.init_args.get("save_dir") is None:
+                logger.init_args.save_dir = str(root)
+
+
 def cli(args: list[str] | None = None) -> LightningCLI:
     """The LightningCLI over every module and data module (``fit | validate | test | predict``)."""
     register_strategies()
     args = resolve_config_args(sys.argv[1:] if args is None else args)
-    return LightningCLI(
+    return GrendelCLI(
         LightningModule,
         LightningDataModule,
         subclass_mode_model=True,

@@ -101,7 +101,7 @@ class GaussianSplattingDataModule(LightningDataModule):
         super().__init__()
         self.save_hyperparameters()
         if format in ("blender", "colmap") and path is None:
-            raise ValueError(f"GaussianSplattingDataModule: format={format!r} needs a path")
+            raise ValueError(f"GaussianSplattingDataModule: format={format!r} needs a dataset folder: pass --data.path")
         if format == "demo" and path is not None:
             raise ValueError(f"GaussianSplattingDataModule: the demo scene is generated in code; got path={path!r}")
         if test_every < 2:

@@ -83,7 +83,7 @@ def test_train_order_is_seeded_and_identical_across_instances():
 
 
 def test_bad_arguments(tmp_path):
-    with pytest.raises(ValueError, match="needs a path"):
+    with pytest.raises(ValueError, match="needs a dataset folder: pass --data.path"):
         GaussianSplattingDataModule(format="colmap")
     with pytest.raises(ValueError, match="generated in code"):
         GaussianSplattingDataModule(path=str(tmp_path), format="demo")
