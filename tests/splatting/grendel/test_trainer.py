@@ -8,10 +8,10 @@ import pytest
 import torch
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning_grendel.splatting.grendel import GrendelStrategy
 
 import lightning_grendel  # noqa: F401  (registers the strategy names)
 from lightning_grendel.splatting.data.datamodule import GaussianSplattingDataModule
+from lightning_grendel.splatting.grendel import GrendelStrategy
 from lightning_grendel.splatting.grendel.checkpoint import META_FILE, shard_file
 from lightning_grendel.splatting.module import GaussianSplattingModule
 from tests.helpers.paths import REPO_ROOT
