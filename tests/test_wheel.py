@@ -45,7 +45,8 @@ def test_wheel_install_renders_with_cpp_and_runs_a_recipe_by_name(tmp_path):
     venv_site = Path(_run(python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])", cwd=tmp_path,
                           timeout=60).strip())
     (venv_site / "test_venv_packages.pth").write_text("\n".join(site.getsitepackages()) + "\n")
-    _run(sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "-q", wheel, cwd=tmp_path, timeout=300)
+    _run(sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "-q", wheel, cwd=tmp_path,
+         timeout=300)
 
     probe = (
         "import torch, lightning_grendel, lightning_grendel.splatting.rasterize as r;"
