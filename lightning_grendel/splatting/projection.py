@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -13,6 +13,8 @@ NEAR_PLANE = 0.01
 LOW_PASS = 0.3  # added to the 2-D covariance so that every splat covers about a pixel
 FOV_CLAMP_MARGIN = 0.3  # the Jacobian is evaluated no further than 1.3 x tan(fov/2) off-axis
 
+RasterizeMode = Literal["classic", "antialiased"]
+
 
 class Projected(NamedTuple):
     """Per (camera, Gaussian) 2-D splats. ``radii == 0`` marks culled pairs."""
@@ -21,6 +23,7 @@ class Projected(NamedTuple):
     conics: Tensor  # [C, N, 3] upper triangle (a, b, c) of the inverse 2-D covariance
     depths: Tensor  # [C, N] camera-space z
     radii: Tensor  # [C, N] int32 pixel radius of the 3-sigma box
+    compensations: Tensor | None = None  # [C, N] opacity factor in "antialiased" mode
 
 
 def quaternion_to_rotation(quats: Tensor) -> Tensor:
@@ -42,12 +45,19 @@ def covariance_3d(quats: Tensor, scales: Tensor) -> Tensor:
     return m @ m.transpose(-1, -2)
 
 
-def project_gaussians(means: Tensor, quats: Tensor, scales: Tensor, cameras: Cameras) -> Projected:
+def project_gaussians(
+    means: Tensor, quats: Tensor, scales: Tensor, cameras: Cameras, rasterize_mode: RasterizeMode = "classic"
+) -> Projected:
     """Project N Gaussians onto every camera of the batch.
 
     Culls pairs with depth <= 0.01 or whose 3-sigma box misses the image (radius 0); their other
-    outputs are finite but meaningless.
+    outputs are finite but meaningless. Both modes add the 0.3 px² low-pass to the 2-D covariance;
+    ``antialiased`` (Mip-Splatting's 2-D filter, gsplat's ``rasterize_mode="antialiased"``) also returns
+    ``compensations`` = sqrt(det Σ / det(Σ + 0.3 I)), the factor on opacity that keeps each splat's
+    integrated weight when the filter widens it, so small or distant splats do not bloat.
     """
+    if rasterize_mode not in ("classic", "antialiased"):
+        raise ValueError(f"rasterize_mode must be 'classic' or 'antialiased', got {rasterize_mode!r}")
     viewmats = cameras.world_to_camera.to(means.dtype)
     intrinsics = cameras.intrinsics.to(means.dtype)
     rotation, translation = viewmats[:, None, :3, :3], viewmats[:, None, :3, 3]
@@ -79,6 +89,10 @@ def project_gaussians(means: Tensor, quats: Tensor, scales: Tensor, cameras: Cam
     b = cov2d[..., 0, 1]
     c = cov2d[..., 1, 1] + LOW_PASS
     det = (a * c - b * b).clamp_min(1e-12)
+    compensations = None
+    if rasterize_mode == "antialiased":
+        det_unfiltered = cov2d[..., 0, 0] * cov2d[..., 1, 1] - b * b
+        compensations = (det_unfiltered / det).clamp_min(0.0).sqrt()
     conics = torch.stack([c / det, -b / det, a / det], dim=-1)
 
     means2d = torch.stack(
@@ -95,4 +109,4 @@ def project_gaussians(means: Tensor, quats: Tensor, scales: Tensor, cameras: Cam
             & (means2d[..., 1] - radii < height)
         )
         radii = torch.where(in_front & on_image, radii, torch.zeros_like(radii)).to(torch.int32)
-    return Projected(means2d, conics, depth, radii)
+    return Projected(means2d, conics, depth, radii, compensations)

@@ -15,17 +15,26 @@ from torch import Tensor
 
 from lightning_grendel.splatting.cameras import Cameras
 from lightning_grendel.splatting.gaussians import activated_opacities, activated_scales, sh_coefficients
-from lightning_grendel.splatting.projection import project_gaussians
+from lightning_grendel.splatting.projection import RasterizeMode, project_gaussians
 from lightning_grendel.splatting.rasterize import Splats, rasterize
 from lightning_grendel.splatting.sh import sh_to_rgb
 
 
-def splat_gaussians(params: dict[str, Tensor], cameras: Cameras, sh_degree: int) -> Splats:
-    """Project Gaussians onto every camera and evaluate their view-dependent colour: splats [C, N, ...]."""
-    projected = project_gaussians(params["means"], params["quats"], activated_scales(params), cameras)
+def splat_gaussians(
+    params: dict[str, Tensor], cameras: Cameras, sh_degree: int, rasterize_mode: RasterizeMode = "classic"
+) -> Splats:
+    """Project Gaussians onto every camera and evaluate their view-dependent colour: splats [C, N, ...].
+
+    In ``antialiased`` mode the opacities carry the 2-D filter's compensation, so every backend (and
+    Grendel's exchange) gets anti-aliased splats without a change of its own.
+    """
+    means, quats = params["means"], params["quats"]
+    projected = project_gaussians(means, quats, activated_scales(params), cameras, rasterize_mode)
     directions = params["means"][None] - cameras.centers.to(params["means"].dtype)[:, None]
     colors = sh_to_rgb(sh_degree, sh_coefficients(params)[None], directions)
     opacities = activated_opacities(params)[None].expand(len(cameras), -1)
+    if projected.compensations is not None:
+        opacities = opacities * projected.compensations
     return Splats(projected.means2d, projected.conics, colors, opacities, projected.depths, projected.radii)
 
 
@@ -55,14 +64,15 @@ class RenderResult:
 class SingleProcessRenderer:
     """Renders every row of every view in this process (a :class:`~.protocols.Renderer`)."""
 
-    def __init__(self, backend: str = "auto") -> None:
+    def __init__(self, backend: str = "auto", rasterize_mode: RasterizeMode = "classic") -> None:
         self.backend = backend
+        self.rasterize_mode = rasterize_mode
         self.last_stats: dict[str, float] = {}
 
     def __call__(
         self, params: dict[str, Tensor], cameras: Cameras, sh_degree: int, background: Tensor, halo: int = 0
     ) -> RenderResult:
-        splats = splat_gaussians(params, cameras, sh_degree)
+        splats = splat_gaussians(params, cameras, sh_degree, self.rasterize_mode)
         if splats.means2d.requires_grad:
             splats.means2d.retain_grad()
         width, height = cameras.width, cameras.height

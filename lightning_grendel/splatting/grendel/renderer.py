@@ -33,6 +33,7 @@ from lightning_grendel.splatting.grendel.partition import (
     part_costs,
     partition_rows,
 )
+from lightning_grendel.splatting.projection import RasterizeMode
 from lightning_grendel.splatting.rasterize import rasterize
 from lightning_grendel.splatting.render import RenderResult, Splats, ViewRender, splat_gaussians
 from lightning_grendel.splatting.tiles import tile_bounds, tile_grid
@@ -75,9 +76,13 @@ def select_for_ranks(splats: Splats, tasks: list[list[RowTask]], width: int, hei
 class GrendelRenderer:
     """The :class:`~lightning_grendel.splatting.render.Renderer` of GrendelStrategy (one per rank)."""
 
-    def __init__(self, balancer: LoadBalancer, backend: str = "auto", group: Any = None) -> None:
+    def __init__(
+        self, balancer: LoadBalancer, backend: str = "auto", group: Any = None,
+        rasterize_mode: RasterizeMode = "classic",
+    ) -> None:
         self.balancer = balancer
         self.backend = backend
+        self.rasterize_mode = rasterize_mode
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
@@ -91,7 +96,7 @@ class GrendelRenderer:
         costs = self.balancer.row_costs(cameras.ids, len(cameras), tiles_y)
         cuts = partition_rows(costs, self.world_size, allow_empty=not differentiable)
         tasks = all_tasks(cuts, tiles_y)
-        splats = splat_gaussians(params, cameras, sh_degree)
+        splats = splat_gaussians(params, cameras, sh_degree, self.rasterize_mode)
         if differentiable and splats.means2d.requires_grad:
             splats.means2d.retain_grad()
         flat, counts = select_for_ranks(splats, tasks, width, height)
