@@ -24,7 +24,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import uuid
 import zipfile
 from pathlib import Path
@@ -34,6 +33,7 @@ import torch
 import torch.distributed as dist
 from lightning.fabric.plugins import TorchCheckpointIO
 
+from lightning_grendel._atomic import atomic_write
 from lightning_grendel.splatting.gaussians import PARAM_KEYS
 from lightning_grendel.splatting.grendel.redistribute import even_shares
 from lightning_grendel.splatting.param_surgery import MOMENT_KEYS
@@ -80,18 +80,10 @@ def file_digest(path: Path) -> str:
 
 
 def atomic_torch_save(obj: Any, path: Path) -> str:
-    """Write to a temporary file in the same folder, then rename over ``path``; returns the SHA-256."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            writer = _HashingWriter(file)
-            torch.save(obj, writer)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    """``torch.save`` through :func:`~lightning_grendel._atomic.atomic_write`; returns the file's SHA-256."""
+    with atomic_write(path) as file:
+        writer = _HashingWriter(file)
+        torch.save(obj, writer)
     return writer.sha.hexdigest()
 
 
