@@ -1,62 +1,75 @@
-"""Pipeline schedules: per-stage action orders, and the clock table they produce.
+"""Pipeline schedules by name, and the clock table their per-rank orders produce.
 
-A schedule is, for each stage, an order of forward/backward actions over micro-batches (pipeline
-flush: every backward of a step finishes before the optimiser step). The clock table replays those
-orders with stage dependencies and an optional transfer latency, so warm-up counts, in-flight
-activations and bubbles can be checked without running a model.
+A schedule gives each rank an order of forward (``F``), backward (``B``) and, where the backward is
+split, weight-gradient (``W``) actions over micro-batches and model chunks (pipeline flush: every
+backward of a step finishes before the optimiser step). The clock table replays those orders with
+the chunk dependencies and an optional transfer latency, so warm-up counts, held activations and
+bubbles can be checked without running a model.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Literal, get_args
 
-Schedule = Literal["gpipe", "1f1b", "eager_1f1b"]
-SCHEDULES: tuple[Schedule, ...] = get_args(Schedule)
+from lightning_grendel.pipeline.schedule_orders import (
+    Action,
+    eager_one_f_one_b_order,
+    gpipe_order,
+    interleaved_order,
+    one_f_one_b_order,
+    zb_h1_order,
+)
+
+Schedule = Literal["gpipe", "1f1b", "eager_1f1b", "interleaved_1f1b", "zb_h1"]
 
 
 @dataclass(frozen=True)
-class Action:
-    """``kind`` is ``"F"`` or ``"B"``; ``microbatch`` counts from 0."""
+class PipelineSchedule:
+    """``order(rank, num_ranks, num_microbatches, virtual_stages)``; ``virtual``: takes ``v > 1`` chunks
+    per rank; ``split_backward``: ``B`` is the input gradient only and ``W`` the weight gradient."""
 
-    kind: str
-    microbatch: int
-
-    def __str__(self) -> str:
-        return f"{self.kind}{self.microbatch}"
+    order: Callable[[int, int, int, int], list[Action]]
+    virtual: bool = False
+    split_backward: bool = False
 
 
-def check_schedule(name: str) -> None:
+SCHEDULES: Mapping[str, PipelineSchedule] = MappingProxyType({
+    "gpipe": PipelineSchedule(gpipe_order),
+    "1f1b": PipelineSchedule(one_f_one_b_order),
+    "eager_1f1b": PipelineSchedule(eager_one_f_one_b_order),
+    "interleaved_1f1b": PipelineSchedule(interleaved_order, virtual=True),
+    "zb_h1": PipelineSchedule(zb_h1_order, split_backward=True),
+})
+assert set(SCHEDULES) == set(get_args(Schedule))
+
+
+def check_schedule(name: str, virtual_stages: int = 1) -> PipelineSchedule:
     if name not in SCHEDULES:
-        raise ValueError(f"unknown pipeline schedule {name!r}; choose one of {SCHEDULES}")
+        raise ValueError(f"unknown pipeline schedule {name!r}; choose one of {tuple(SCHEDULES)}")
+    schedule = SCHEDULES[name]
+    if virtual_stages < 1:
+        raise ValueError(f"virtual_stages must be >= 1, got {virtual_stages}")
+    if virtual_stages > 1 and not schedule.virtual:
+        virtual = tuple(n for n, s in SCHEDULES.items() if s.virtual)
+        raise ValueError(f"schedule {name!r} runs one chunk per stage mesh; virtual_stages={virtual_stages} "
+                         f"needs one of {virtual}")
+    return schedule
 
 
-def warmup_forwards(name: str, stage: int, num_stages: int, num_microbatches: int) -> int:
-    """Forwards a stage runs before its first backward: GPipe all, 1F1B S-s-1, eager 1F1B 2(S-s)-1."""
-    check_schedule(name)
-    if name == "gpipe":
-        return num_microbatches
-    if name == "1f1b":
-        return min(num_microbatches, num_stages - stage - 1)
-    return min(num_microbatches, 2 * (num_stages - stage) - 1)
-
-
-def stage_order(name: str, stage: int, num_stages: int, num_microbatches: int) -> list[Action]:
-    """Actions of one stage. 1F1B alternates F then B after warm-up; eager 1F1B alternates B then F."""
+def stage_order(name: str, stage: int, num_stages: int, num_microbatches: int,
+                virtual_stages: int = 1) -> list[Action]:
+    """Actions of the rank group running stage mesh ``stage``, in the order it runs them."""
+    schedule = check_schedule(name, virtual_stages)
     if not 0 <= stage < num_stages or num_microbatches < 1:
         raise ValueError(f"need 0 <= stage < num_stages and num_microbatches >= 1, got {stage}, {num_stages}, "
                          f"{num_microbatches}")
-    warmup = warmup_forwards(name, stage, num_stages, num_microbatches)
-    forwards = [Action("F", m) for m in range(num_microbatches)]
-    backwards = [Action("B", m) for m in range(num_microbatches)]
-    order = forwards[:warmup]
-    rest_f, rest_b = forwards[warmup:], backwards
-    first, second = (rest_f, rest_b) if name == "1f1b" else (rest_b, rest_f)
-    while rest_f or rest_b:
-        for queue in (first, second):
-            if queue:
-                order.append(queue.pop(0))
-    return order
+    if schedule.virtual and num_microbatches % num_stages:
+        raise ValueError(f"schedule {name!r} runs micro-batches in rounds of one per stage mesh: num_microbatches "
+                         f"({num_microbatches}) must be a multiple of the {num_stages} stage meshes")
+    return schedule.order(stage, num_stages, num_microbatches, virtual_stages)
 
 
 @dataclass(frozen=True)
@@ -67,34 +80,51 @@ class Slot:
     end: float
 
 
-def clock_table(name: str, num_stages: int, num_microbatches: int, *, forward_time: float = 1.0,
-                backward_time: float = 1.0, latency: float = 0.0) -> list[Slot]:
-    """Replay every stage's order: F(s,m) waits for F(s-1,m) plus ``latency``, B(s,m) for B(s+1,m)."""
-    orders = [stage_order(name, s, num_stages, num_microbatches) for s in range(num_stages)]
-    done: dict[tuple[int, str, int], float] = {}
+def _dependency(action: Action, split: bool, num_chunks: int) -> tuple[str, int, int] | None:
+    """The action that must finish first: the previous chunk's forward, the next chunk's backward."""
+    c, m = action.chunk, action.microbatch
+    if action.kind == "F":
+        return ("F", m, c - 1) if c > 0 else None
+    if action.kind == "W":
+        return ("B", m, c)
+    return ("B", m, c + 1) if c < num_chunks - 1 else ("F", m, c)
+
+
+def clock_table(name: str, num_stages: int, num_microbatches: int, *, virtual_stages: int = 1,
+                forward_time: float = 1.0, backward_time: float = 1.0, weight_time: float | None = None,
+                latency: float = 0.0) -> list[Slot]:
+    """Replay every rank's order; a dependency on another rank's action waits ``latency`` more.
+
+    Times are per rank and micro-batch for the rank's whole share of the model, so schedules compare
+    directly: a chunk takes ``1/v`` of them. ``backward_time`` is a full backward; a split schedule's
+    ``W`` takes ``weight_time`` (default half) of it and its ``B`` the rest.
+    """
+    split = check_schedule(name, virtual_stages).split_backward
+    weight = backward_time / 2 if weight_time is None else weight_time
+    cost = {"F": forward_time, "B": backward_time - weight if split else backward_time, "W": weight}
+    num_chunks = num_stages * virtual_stages
+    orders = [stage_order(name, s, num_stages, num_microbatches, virtual_stages) for s in range(num_stages)]
+    done: dict[tuple[str, int, int], float] = {}
     free = [0.0] * num_stages
     position = [0] * num_stages
     slots: list[Slot] = []
     while any(position[s] < len(orders[s]) for s in range(num_stages)):
         progressed = False
         for s in range(num_stages):
-            if position[s] == len(orders[s]):
-                continue
-            action = orders[s][position[s]]
-            if action.kind == "F":
-                dependency = (s - 1, "F", action.microbatch) if s > 0 else None
-            else:
-                dependency = (s + 1, "B", action.microbatch) if s < num_stages - 1 else (s, "F", action.microbatch)
-            if dependency is not None and dependency not in done:
-                continue
-            ready = 0.0 if dependency is None else done[dependency] + (latency if dependency[0] != s else 0.0)
-            start = max(free[s], ready)
-            end = start + (forward_time if action.kind == "F" else backward_time)
-            done[(s, action.kind, action.microbatch)] = end
-            free[s] = end
-            position[s] += 1
-            slots.append(Slot(s, action, start, end))
-            progressed = True
+            while position[s] < len(orders[s]):
+                action = orders[s][position[s]]
+                dependency = _dependency(action, split, num_chunks)
+                if dependency is not None and dependency not in done:
+                    break
+                ready = 0.0
+                if dependency is not None:
+                    ready = done[dependency] + (latency if dependency[2] % num_stages != s else 0.0)
+                start = max(free[s], ready)
+                end = start + cost[action.kind] / virtual_stages
+                done[(action.kind, action.microbatch, action.chunk)] = free[s] = end
+                position[s] += 1
+                slots.append(Slot(s, action, start, end))
+                progressed = True
         if not progressed:
             raise RuntimeError(f"schedule {name!r} deadlocks")
     return sorted(slots, key=lambda slot: (slot.start, slot.stage))
@@ -104,20 +134,27 @@ def makespan(slots: list[Slot]) -> float:
     return max(slot.end for slot in slots)
 
 
-def peak_in_flight(name: str, stage: int, num_stages: int, num_microbatches: int) -> int:
-    """Most activations a stage holds at once (forwards done whose backward has not run)."""
+def peak_activations(name: str, stage: int, num_stages: int, num_microbatches: int, virtual_stages: int = 1) -> int:
+    """Most chunk activations a rank holds at once: forwards whose backward (its ``W`` when split) has not run.
+
+    With ``v`` chunks per rank each holds ``1/v`` of the rank's layers.
+    """
+    release = "W" if SCHEDULES[name].split_backward else "B"
     held = peak = 0
-    for action in stage_order(name, stage, num_stages, num_microbatches):
-        held += 1 if action.kind == "F" else -1
+    for action in stage_order(name, stage, num_stages, num_microbatches, virtual_stages):
+        held += 1 if action.kind == "F" else -1 if action.kind == release else 0
         peak = max(peak, held)
     return peak
 
 
 def render(slots: list[Slot], num_stages: int) -> str:
-    """Text clock table (one row per stage), for logs and the docs."""
+    """Text clock table (one row per rank group; ``F3.1``: micro-batch 3 on the rank's second chunk)."""
+    virtual = any(slot.action.chunk >= num_stages for slot in slots)
     times = sorted({slot.start for slot in slots})
+    width = 5 if virtual else 3
     rows = []
     for s in range(num_stages):
-        cells = {slot.start: str(slot.action) for slot in slots if slot.stage == s}
-        rows.append(f"stage {s}: " + " ".join(f"{cells.get(t, '.'):>3}" for t in times))
+        cells = {slot.start: str(slot.action) + (f".{slot.action.chunk // num_stages}" if virtual else "")
+                 for slot in slots if slot.stage == s}
+        rows.append(f"stage {s}: " + " ".join(f"{cells.get(t, '.'):>{width}}" for t in times))
     return "\n".join(rows)
