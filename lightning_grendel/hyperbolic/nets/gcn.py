@@ -30,8 +30,8 @@ class HyboNetGCN(nn.Module):
 
     As in HyboNet the only nonlinearity by default is the LorentzLinear re-normalisation itself
     (``nonlin`` applies one before every layer but the first). ``encode`` gives points of ``hidden + 1``
-    coordinates; ``forward`` adds the distance-based node classifier, ``link_logits`` the link
-    prediction score ``-d_L^2(x_i, x_j)``.
+    coordinates; ``forward`` adds the distance-based node classifier, ``pair_sqdist`` gives the
+    squared Lorentzian distances that link prediction decodes.
     """
 
     def __init__(self, in_features: int, hidden: int, num_classes: int, num_layers: int = 2, k: float = 1.0,
@@ -56,6 +56,31 @@ class HyboNetGCN(nn.Module):
     def forward(self, features: Tensor, adjacency: Tensor) -> Tensor:
         return self.classifier(self.encode(features, adjacency))
 
-    def link_logits(self, h: Tensor, edges: Tensor) -> Tensor:
-        """``-d_L^2`` between the endpoints of ``(E, 2)`` node pairs of encoded points ``h``."""
-        return -lm.sqdist(h[edges[:, 0]], h[edges[:, 1]], self.manifold.k.to(h))
+    def pair_sqdist(self, h: Tensor, pairs: Tensor) -> Tensor:
+        """Squared Lorentzian distance ``d_L^2`` between the endpoints of ``(E, 2)`` node pairs."""
+        return lm.sqdist(h[pairs[:, 0]], h[pairs[:, 1]], self.manifold.k.to(h))
+
+
+class EuclideanGCN(nn.Module):
+    """The Euclidean baseline of the same size: ``num_layers`` graph convolutions ``A_norm @ W h`` to
+    ``hidden`` features (ReLU between layers) and squared Euclidean distances for link prediction.
+    It has one coordinate fewer per node than :class:`HyboNetGCN` (whose time coordinate is implied)
+    and the same weight-matrix shapes but the time column."""
+
+    def __init__(self, in_features: int, hidden: int, num_layers: int = 2, dropout: float = 0.0) -> None:
+        super().__init__()
+        dims = [in_features] + [hidden] * num_layers
+        self.layers = nn.ModuleList(nn.Linear(dims[i], dims[i + 1]) for i in range(num_layers))
+        self.dropout = nn.Dropout(dropout)
+
+    def encode(self, features: Tensor, adjacency: Tensor) -> Tensor:
+        x = features
+        for i, layer in enumerate(self.layers):
+            if i > 0:
+                x = torch.relu(x)
+            x = adjacency @ layer(self.dropout(x))
+        return x
+
+    def pair_sqdist(self, h: Tensor, pairs: Tensor) -> Tensor:
+        """Squared Euclidean distance between the endpoints of ``(E, 2)`` node pairs."""
+        return (h[pairs[:, 0]] - h[pairs[:, 1]]).pow(2).sum(-1)
