@@ -136,15 +136,19 @@ class MCMCDensifier:
         self, params: nn.ParameterDict, optimizer: torch.optim.Optimizer | None, images_before: int,
         images_after: int, extent: float, generator: torch.Generator | None = None,
     ) -> bool:
-        """After an optimiser step: relocate and grow when scheduled, then add noise; True if rows were added."""
-        added = False
-        if self.is_refine_step(images_before, images_after):
+        """After an optimiser step: relocate and grow when scheduled, then add noise.
+
+        Returns whether this was a refinement step: a function of the schedule alone, the same on every
+        rank, since the caller may start a collective (redistribution) on it.
+        """
+        refine = self.is_refine_step(images_before, images_after)
+        if refine:
             relocated = self.relocate(params, optimizer, generator)
-            added = self.grow(params, optimizer, generator) > 0
-            log.debug("MCMC at %d images: relocated %d, now %d Gaussians here", images_after, relocated,
-                      params["means"].shape[0])
+            added = self.grow(params, optimizer, generator)
+            log.debug("MCMC at %d images: relocated %d, added %d, now %d Gaussians here", images_after, relocated,
+                      added, params["means"].shape[0])
         self.add_noise(params, _learning_rate_of(optimizer, params["means"]), generator)
-        return added
+        return refine
 
     @torch.no_grad()
     def relocate(

@@ -23,13 +23,15 @@ from torch import Tensor, nn
 
 from lightning_grendel.splatting.batching import BatchScaling, scale_adam_hyperparameters
 from lightning_grendel.splatting.cameras import Cameras, scene_extent
-from lightning_grendel.splatting.densify import Densifier, DensifyConfig
+from lightning_grendel.splatting.densify import DensifyConfig
 from lightning_grendel.splatting.gaussians import PARAM_KEYS, init_from_points, make_parameters
 from lightning_grendel.splatting.grendel.checkpoint import CheckedCheckpointIO
 from lightning_grendel.splatting.guards import FiniteGuard, NonFiniteMode
 from lightning_grendel.splatting.losses import SSIM_HALO, strip_loss
+from lightning_grendel.splatting.mcmc import MCMCConfig, make_densifier
 from lightning_grendel.splatting.metrics import lpips, make_lpips, psnr, ssim
 from lightning_grendel.splatting.ply import save_ply
+from lightning_grendel.splatting.projection import RasterizeMode
 from lightning_grendel.splatting.protocols import GaussianShardingStrategy, Renderer
 from lightning_grendel.splatting.render import SingleProcessRenderer
 
@@ -54,8 +56,14 @@ class GaussianSplattingModule(LightningModule):
             from ``lr_means`` to ``lr_means_final`` (both multiplied by the scene extent).
         batch_scaling: how Adam hyperparameters follow the number of views per step
             (``sqrt``: lr·√b, eps/√b, β^b; see :mod:`lightning_grendel.splatting.batching`).
-        densify: densification thresholds and schedule (images seen).
+        densify: density control: a ``DensifyConfig`` (Inria's clone/split/prune, the default; a plain
+            mapping of its fields in a recipe) or an ``MCMCConfig`` (3DGS-MCMC: fixed budget ``cap_max``,
+            relocation, noise, regularisers; in a recipe
+            ``{class_path: lightning_grendel.splatting.mcmc.MCMCConfig, init_args: {...}}``
+            or a mapping with its fields, e.g. ``{cap_max: 50000}``). Schedules count images seen.
         backend: rasterizer backend (``auto``, ``torch``, ``cpp``, ``gsplat``).
+        rasterize_mode: ``classic`` (3DGS: 0.3 px² dilation) or ``antialiased`` (the same dilation with
+            Mip-Splatting's opacity compensation, gsplat's ``rasterize_mode``), in every backend.
         export_ply: write ``point_cloud.ply`` (all Gaussians) into the log directory at the end of fit.
         on_nonfinite: what a NaN or infinite loss, gradient or Gaussian does (checked on every rank after
             each step and densification, see :mod:`lightning_grendel.splatting.guards`): ``stop`` raises
@@ -77,16 +85,17 @@ class GaussianSplattingModule(LightningModule):
         lr_shN: float = 1.25e-4,  # noqa: N803 - gsplat's name for the higher SH bands
         adam_eps: float = 1e-15,
         batch_scaling: BatchScaling = "sqrt",
-        densify: DensifyConfig | None = None,
+        densify: DensifyConfig | MCMCConfig | None = None,
         backend: str = "auto",
+        rasterize_mode: RasterizeMode = "classic",
         export_ply: bool = True,
         on_nonfinite: NonFiniteMode = "stop",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
-        self.renderer: Renderer = SingleProcessRenderer(backend)
-        self.densifier = Densifier(densify, sh_degree)
+        self.renderer: Renderer = SingleProcessRenderer(backend, rasterize_mode)
+        self.densifier = make_densifier(densify, sh_degree)
         self.guard = FiniteGuard(on_nonfinite, type(self).__name__)
         self.gaussians: nn.ParameterDict | None = None
         self.images_seen = 0
@@ -207,6 +216,9 @@ class GaussianSplattingModule(LightningModule):
                 group["lr"] = self.means_learning_rate(self.images_seen)
         optimizer.zero_grad(set_to_none=True)
         loss, result = self.render_loss(batch)
+        regularization = getattr(self.densifier, "regularization", None)  # MCMC's opacity and scale terms
+        if regularization is not None:
+            loss = loss + views * regularization(self.gaussians, self.global_gaussian_count())
         self.manual_backward(loss)
         step, inner = self.global_step + 1, optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
         for param in self.gaussians.values():
@@ -230,16 +242,9 @@ class GaussianSplattingModule(LightningModule):
 
     def _density_control(self, optimizer: torch.optim.Optimizer, images_before: int, step: int) -> None:
         densifier, now = self.densifier, self.images_seen
-        changed = False
-        if densifier.is_densify_step(images_before, now):
-            prune_large = now > densifier.config.opacity_reset_every_images
-            stats = densifier.densify_and_prune(self.gaussians, optimizer, self.extent, prune_large)
-            log.debug("densify at %d images: %s", now, stats)
-            self.guard.after_densify(self.gaussians, optimizer, step, now)
-            changed = True
-        if densifier.is_opacity_reset_step(images_before, now):
-            densifier.reset_opacity(self.gaussians, optimizer)
+        changed = densifier.step(self.gaussians, optimizer, images_before, now, self.extent)
         if changed:
+            self.guard.after_densify(self.gaussians, optimizer, step, now)
             strategy = self.trainer.strategy
             if isinstance(strategy, GaussianShardingStrategy):
                 strategy.after_density_change(self.gaussians, optimizer)

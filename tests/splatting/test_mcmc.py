@@ -174,3 +174,21 @@ def test_schedule_and_dispatch():
         make_densifier({"cap_max": 3})  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="cap_max"):
         MCMCConfig(cap_max=0)
+
+
+def test_a_recipe_selects_mcmc_and_antialiasing():
+    from jsonargparse import ArgumentParser
+
+    from lightning_grendel.splatting.module import GaussianSplattingModule
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(GaussianSplattingModule, "model")
+    recipe = (
+        "model:\n  rasterize_mode: antialiased\n  densify:\n"
+        "    class_path: lightning_grendel.splatting.mcmc.MCMCConfig\n    init_args: {cap_max: 1234}\n"
+    )
+    module = parser.instantiate(parser.parse_string(recipe)).model
+    assert isinstance(module.densifier, MCMCDensifier) and module.densifier.capacity == 1234
+    assert module.renderer.rasterize_mode == "antialiased"
+    plain = parser.instantiate(parser.parse_string("model:\n  densify: {start_images: 7}\n")).model
+    assert isinstance(plain, GaussianSplattingModule) and plain.densifier.config.start_images == 7

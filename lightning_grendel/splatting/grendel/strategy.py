@@ -98,8 +98,12 @@ class GrendelStrategy(ProcessGroupStrategy):
         if not isinstance(own, Renderer):
             raise TypeError(f"GrendelStrategy needs a module whose `renderer` attribute is a Renderer "
                             f"(see lightning_grendel.splatting.protocols); {type(module).__name__} has {own!r}")
-        self.renderer = GrendelRenderer(self.balancer, backend=self.rasterizer_backend or own.backend)
+        self.renderer = GrendelRenderer(self.balancer, backend=self.rasterizer_backend or own.backend,
+                                        rasterize_mode=getattr(own, "rasterize_mode", "classic"))
         module.renderer = self.renderer
+        set_shard = getattr(getattr(module, "densifier", None), "set_shard", None)
+        if set_shard is not None:  # a budgeted densifier (MCMC): this rank holds its share of the budget
+            set_shard(self.global_rank, self.world_size)
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)
         self.setup_precision_plugin()
