@@ -2,20 +2,19 @@
 
 Kept apart from Lightning so it can be tested (and used) with plain ``torch.distributed``. Sends go
 through an outbox thread, so a stage moves on to its next action as soon as an output exists and the
-transfer overlaps compute; an optional per-transfer delay emulates a slow link.
+transfer overlaps compute; an optional per-transfer delay emulates a slow link. With ``v`` virtual
+stages the pipeline has ``v * S`` chunks and chunk ``c`` runs on stage mesh ``c mod S``.
 """
 
 from __future__ import annotations
 
 import copy
-import queue
-import threading
-import time
 from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
 
+from lightning_grendel.pipeline.outbox import Outbox, input_gradient, weight_gradient
 from lightning_grendel.pipeline.schedules import Schedule, check_schedule, stage_order
 from lightning_grendel.pipeline.stages import Pipeline, output_spec, resolve_stage_specs
 from lightning_grendel.pipeline.tensor_parallel import find_linear, make_column_parallel
@@ -23,49 +22,9 @@ from lightning_grendel.resharding.executors import GroupCache, start_plan
 from lightning_grendel.resharding.mesh import Mesh, ShardingSpec, check_disjoint, chunk_bounds, local_box
 from lightning_grendel.resharding.plan import Executor, ReshardPlan, check_executor, make_plan
 from lightning_grendel.resharding.senders import SenderMode, check_sender_mode
-from lightning_grendel.resharding.shm import SharedMemoryArenas, Transport, arenas_for, check_transport, create_arenas
+from lightning_grendel.resharding.shm import Transport, arenas_for, check_transport, create_arenas
 
 _FORWARD, _BACKWARD = 0, 1
-
-
-class _Outbox:
-    """FIFO of outgoing reshardings run by one thread, each started no earlier than ``latency_s``."""
-
-    def __init__(self, rank: int, groups: GroupCache, latency_s: float, shm: SharedMemoryArenas | None) -> None:
-        self._rank, self._groups, self._latency, self._shm = rank, groups, latency_s, shm
-        self._queue: queue.Queue = queue.Queue()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def put(self, plan: ReshardPlan, tensor: torch.Tensor, tag: int) -> None:
-        self._queue.put((time.perf_counter() + self._latency, plan, tensor, tag))
-
-    def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            due, plan, tensor, tag = item
-            try:
-                delay = due - time.perf_counter()
-                if delay > 0:
-                    time.sleep(delay)
-                if self._error is None:
-                    start_plan(plan, self._rank, tensor, self._groups, tag, self._shm).wait()
-            except BaseException as error:  # noqa: BLE001 - re-raised on the main thread in flush()
-                self._error = error
-            finally:
-                self._queue.task_done()
-
-    def flush(self) -> None:
-        self._queue.join()
-        if self._error is not None:
-            raise RuntimeError("a pipeline send failed") from self._error
-
-    def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join(timeout=10)
 
 
 class PipelineRuntime:
@@ -80,16 +39,21 @@ class PipelineRuntime:
     def __init__(self, pipeline: Pipeline, meshes: Sequence[Mesh], *, schedule: Schedule = "eager_1f1b",
                  executor: Executor = "broadcast", sender_mode: SenderMode = "normal", num_microbatches: int = 4,
                  transfer_latency_s: float = 0.0, timeout_s: float = 120.0, transport: Transport = "auto") -> None:
-        check_schedule(schedule)
         check_transport(transport)
         check_sender_mode(sender_mode)
         check_executor(executor)
         if num_microbatches < 1:
             raise ValueError("num_microbatches must be >= 1")
         check_disjoint(meshes)
-        if len(pipeline.stages) != len(meshes):
-            raise ValueError(f"{len(pipeline.stages)} stages but {len(meshes)} stage meshes")
+        num_chunks = len(pipeline.stages)
+        if num_chunks % len(meshes):
+            raise ValueError(f"{num_chunks} stages (model chunks) do not divide over {len(meshes)} stage meshes")
+        self.virtual_stages = num_chunks // len(meshes)
+        self._split_backward = check_schedule(schedule, self.virtual_stages).split_backward
+        if self.virtual_stages > 1 and len(meshes) < 2:
+            raise ValueError("virtual stages need at least 2 stage meshes (consecutive chunks on different meshes)")
         self.pipeline, self.meshes = pipeline, list(meshes)
+        self.chunk_meshes = [self.meshes[c % len(meshes)] for c in range(num_chunks)]
         self.schedule, self.executor, self.sender_mode = schedule, executor, sender_mode
         self.num_microbatches = num_microbatches
         self.rank = dist.get_rank()
@@ -98,10 +62,12 @@ class PipelineRuntime:
         if used != list(range(world)):
             raise ValueError(f"stage meshes must cover ranks 0..{world - 1} exactly once, got {used}")
         self.stage = next(i for i, mesh in enumerate(self.meshes) if self.rank in mesh.ranks)
-        self.module = pipeline.stages[self.stage].module
+        self._order = stage_order(schedule, self.stage, len(meshes), num_microbatches, self.virtual_stages)
+        self.chunks = list(range(self.stage, num_chunks, len(meshes)))
+        self.modules = [pipeline.stages[c].module for c in self.chunks]
         if pipeline.stages[-1].column_parallel is not None:
             raise ValueError("the last stage feeds the loss and cannot be column-parallel")
-        for index, (stage, mesh) in enumerate(zip(pipeline.stages, self.meshes, strict=True)):
+        for index, (stage, mesh) in enumerate(zip(pipeline.stages, self.chunk_meshes, strict=True)):
             resolve_stage_specs(stage, mesh, index, None)
             if stage.column_parallel is not None:
                 find_linear(stage.module, stage.column_parallel)
@@ -112,23 +78,26 @@ class PipelineRuntime:
                     raise ValueError(f"a trainable parameter is shared by stages {owner[id(p)]} and {index}; "
                                      "tied weights across stages are not supported")
         self._meta = [copy.deepcopy(stage.module).to("meta") for stage in pipeline.stages]
-        self._groups = GroupCache(timeout_s)
+        self._groups = (GroupCache(timeout_s), GroupCache(timeout_s))  # one set per direction (lane)
         self._stage_groups = [dist.new_group(list(mesh.ranks)) for mesh in self.meshes]
-        self._tp_parts = 1
-        for index, (stage, mesh) in enumerate(zip(pipeline.stages, self.meshes, strict=True)):
+        self._tp_parts: dict[int, int] = {}
+        for index, (stage, mesh) in enumerate(zip(pipeline.stages, self.chunk_meshes, strict=True)):
             if stage.column_parallel is None:
                 continue
             for ranks in mesh.axis_groups(mesh.ndim - 1):  # every rank creates every group, in one order
                 group = dist.new_group(list(ranks))
-                if index == self.stage and self.rank in ranks:
+                if index in self.chunks and self.rank in ranks:
                     linear = find_linear(stage.module, stage.column_parallel)
-                    self._tp_parts = mesh.shape[-1]
-                    make_column_parallel(linear, mesh.coordinate(self.rank)[-1], self._tp_parts, group)
-        arenas = create_arenas() if transport != "dist" else None
-        self._shm = arenas_for(transport, arenas, used)
-        if arenas is not None and self._shm is None:
-            arenas.close()
-        self._outbox = _Outbox(self.rank, self._groups, transfer_latency_s, self._shm)
+                    self._tp_parts[index] = mesh.shape[-1]
+                    make_column_parallel(linear, mesh.coordinate(self.rank)[-1], mesh.shape[-1], group)
+        self._shm = []
+        for _ in (_FORWARD, _BACKWARD):
+            arenas = create_arenas() if transport != "dist" else None
+            self._shm.append(arenas_for(transport, arenas, used))
+            if arenas is not None and self._shm[-1] is None:
+                arenas.close()
+        self._outboxes = [Outbox(self.rank, self._groups[d], transfer_latency_s, self._shm[d])
+                          for d in (_FORWARD, _BACKWARD)]
         self._layouts: dict[tuple, list[tuple[ShardingSpec, ShardingSpec, tuple[int, ...], torch.dtype]]] = {}
         self._plans: dict[tuple, tuple[list[ReshardPlan], list[ReshardPlan], int]] = {}
 
@@ -139,94 +108,106 @@ class PipelineRuntime:
             layouts = []
             x = torch.empty(shape, dtype=dtype, device="meta")
             for index, (stage, meta) in enumerate(zip(self.pipeline.stages, self._meta, strict=True)):
-                in_spec = resolve_stage_specs(stage, self.meshes[index], index, x.ndim)
-                in_spec.validate(self.meshes[index], x.shape)
+                mesh = self.chunk_meshes[index]
+                in_spec = resolve_stage_specs(stage, mesh, index, x.ndim)
+                in_spec.validate(mesh, x.shape)
                 with torch.no_grad():
                     x = meta(x)
-                tp_axis = None if stage.column_parallel is None else self.meshes[index].ndim - 1
+                tp_axis = None if stage.column_parallel is None else mesh.ndim - 1
                 out_spec = output_spec(in_spec, x.ndim, tp_axis)
-                out_spec.validate(self.meshes[index], x.shape)
+                out_spec.validate(mesh, x.shape)
                 layouts.append((in_spec, out_spec, tuple(x.shape), x.dtype))
             self._layouts[key] = layouts
         return self._layouts[key]
 
     def _boundary_plans(self, shape: tuple[int, ...], dtype: torch.dtype):
-        """Forward and backward plans of every stage boundary; groups made in one order on all ranks."""
+        """Forward and backward plans of every chunk boundary; groups made in one order on all ranks."""
         key = (shape, dtype)
         if key not in self._plans:
             layouts = self._layout(shape, dtype)
             forward, backward = [], []
-            for s in range(len(self.meshes) - 1):
-                _, out_spec, out_shape, out_dtype = layouts[s]
-                in_spec = layouts[s + 1][0]
-                forward.append(make_plan(out_shape, out_dtype, self.meshes[s], out_spec, self.meshes[s + 1], in_spec,
+            meshes = self.chunk_meshes
+            for c in range(len(meshes) - 1):
+                _, out_spec, out_shape, out_dtype = layouts[c]
+                in_spec = layouts[c + 1][0]
+                forward.append(make_plan(out_shape, out_dtype, meshes[c], out_spec, meshes[c + 1], in_spec,
                                          self.executor, self.sender_mode))
-                backward.append(make_plan(out_shape, out_dtype, self.meshes[s + 1], in_spec, self.meshes[s],
+                backward.append(make_plan(out_shape, out_dtype, meshes[c + 1], in_spec, meshes[c],
                                           out_spec, self.executor, self.sender_mode))
-            for plan in forward + backward:
-                self._groups.ensure(plan.groups())
+            for plan in forward:
+                self._groups[_FORWARD].ensure(plan.groups())
+            for plan in backward:
+                self._groups[_BACKWARD].ensure(plan.groups())
             span = max((len(plan.ops) for plan in forward + backward), default=0) + 1
             self._plans[key] = (forward, backward, span)
         return self._plans[key]
 
     def _tag(self, microbatch: int, direction: int, boundary: int, span: int) -> int:
-        return ((microbatch * 2 + direction) * len(self.meshes) + boundary) * span
+        return ((microbatch * 2 + direction) * len(self.chunk_meshes) + boundary) * span
+
+    def _receive(self, plan: ReshardPlan, direction: int, tag: int) -> torch.Tensor:
+        return start_plan(plan, self.rank, None, self._groups[direction], tag, self._shm[direction]).wait()
 
     def step(self, inputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Forward and backward of every micro-batch; gradients accumulate in the stage's parameters.
+        """Forward and backward of every micro-batch; gradients accumulate in the rank's chunks' parameters.
 
         Returns the full-batch loss on every rank (detached).
         """
         total_rows = inputs.shape[0]
         if total_rows < self.num_microbatches:
             raise ValueError(f"batch of {total_rows} rows cannot be cut into {self.num_microbatches} micro-batches")
-        micro_inputs = inputs.chunk(self.num_microbatches)
-        micro_targets = target.chunk(self.num_microbatches)
-        s, last = self.stage, len(self.meshes) - 1
-        mesh = self.meshes[s]
-        saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        micro_inputs = inputs.tensor_split(self.num_microbatches)  # exactly as many as the order expects
+        micro_targets = target.tensor_split(self.num_microbatches)
+        last = len(self.chunk_meshes) - 1
+        mesh = self.meshes[self.stage]
+        held: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        weight_grads: dict[tuple[int, int], torch.Tensor | None] = {}
         loss_sum = torch.zeros((), dtype=torch.float64)
-        for action in stage_order(self.schedule, s, len(self.meshes), len(micro_inputs)):
-            m = action.microbatch
+        for action in self._order:
+            c, m = action.chunk, action.microbatch
             shape, dtype = tuple(micro_inputs[m].shape), micro_inputs[m].dtype
-            layouts = self._layout(shape, dtype)
             forward, backward, span = self._boundary_plans(shape, dtype)
-            in_spec, out_spec, out_shape, _ = layouts[s]
+            in_spec, out_spec, out_shape, _ = self._layout(shape, dtype)[c]
+            module = self.pipeline.stages[c].module
             if action.kind == "F":
-                if s == 0:
+                if c == 0:
                     box = local_box(mesh, in_spec, shape, self.rank)
                     x = micro_inputs[m][tuple(slice(a, b) for a, b in box)]
                 else:
-                    x = start_plan(forward[s - 1], self.rank, None, self._groups,
-                                   self._tag(m, _FORWARD, s - 1, span), self._shm).wait()
+                    x = self._receive(forward[c - 1], _FORWARD, self._tag(m, _FORWARD, c - 1, span))
                     x.requires_grad_(x.is_floating_point())
-                y = self.module(x)
-                if s < last:
-                    self._outbox.put(forward[s], y.detach(), self._tag(m, _FORWARD, s, span))
-                    saved[m] = (x, y)
+                y = module(x)
+                if c < last:
+                    self._outboxes[_FORWARD].put(forward[c], y.detach(), self._tag(m, _FORWARD, c, span))
                 else:
                     rows = local_box(mesh, out_spec, out_shape, self.rank)[0]
                     if rows[1] > rows[0]:
                         share = (rows[1] - rows[0]) / total_rows
-                        loss = self.pipeline.loss(y, micro_targets[m][rows[0]:rows[1]]) * share
+                        y = self.pipeline.loss(y, micro_targets[m][rows[0]:rows[1]]) * share
                     else:
-                        loss = y.sum() * 0.0
-                    loss_sum += loss.detach().double()
-                    saved[m] = (x, loss)
-            else:
-                x, y = saved.pop(m)
-                if s == last:
-                    y.backward()
+                        y = y.sum() * 0.0
+                    loss_sum += y.detach().double()
+                held[(c, m)] = (x, y)
+            elif action.kind == "B":
+                x, y = held[(c, m)]
+                grad = None if c == last else self._receive(backward[c], _BACKWARD, self._tag(m, _BACKWARD, c, span))
+                if self._split_backward:
+                    x_grad = input_gradient(x, y, grad)
+                    weight_grads[(c, m)] = grad
                 else:
-                    grad = start_plan(backward[s], self.rank, None, self._groups,
-                                      self._tag(m, _BACKWARD, s, span), self._shm).wait()
+                    del held[(c, m)]
                     y.backward(grad)
-                if s > 0 and x.requires_grad:
-                    self._outbox.put(backward[s - 1], x.grad, self._tag(m, _BACKWARD, s - 1, span))
-        self._outbox.flush()
+                    x_grad = x.grad if x.requires_grad else None
+                if c > 0 and x_grad is not None:
+                    self._outboxes[_BACKWARD].put(backward[c - 1], x_grad, self._tag(m, _BACKWARD, c - 1, span))
+            else:
+                _, y = held.pop((c, m))
+                weight_gradient(y, weight_grads.pop((c, m)), [p for p in module.parameters() if p.requires_grad])
+        for outbox in self._outboxes:
+            outbox.flush()
         self._reduce_stage_gradients()
-        if s == last:
-            loss_sum /= self._replication(mesh, ShardingSpec.parse(self.pipeline.stages[s].input_spec))
+        if last in self.chunks:
+            loss_sum /= self._replication(mesh, ShardingSpec.parse(self.pipeline.stages[last].input_spec))
         else:
             loss_sum.zero_()
         dist.all_reduce(loss_sum)
@@ -242,19 +223,20 @@ class PipelineRuntime:
         mesh = self.meshes[self.stage]
         if mesh.size == 1:
             return
-        params = [p for p in self.module.parameters() if p.grad is not None]
+        params = [(c, p) for c in self.chunks for p in self.pipeline.stages[c].module.parameters()
+                  if p.grad is not None]
         if not params:
             return
-        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        flat = torch.cat([p.grad.reshape(-1) for _, p in params])
         dist.all_reduce(flat, group=self._stage_groups[self.stage])
-        spec = ShardingSpec.parse(self.pipeline.stages[self.stage].input_spec)
-        flat /= self._replication(mesh, spec)
-        tensor_parallel = {id(p) for p in self._column_parallel_params(self.stage)}
+        replication = {c: self._replication(mesh, ShardingSpec.parse(self.pipeline.stages[c].input_spec))
+                       for c in self.chunks}
+        tensor_parallel = {id(p) for c in self.chunks for p in self._column_parallel_params(c)}
         offset = 0
-        for p in params:
-            p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))
+        for c, p in params:
+            p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad)).div_(replication[c])
             if id(p) in tensor_parallel:  # each row block came from the ranks of one TP slice only
-                p.grad.mul_(self._tp_parts)
+                p.grad.mul_(self._tp_parts[c])
             offset += p.numel()
 
     def _column_parallel_params(self, stage: int) -> list[torch.Tensor]:
@@ -265,12 +247,12 @@ class PipelineRuntime:
         return [p for p in (linear.weight, linear.bias) if p is not None]
 
     def sync_parameters(self) -> None:
-        """Give every rank every stage's current parameters (collective; same order on every rank).
+        """Give every rank every chunk's current parameters (collective; same order on every rank).
 
         Column-parallel rows come from the first rank holding each slice, everything else from the
-        stage mesh's first rank.
+        chunk's stage mesh's first rank.
         """
-        for index, (stage, mesh) in enumerate(zip(self.pipeline.stages, self.meshes, strict=True)):
+        for index, (stage, mesh) in enumerate(zip(self.pipeline.stages, self.chunk_meshes, strict=True)):
             sliced = {id(p) for p in self._column_parallel_params(index)}
             for tensor in [*stage.module.parameters(), *stage.module.buffers()]:
                 if id(tensor) not in sliced:
@@ -284,6 +266,8 @@ class PipelineRuntime:
                     tensor.data[start:stop].copy_(piece)
 
     def close(self) -> None:
-        self._outbox.close()
-        if self._shm is not None:
-            self._shm.close()
+        for outbox in self._outboxes:
+            outbox.close()
+        for arenas in self._shm:
+            if arenas is not None:
+                arenas.close()

@@ -73,5 +73,5 @@ def get_pipeline(module: nn.Module, num_stages: int) -> Pipeline:
     pipeline = hook()
     if len(pipeline.stages) != num_stages:
         raise ValueError(f"{type(module).__name__}.{HOOK_NAME}() returned {len(pipeline.stages)} stages but the "
-                         f"strategy has {num_stages} stage meshes")
+                         f"strategy expects {num_stages} (stage meshes x virtual stages)")
     return pipeline

@@ -13,7 +13,7 @@ import torch
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.plugins.precision import Precision
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_grendel._process_group import ProcessGroupStrategy, StartMethod
 from lightning_grendel.pipeline.checkpoint import (
@@ -33,21 +33,43 @@ from lightning_grendel.resharding.shm import Transport, check_transport
 
 
 class PipelineStrategy(ProcessGroupStrategy):
-    """Pipeline parallelism over stage meshes with cross-mesh resharding (GPipe, 1F1B, eager 1F1B).
+    """Pipeline parallelism over stage meshes with cross-mesh resharding (any schedule of ``SCHEDULES``).
 
     ``stage_meshes`` lists the global ranks of each stage (default: one rank per stage) and
     ``mesh_shapes`` their shapes (default ``(1, n)``). The LightningModule defines
-    ``pipeline_stages(self) -> Pipeline``; its ``training_step`` is replaced by the pipelined step,
+    ``pipeline_stages(self) -> Pipeline`` (``virtual_stages`` chunks per stage mesh);
+    its ``training_step`` is replaced by the pipelined step,
     which logs ``train/loss``. Every rank sees the same batches (the first stage reads the inputs,
     the last the targets). A checkpoint is one ordinary Lightning file: full parameters, and every
     stage's optimizer state merged by parameter; on resume each rank takes back its stage's part.
     ``transport`` (``auto``, ``dist``, ``shm``) is how activations and gradients move, as in ``reshard()``.
+
+    Args:
+        stage_meshes: global ranks of each stage mesh.
+        mesh_shapes: shape of each stage mesh.
+        schedule: ``gpipe``, ``1f1b``, ``eager_1f1b``, ``interleaved_1f1b`` (needs ``num_microbatches`` a
+            multiple of the number of stage meshes) or ``zb_h1`` (zero bubble: backward split into input-
+            and weight-gradient passes, weight passes in the bubbles).
+        virtual_stages: model chunks per stage mesh (``v``); chunk ``c`` runs on mesh ``c mod S``, so
+            ``pipeline_stages()`` returns ``v * S`` stages. Above 1 only with ``interleaved_1f1b``.
+        executor: resharding executor (``send_recv``, ``allgather``, ``broadcast``).
+        sender_mode: sender selection of the resharding plans.
+        num_microbatches: micro-batches per step.
+        transfer_latency_s: emulated delay before every transfer (benchmarks).
+        start_method: how the processes are started.
+        timeout_s: process-group timeout.
+        transport: ``auto``, ``dist`` or ``shm``.
+        accelerator: Lightning accelerator.
+        parallel_devices: Lightning devices.
+        cluster_environment: Lightning cluster environment.
+        checkpoint_io: Lightning checkpoint IO.
+        precision_plugin: Lightning precision plugin.
     """
 
     strategy_name = "pipeline"
 
     def __init__(self, stage_meshes: list[list[int]] | None = None, mesh_shapes: list[list[int]] | None = None,
-                 schedule: Schedule = "eager_1f1b", executor: Executor = "broadcast",
+                 schedule: Schedule = "eager_1f1b", virtual_stages: int = 1, executor: Executor = "broadcast",
                  sender_mode: SenderMode = "normal", num_microbatches: int = 4, transfer_latency_s: float = 0.0,
                  start_method: StartMethod = "popen",
                  timeout_s: float = 120.0, transport: Transport = "auto", accelerator: Any = None,
@@ -57,7 +79,7 @@ class PipelineStrategy(ProcessGroupStrategy):
         super().__init__(accelerator=accelerator, parallel_devices=parallel_devices,
                          cluster_environment=cluster_environment, checkpoint_io=checkpoint_io,
                          precision_plugin=precision_plugin, timeout_s=timeout_s, start_method=start_method)
-        check_schedule(schedule)
+        check_schedule(schedule, virtual_stages)
         check_sender_mode(sender_mode)
         check_transport(transport)
         check_executor(executor)
@@ -65,6 +87,7 @@ class PipelineStrategy(ProcessGroupStrategy):
             raise ValueError("mesh_shapes needs stage_meshes with one shape per stage")
         self._meshes = self._build_meshes(stage_meshes, mesh_shapes) if stage_meshes is not None else None
         self.schedule, self.executor, self.sender_mode = schedule, executor, sender_mode
+        self.virtual_stages = virtual_stages
         self.num_microbatches, self.transfer_latency_s = num_microbatches, transfer_latency_s
         self._timeout_s, self.transport = timeout_s, transport
         self._runtime: PipelineRuntime | None = None
@@ -89,7 +112,8 @@ class PipelineStrategy(ProcessGroupStrategy):
         if trainer.accumulate_grad_batches != 1:
             raise ValueError("PipelineStrategy accumulates over micro-batches; set accumulate_grad_batches=1")
         meshes = self.meshes
-        self._runtime = PipelineRuntime(get_pipeline(module, len(meshes)), meshes, schedule=self.schedule,
+        pipeline = get_pipeline(module, len(meshes) * self.virtual_stages)
+        self._runtime = PipelineRuntime(pipeline, meshes, schedule=self.schedule,
                                         executor=self.executor, sender_mode=self.sender_mode,
                                         num_microbatches=self.num_microbatches,
                                         transfer_latency_s=self.transfer_latency_s, timeout_s=self._timeout_s,
@@ -97,7 +121,7 @@ class PipelineStrategy(ProcessGroupStrategy):
 
     def training_step(self, batch: Any, batch_idx: int = 0, *args: Any, **kwargs: Any) -> Tensor:
         assert self._runtime is not None
-        params = list(self._runtime.module.parameters())
+        params = [p for module in self._runtime.modules for p in module.parameters()]
         for p in params:
             p.grad = None
         loss = self._runtime.step(batch[0], batch[1])
@@ -141,7 +165,7 @@ class PipelineStrategy(ProcessGroupStrategy):
         if self._runtime is None:
             return super().optimizer_state(optimizer)
         stages = [stage.module for stage in self._runtime.pipeline.stages]
-        owners = state_owners(optimizer_parameters(optimizer), stages, self._runtime.meshes)
+        owners = state_owners(optimizer_parameters(optimizer), stages, self._runtime.chunk_meshes)
         return gather_optimizer_state(optimizer, owners)
 
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
@@ -149,7 +173,7 @@ class PipelineStrategy(ProcessGroupStrategy):
         if self._runtime is None:
             super().load_optimizer_state_dict(checkpoint)
             return
-        stage = self._runtime.module
+        stage = nn.ModuleList(self._runtime.modules)
         states = [restrict_state(state, local_indices(optimizer_parameters(optimizer), stage))
                   for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"], strict=False)]
         super().load_optimizer_state_dict({**checkpoint, "optimizer_states": states})

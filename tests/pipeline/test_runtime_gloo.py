@@ -2,7 +2,9 @@
 
 Three stages on six ranks: the middle stage runs on a (2,2) mesh, data parallel over axis 0 and with
 a column-parallel Linear over axis 1, so activations go 1 -> (rows over 2, replicated over 2) and
-(rows over 2, features over 2) -> 1 through cross-mesh resharding, and gradients come back.
+(rows over 2, features over 2) -> 1 through cross-mesh resharding, and gradients come back. The
+interleaved schedule runs six chunks on the same three meshes (two per mesh, chunk c on mesh c mod 3),
+so the last mesh also hands its chunk's output back to the first.
 """
 
 from __future__ import annotations
@@ -25,16 +27,21 @@ MESHES = [Mesh([0], (1, 1)), Mesh([1, 2, 3, 4], (2, 2)), Mesh([5], (1, 1))]
 LR = 0.1
 
 
-def _stages() -> list[nn.Module]:
+def _stages(virtual: int = 1) -> list[nn.Module]:
     torch.manual_seed(0)
-    return [nn.Sequential(nn.Linear(5, 8), nn.Tanh()),
-            nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 7)),
-            nn.Sequential(nn.Tanh(), nn.Linear(7, 3))]
+    widths = [(5, 8, 7), (6, 6, 5)][:virtual]
+    ends = [w[0] for w in widths[1:]] + [3]
+    modules = []
+    for (first, middle, out), end in zip(widths, ends, strict=True):
+        modules += [nn.Sequential(nn.Linear(first, middle), nn.Tanh()),
+                    nn.Sequential(nn.Linear(middle, middle), nn.Tanh(), nn.Linear(middle, out)),
+                    nn.Sequential(nn.Tanh(), nn.Linear(out, end))]
+    return modules
 
 
 def _pipeline(modules: list[nn.Module]) -> Pipeline:
-    return Pipeline([PipelineStage(modules[0]), PipelineStage(modules[1], "S0", column_parallel="2"),
-                     PipelineStage(modules[2])], F.cross_entropy)
+    return Pipeline([PipelineStage(m, "S0", column_parallel="2") if i % 3 == 1 else PipelineStage(m)
+                     for i, m in enumerate(modules)], F.cross_entropy)
 
 
 def _data() -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,8 +49,8 @@ def _data() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(10, 5, generator=generator), torch.randint(0, 3, (10,), generator=generator)
 
 
-def _reference() -> tuple[float, list[list[torch.Tensor]], list[list[torch.Tensor]]]:
-    modules = _stages()
+def _reference(virtual: int) -> tuple[float, list[list[torch.Tensor]], list[list[torch.Tensor]]]:
+    modules = _stages(virtual)
     x, y = _data()
     loss = F.cross_entropy(nn.Sequential(*modules)(x), y)
     loss.backward()
@@ -53,26 +60,30 @@ def _reference() -> tuple[float, list[list[torch.Tensor]], list[list[torch.Tenso
 
 
 def _equivalence(rank: int, world: int, schedules, executors, sender_mode, transports) -> int:
-    want_loss, want_grads, want_stepped = _reference()
     x, y = _data()
     checked = 0
     for schedule, executor, transport in itertools.product(schedules, executors, transports):
-        modules = _stages()
+        virtual = 2 if SCHEDULES[schedule].virtual else 1
+        want_loss, want_grads, want_stepped = _reference(virtual)
+        modules = _stages(virtual)
         runtime = PipelineRuntime(_pipeline(modules), MESHES, schedule=schedule, executor=executor,
                                   sender_mode=sender_mode, num_microbatches=3, transport=transport)
         loss = runtime.step(x, y)
         assert torch.allclose(loss, torch.tensor(want_loss), rtol=1e-5, atol=0), (schedule, executor, transport)
-        s = runtime.stage
+        mine = runtime.chunks
+        assert mine == list(range(runtime.stage, len(modules), 3))
         # The column-parallel Linear's rows are computed on one TP rank each; the stage reduction
         # leaves the full gradient on every rank of the stage, so every parameter compares in full.
-        for got, want in zip(modules[s].parameters(), want_grads[s], strict=True):
-            torch.testing.assert_close(got.grad, want, rtol=1e-5, atol=1e-7)
-            checked += 1
-        others = [m for i, m in enumerate(modules) if i != s]
+        for c in mine:
+            for got, want in zip(modules[c].parameters(), want_grads[c], strict=True):
+                torch.testing.assert_close(got.grad, want, rtol=1e-5, atol=1e-7, msg=f"{schedule} chunk {c}")
+                checked += 1
+        others = [m for i, m in enumerate(modules) if i not in mine]
         assert all(p.grad is None for m in others for p in m.parameters())
-        with torch.no_grad():  # a plain SGD step on what this rank owns, then gather every stage
-            for p in modules[s].parameters():
-                p -= LR * p.grad
+        with torch.no_grad():  # a plain SGD step on what this rank owns, then gather every chunk
+            for c in mine:
+                for p in modules[c].parameters():
+                    p -= LR * p.grad
         runtime.sync_parameters()
         for module, want in zip(modules, want_stepped, strict=True):
             for got, value in zip(module.parameters(), want, strict=True):
@@ -112,14 +123,16 @@ def _lorentz_equivalence(rank: int) -> None:
 
 
 def _all_equivalences(rank: int, world: int) -> int:
-    checked = _equivalence(rank, world, SCHEDULES, EXECUTORS, "normal", ("dist", "shm"))
+    checked = _equivalence(rank, world, SCHEDULES, EXECUTORS, "normal", ("dist",))
+    checked += _equivalence(rank, world, SCHEDULES, ("broadcast",), "normal", ("shm",))
     _lorentz_equivalence(rank)
     return checked
 
 
 @pytest.mark.timeout(300)
 def test_pipelined_step_equals_unpipelined_for_every_schedule_and_executor():
-    """With payloads over gloo and through shared memory; plus the Lorentz transformer recipe's model
+    """Every schedule (interleaved with two chunks per mesh) and executor over gloo, every schedule through
+    shared memory; plus the Lorentz transformer recipe's model
     (default transport), in the same processes (start-up dominates here)."""
     results = run_distributed(_all_equivalences, 6, timeout_s=150)
     assert all(n > 0 for n in results)
