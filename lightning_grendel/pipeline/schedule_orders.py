@@ -68,17 +68,32 @@ def _chunk_sequence(rank: int, num_ranks: int, num_microbatches: int, virtual_st
             for m in range(base, min(base + num_ranks, num_microbatches))]
 
 
-def interleaved_warmup(rank: int, num_ranks: int, num_microbatches: int, virtual_stages: int) -> int:
-    """Chunk forwards before the first 1F1B pair: ``2(S-r-1) + (v-1)S`` (Narayanan et al. 2021)."""
-    return min(num_microbatches * virtual_stages, 2 * (num_ranks - rank - 1) + (virtual_stages - 1) * num_ranks)
+def interleaved_warmup(rank: int, num_ranks: int, num_microbatches: int, virtual_stages: int, eager: bool) -> int:
+    """Chunk forwards before the first 1F1B pair: ``2(S-r-1) + (v-1)S`` (Narayanan et al. 2021).
+
+    The eager form adds ``S-1`` on every rank (eager 1F1B's extra on its first stage). The same extra
+    everywhere keeps each rank's lead over the next, so the order cannot deadlock (an extra of
+    ``S-r-1``, as eager 1F1B uses, does across the wrap from the last mesh to the first).
+    """
+    warmup = 2 * (num_ranks - rank - 1) + (virtual_stages - 1) * num_ranks + (num_ranks - 1 if eager else 0)
+    return min(num_microbatches * virtual_stages, warmup)
+
+
+def _interleaved(rank: int, num_ranks: int, num_microbatches: int, virtual_stages: int, eager: bool) -> list[Action]:
+    forwards = _chunk_sequence(rank, num_ranks, num_microbatches, virtual_stages, "F")
+    backwards = _chunk_sequence(rank, num_ranks, num_microbatches, virtual_stages, "B")
+    warmup = interleaved_warmup(rank, num_ranks, num_microbatches, virtual_stages, eager)
+    return _alternate(forwards, backwards, warmup, False)
 
 
 def interleaved_order(rank: int, num_ranks: int, num_microbatches: int, virtual_stages: int) -> list[Action]:
     """Interleaved 1F1B over ``v`` chunks per rank: the bubble shrinks by ``v`` for ``v`` times the transfers."""
-    forwards = _chunk_sequence(rank, num_ranks, num_microbatches, virtual_stages, "F")
-    backwards = _chunk_sequence(rank, num_ranks, num_microbatches, virtual_stages, "B")
-    return _alternate(forwards, backwards, interleaved_warmup(rank, num_ranks, num_microbatches, virtual_stages),
-                      False)
+    return _interleaved(rank, num_ranks, num_microbatches, virtual_stages, eager=False)
+
+
+def eager_interleaved_order(rank: int, num_ranks: int, num_microbatches: int, virtual_stages: int) -> list[Action]:
+    """Interleaved 1F1B with ``S-1`` more forwards in flight: each forward output has slack to travel."""
+    return _interleaved(rank, num_ranks, num_microbatches, virtual_stages, eager=True)
 
 
 def zb_h1_order(rank: int, num_ranks: int, num_microbatches: int, virtual_stages: int) -> list[Action]:

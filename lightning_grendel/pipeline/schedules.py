@@ -16,6 +16,7 @@ from typing import Literal, get_args
 
 from lightning_grendel.pipeline.schedule_orders import (
     Action,
+    eager_interleaved_order,
     eager_one_f_one_b_order,
     gpipe_order,
     interleaved_order,
@@ -23,7 +24,8 @@ from lightning_grendel.pipeline.schedule_orders import (
     zb_h1_order,
 )
 
-Schedule = Literal["gpipe", "1f1b", "eager_1f1b", "interleaved_1f1b", "zb_h1"]
+Schedule = Literal["gpipe", "1f1b", "eager_1f1b", "interleaved_1f1b", "eager_interleaved_1f1b",
+                   "zb_h1"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,7 @@ SCHEDULES: Mapping[str, PipelineSchedule] = MappingProxyType({
     "1f1b": PipelineSchedule(one_f_one_b_order),
     "eager_1f1b": PipelineSchedule(eager_one_f_one_b_order),
     "interleaved_1f1b": PipelineSchedule(interleaved_order, virtual=True),
+    "eager_interleaved_1f1b": PipelineSchedule(eager_interleaved_order, virtual=True),
     "zb_h1": PipelineSchedule(zb_h1_order, split_backward=True),
 })
 assert set(SCHEDULES) == set(get_args(Schedule))

@@ -78,6 +78,9 @@ def test_warmup_and_peak_activations(stages, microbatches):
             want = min(rounds * v, 2 * (stages - s - 1) + (v - 1) * stages + 1)
             assert _leading_forwards(stage_order("interleaved_1f1b", s, stages, rounds, v)) == want
             assert peak_activations("interleaved_1f1b", s, stages, rounds, v) == want
+            eager = min(rounds * v, want + stages - 1)
+            assert _leading_forwards(stage_order("eager_interleaved_1f1b", s, stages, rounds, v)) == eager
+            assert peak_activations("eager_interleaved_1f1b", s, stages, rounds, v) == eager
 
 
 def test_paper_counts():
@@ -104,6 +107,15 @@ def test_bubbles(stages, microbatches):
 def test_same_bubble_without_latency_and_eager_hides_latency():
     assert makespan(clock_table("eager_1f1b", 4, 8)) == makespan(clock_table("1f1b", 4, 8))
     assert makespan(clock_table("eager_1f1b", 4, 8, latency=1.0)) < makespan(clock_table("1f1b", 4, 8, latency=1.0))
+    for stages, microbatches in ((2, 4), (3, 6), (4, 8), (4, 12)):
+        sizes = dict(virtual_stages=2, backward_time=2.0)
+        plain = [makespan(clock_table("interleaved_1f1b", stages, microbatches, latency=lat, **sizes))
+                 for lat in (0.0, 0.3, 1.0)]
+        eager = [makespan(clock_table("eager_interleaved_1f1b", stages, microbatches, latency=lat, **sizes))
+                 for lat in (0.0, 0.3, 1.0)]
+        assert eager[0] == plain[0] and all(e <= p for e, p in zip(eager, plain, strict=True))
+    assert makespan(clock_table("eager_interleaved_1f1b", 4, 8, virtual_stages=2, backward_time=2.0, latency=1.0)) < \
+        makespan(clock_table("interleaved_1f1b", 4, 8, virtual_stages=2, backward_time=2.0, latency=1.0))
 
 
 def test_registry_and_errors():
