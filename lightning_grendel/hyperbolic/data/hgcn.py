@@ -174,6 +174,9 @@ class HGCNDataModule(L.LightningDataModule):
         if task == "lp":
             extra = split_edges(adj, 0.05 if val_fraction is None else val_fraction,
                                 0.10 if test_fraction is None else test_fraction, seed)
+            if not (len(extra["val_pos"]) and len(extra["test_pos"])):
+                raise ValueError(f"{path}: {len(extra['train_pos'])} edges are too few for a validation and a test "
+                                 "edge at these fractions")
             train = extra["train_pos"]
             adj = sp.coo_matrix((np.ones(len(train), dtype=np.float32), (train[:, 0], train[:, 1])), shape=adj.shape)
             adj = (adj + adj.T).tocsr()
@@ -182,6 +185,8 @@ class HGCNDataModule(L.LightningDataModule):
             default_val, default_test = NC_SPLITS.get(self.graph.name, NC_SPLITS["disease_nc"])
             idx = node_split(self.graph.labels, default_val if val_fraction is None else val_fraction,
                              default_test if test_fraction is None else test_fraction, seed)
+            if not (len(idx[1]) and len(idx[2])):
+                raise ValueError(f"{path}: too few nodes of each class for a validation and a test node")
         if degree_features:
             feats = np.hstack([feats, degree_one_hot(adj)])
         self.num_features = feats.shape[1]
