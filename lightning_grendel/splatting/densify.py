@@ -22,7 +22,27 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class DensifyConfig:
-    """Thresholds and schedule (in images seen) of 3DGS densification; defaults are Inria's."""
+    """Thresholds and schedule (in images seen) of 3DGS densification; defaults are Inria's.
+
+    Args:
+        grad_threshold: a Gaussian is cloned or split when its view-space (NDC) positional gradient norm,
+            averaged over the views that saw it since the last densification, reaches this.
+        start_images: densify only after this many images have been seen.
+        stop_images: no densification, and no opacity reset, after this many images.
+        every_images: densify each time the images seen cross a multiple of this (0: never).
+        opacity_reset_every_images: cap every opacity at 0.01 each time the images seen cross a multiple of
+            this (0: never); pruning of huge Gaussians starts after the first reset.
+        prune_opacity: prune Gaussians whose opacity falls below this after densifying.
+        dense_fraction: high-gradient Gaussians with a largest scale up to this fraction of the scene extent
+            are cloned, larger ones are split.
+        prune_scale_fraction: after the first opacity reset, also prune Gaussians with a largest scale above
+            this fraction of the scene extent.
+        split_copies: how many Gaussians replace a split one (sampled inside it, scales divided by 0.8·copies).
+        max_gaussians: most Gaussians this rank may hold; growth beyond it keeps the highest gradients
+            (None: no limit).
+        memory_budget_bytes: bytes this rank may spend on parameters, gradients and two Adam moments
+            (fp32); caps the count like ``max_gaussians`` (None: no limit).
+    """
 
     grad_threshold: float = 2e-4
     start_images: int = 500

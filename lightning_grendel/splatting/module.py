@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
@@ -37,6 +37,8 @@ from lightning_grendel.splatting.render import SingleProcessRenderer
 
 log = logging.getLogger(__name__)
 
+RasterizerBackend = Literal["auto", "torch", "cpp", "gsplat"]
+
 
 def cameras_from_batch(batch: dict[str, Tensor]) -> Cameras:
     """The batch's cameras; all its images share one size."""
@@ -51,9 +53,18 @@ class GaussianSplattingModule(LightningModule):
 
     Args:
         sh_degree: highest SH degree; the active degree rises by one every ``sh_degree_interval`` images.
+        sh_degree_interval: images seen between raising the active SH degree by one (starts at 0).
         ssim_weight: λ in ``(1-λ)·L1 + λ·(1-SSIM)``.
         total_images: images over which the position learning rate decays log-linearly
             from ``lr_means`` to ``lr_means_final`` (both multiplied by the scene extent).
+        lr_means: initial Adam learning rate of the positions, in units of the scene extent.
+        lr_means_final: position learning rate reached after ``total_images`` images (scene extent units).
+        lr_scales: Adam learning rate of the log-scales.
+        lr_quats: Adam learning rate of the rotation quaternions.
+        lr_opacities: Adam learning rate of the opacity logits.
+        lr_sh0: Adam learning rate of the base (degree-0) SH colour coefficients.
+        lr_shN: Adam learning rate of the higher SH bands (degree 1 and up).
+        adam_eps: Adam epsilon for one view per step; ``batch_scaling`` adjusts it for larger batches.
         batch_scaling: how Adam hyperparameters follow the number of views per step
             (``sqrt``: lr·√b, eps/√b, β^b; see :mod:`lightning_grendel.splatting.batching`).
         densify: density control: a ``DensifyConfig`` (Inria's clone/split/prune, the default; a plain
@@ -61,7 +72,8 @@ class GaussianSplattingModule(LightningModule):
             relocation, noise, regularisers; in a recipe
             ``{class_path: lightning_grendel.splatting.mcmc.MCMCConfig, init_args: {...}}``
             or a mapping with its fields, e.g. ``{cap_max: 50000}``). Schedules count images seen.
-        backend: rasterizer backend (``auto``, ``torch``, ``cpp``, ``gsplat``).
+        backend: rasterizer backend (``auto``, ``torch``, ``cpp``, ``gsplat``); ``auto`` picks ``cpp``
+            (else ``torch``) on CPU and ``gsplat`` (else ``torch``) on CUDA.
         rasterize_mode: ``classic`` (3DGS: 0.3 px² dilation) or ``antialiased`` (the same dilation with
             Mip-Splatting's opacity compensation, gsplat's ``rasterize_mode``), in every backend.
         export_ply: write ``point_cloud.ply`` (all Gaussians) into the log directory at the end of fit.
@@ -86,7 +98,7 @@ class GaussianSplattingModule(LightningModule):
         adam_eps: float = 1e-15,
         batch_scaling: BatchScaling = "sqrt",
         densify: DensifyConfig | MCMCConfig | None = None,
-        backend: str = "auto",
+        backend: RasterizerBackend = "auto",
         rasterize_mode: RasterizeMode = "classic",
         export_ply: bool = True,
         on_nonfinite: NonFiniteMode = "stop",

@@ -180,6 +180,16 @@ class KnowledgeGraphDataModule(L.LightningDataModule):
     """WN18RR-format folder -> training batches with negatives, filtered ranking queries.
 
     ``train_fraction`` < 1 keeps a random subset of training triples (for smoke tests on real data).
+
+    Args:
+        path: folder with ``train.txt``, ``valid.txt`` and ``test.txt`` (``head<TAB>relation<TAB>tail`` lines).
+        batch_size: training triples per batch (reverse triples count as triples of their own).
+        num_negatives: random tails per training triple, re-drawn while they form a true triple.
+        eval_batch_size: queries per validation/test batch (each is ranked against every entity).
+        drop_unseen: remove valid/test triples whose entity or relation never appears in train,
+            instead of ranking them with untrained embeddings.
+        train_fraction: fraction of the training triples kept (a random subset, drawn with ``seed``).
+        seed: seed of the training subset and of the negative sampling.
     """
 
     def __init__(self, path: str, batch_size: int = 1000, num_negatives: int = 50, eval_batch_size: int = 256,

@@ -172,6 +172,13 @@ class PlanetoidDataModule(L.LightningDataModule):
 
     ``link_prediction=True`` also holds out 5% / 10% of the edges (``val_pos``/``test_pos`` with as many
     non-edges ``val_neg``/``test_neg``); the adjacency then contains only the ``train_pos`` edges.
+
+    Args:
+        path: folder with the ``ind.<name>.*`` Planetoid files.
+        name: dataset prefix of those files (``cora``, ``citeseer``, ``pubmed``, ...).
+        normalize_features: divide each node's features by their sum (rows sum to 1).
+        link_prediction: hold out 5% / 10% of the edges for validation / test link prediction (see above).
+        seed: seed of the held-out edges and sampled non-edges (used only with ``link_prediction``).
     """
 
     def __init__(self, path: str, name: str = "cora", normalize_features: bool = True,

@@ -10,6 +10,8 @@ train/val/test are fixed and disjoint draws from the same distribution.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import lightning as L
 import numpy as np
 import torch
@@ -55,11 +57,23 @@ def reverse_data(n: int, max_len: int, num_symbols: int, rng: np.random.Generato
 
 
 class SequenceTaskDataModule(L.LightningDataModule):
-    """Serves ``(tokens, labels)`` (``depth``) or ``(src, tgt)`` (``reverse``) batches."""
+    """Serves ``(tokens, labels)`` (``depth``) or ``(src, tgt)`` (``reverse``) batches.
 
-    def __init__(self, task: str = "reverse", num_train: int = 4000, num_val: int = 500, num_test: int = 500,
-                 max_len: int = 10, num_symbols: int = 8, num_classes: int = 4, batch_size: int = 64,
-                 seed: int = 0) -> None:
+    Args:
+        task: ``depth`` (classify a bracket string's maximum nesting) or ``reverse`` (sequence to its reversal).
+        num_train: generated training sequences.
+        num_val: generated validation sequences.
+        num_test: generated test sequences.
+        max_len: sequence length in tokens, padding included (``reverse`` strings are ``max_len // 2`` or longer).
+        num_symbols: distinct symbols of the ``reverse`` strings (the vocabulary adds padding and BOS).
+        num_classes: ``depth`` classes: depths 1 .. ``num_classes``, deeper strings are capped at the last.
+        batch_size: sequences per batch.
+        seed: seed of the generated data (fixed, disjoint train/val/test draws).
+    """
+
+    def __init__(self, task: Literal["depth", "reverse"] = "reverse", num_train: int = 4000, num_val: int = 500,
+                 num_test: int = 500, max_len: int = 10, num_symbols: int = 8, num_classes: int = 4,
+                 batch_size: int = 64, seed: int = 0) -> None:
         super().__init__()
         if task not in ("depth", "reverse"):
             raise ValueError(f"task must be 'depth' or 'reverse', got {task!r}")

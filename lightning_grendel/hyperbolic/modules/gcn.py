@@ -38,12 +38,26 @@ class LorentzGCNModule(StopOnNonFinite, L.LightningModule):
     ``loss="margin"`` is HyboNet's ``mean(relu(margin - logit_true + logit_c))``; ``"ce"`` is cross
     entropy. Weight decay applies to Euclidean weight matrices only (not to biases, scales, curvature
     or ManifoldParameters). Feature and class counts come from the datamodule when not given.
+
+    Args:
+        in_features: input feature count (taken from the datamodule when None).
+        num_classes: node classes (taken from the datamodule when None).
+        hidden: space dimensions of the node embeddings (HyboNet's points have one more coordinate).
+        num_layers: graph convolutions.
+        k: the hyperboloid's ``-<x,x>_L`` (curvature ``-1/k``).
+        dropout: dropout on every layer's input.
+        nonlin: ``"relu"`` before every layer but the first (None: only LorentzLinear's re-normalisation).
+        loss: ``"ce"`` (cross entropy) or ``"margin"`` (HyboNet's margin loss, see above).
+        margin: the margin of ``loss="margin"``.
+        lr: learning rate of RiemannianAdam.
+        weight_decay: on weight matrices only.
+        stabilize: RiemannianAdam projects parameters back onto their manifold every this many steps (None: never).
     """
 
     def __init__(self, in_features: int | None = None, num_classes: int | None = None, hidden: int = 16,
-                 num_layers: int = 2, k: float = 1.0, dropout: float = 0.5, nonlin: str | None = None,
-                 loss: str = "ce", margin: float = 2.0, lr: float = 0.01, weight_decay: float = 5e-4,
-                 stabilize: int | None = 10) -> None:
+                 num_layers: int = 2, k: float = 1.0, dropout: float = 0.5, nonlin: Literal["relu"] | None = None,
+                 loss: Literal["ce", "margin"] = "ce", margin: float = 2.0, lr: float = 0.01,
+                 weight_decay: float = 5e-4, stabilize: int | None = 10) -> None:
         super().__init__()
         if loss not in ("ce", "margin"):
             raise ValueError(f"loss must be 'ce' or 'margin', got {loss!r}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import geoopt
 import lightning as L
 import torch
@@ -30,11 +32,25 @@ class LorentzKGModule(StopOnNonFinite, L.LightningModule):
     The entity and relation counts come from the datamodule (``trainer.datamodule.num_entities`` and
     ``num_relations``) when not given, so a recipe needs no dataset sizes. Validation and test log
     filtered ``mrr`` and ``hits@{1,3,10}`` over both prediction directions (reverse relations).
+
+    Args:
+        num_entities: entity count (taken from the datamodule when None).
+        num_relations: relation count, reverse relations included (taken from the datamodule when None).
+        dim: coordinates of each entity point, time coordinate included.
+        k: the hyperboloid's ``-<x,x>_L`` (curvature ``-1/k``).
+        max_norm: entities' space norm is clipped to this whenever the optimiser re-projects them.
+        max_scale: the transformed head's time coordinate lies in ``[1.1 sqrt(k), 1.1 sqrt(k) + max_scale]``.
+        margin: constant added to every score (``margin - 2k - d_L^2 + biases``), the BCE decision offset.
+        lr: learning rate of RiemannianAdam.
+        stabilize: RiemannianAdam projects parameters back onto their manifold every this many steps (None: never).
+        retraction: optimiser step on the hyperboloid: ``"expmap"`` (exact map and parallel transport) or
+            ``"projection"`` (``projx(x + u)``, cheaper, applies ``max_norm`` every step).
     """
 
     def __init__(self, num_entities: int | None = None, num_relations: int | None = None, dim: int = 32,
                  k: float = 1.0, max_norm: float = 1.5, max_scale: float = 3.5, margin: float = 8.0,
-                 lr: float = 0.005, stabilize: int | None = 1, retraction: str = "expmap") -> None:
+                 lr: float = 0.005, stabilize: int | None = 1,
+                 retraction: Literal["expmap", "projection"] = "expmap") -> None:
         super().__init__()
         self.save_hyperparameters()
         self.model: HyboNetKG | None = None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import geoopt
 import lightning as L
 import torch
@@ -16,11 +18,27 @@ from lightning_grendel.hyperbolic.nets.seq import LorentzSeq2Seq, LorentzSequenc
 class LorentzTransformerModule(StopOnNonFinite, L.LightningModule):
     """``task="classify"``: logs ``acc``; ``task="seq2seq"``: logs teacher-forced ``token_acc`` and, in
     validation/test, greedy-decoding ``seq_acc`` (whole target sequence right). Vocabulary size and class
-    count come from the datamodule (``vocab_size``, ``num_classes``, ``max_len``) when not given."""
+    count come from the datamodule (``vocab_size``, ``num_classes``, ``max_len``) when not given.
 
-    def __init__(self, task: str = "seq2seq", vocab_size: int | None = None, num_classes: int | None = None,
-                 max_len: int | None = None, d_model: int = 16, heads: int = 2, num_layers: int = 2, d_ff: int = 32,
-                 dropout: float = 0.0, k: float = 1.0, label_smoothing: float = 0.0, lr: float = 0.005) -> None:
+    Args:
+        task: ``"classify"`` (one label per sequence) or ``"seq2seq"`` (encoder-decoder, target tokens).
+        vocab_size: token ids, padding and BOS included (taken from the datamodule when None).
+        num_classes: classes of ``task="classify"`` (taken from the datamodule when None).
+        max_len: longest sequence in tokens; positions are learned up to ``max_len + 1`` (datamodule's when None).
+        d_model: coordinates of each token's point on the hyperboloid, time coordinate included.
+        heads: attention heads per layer.
+        num_layers: encoder layers (and as many decoder layers for ``seq2seq``).
+        d_ff: width of each layer's feed-forward block.
+        dropout: dropout inside the Lorentz linear layers (positional, attention and feed-forward).
+        k: the hyperboloid's ``-<x,x>_L`` (curvature ``-1/k``).
+        label_smoothing: cross-entropy label smoothing (0: none); padding tokens are not scored.
+        lr: learning rate of RiemannianAdam.
+    """
+
+    def __init__(self, task: Literal["classify", "seq2seq"] = "seq2seq", vocab_size: int | None = None,
+                 num_classes: int | None = None, max_len: int | None = None, d_model: int = 16, heads: int = 2,
+                 num_layers: int = 2, d_ff: int = 32, dropout: float = 0.0, k: float = 1.0,
+                 label_smoothing: float = 0.0, lr: float = 0.005) -> None:
         super().__init__()
         if task not in ("classify", "seq2seq"):
             raise ValueError(f"task must be 'classify' or 'seq2seq', got {task!r}")

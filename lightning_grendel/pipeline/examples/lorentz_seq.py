@@ -61,7 +61,14 @@ class _Back(nn.Module):
 
 
 class PipelinedLorentzClassifier(LorentzTransformerModule):
-    """``LorentzTransformerModule(task="classify")`` plus the stage hook; ``stage_splits`` are layer indices."""
+    """``LorentzTransformerModule(task="classify")`` plus the stage hook; ``stage_splits`` are layer indices.
+
+    Args:
+        stage_splits: encoder layer indices where a new pipeline stage starts (embedding joins the first
+            stage, the classifier the last); at least one is needed under ``PipelineStrategy``.
+        stage_input_specs: each stage's input layout on its mesh (``"R"`` replicated, ``"S0"``/``"S1"``: batch
+            rows over that mesh axis); one per stage, default all ``"R"``.
+    """
 
     def __init__(self, stage_splits: list[int] | None = None, stage_input_specs: list[str] | None = None,
                  vocab_size: int | None = None, num_classes: int | None = None, max_len: int | None = None,

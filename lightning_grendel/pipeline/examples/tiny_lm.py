@@ -46,7 +46,14 @@ class _Windows(Dataset):
 
 
 class CharTextDataModule(LightningDataModule):
-    """Next-character prediction on :func:`generated_text`; ``vocab_size`` is fixed at 64 (byte values folded)."""
+    """Next-character prediction on :func:`generated_text`; ``vocab_size`` is fixed at 64 (byte values folded).
+
+    Args:
+        seq_len: characters per input window (the target is the same window shifted by one).
+        batch_size: windows per batch (the last incomplete batch is dropped).
+        num_windows: training windows per epoch, at random start positions in the corpus.
+        seed: seed of the generated corpus and of the window positions.
+    """
 
     vocab_size = 64
 
@@ -117,7 +124,20 @@ class _CharLM(LightningModule):
 
 
 class TinyTransformerLM(_CharLM):
-    """Character-level causal LM. ``stage_splits`` are block indices where a new stage starts."""
+    """Character-level causal LM. ``stage_splits`` are block indices where a new stage starts.
+
+    Args:
+        vocab_size: token ids (64 for :class:`CharTextDataModule`).
+        d_model: embedding width of every block.
+        n_heads: attention heads per block (must divide ``d_model``).
+        n_layers: transformer blocks.
+        seq_len: longest input in tokens (size of the learned position table).
+        lr: Adam learning rate.
+        stage_splits: block indices where a new pipeline stage starts (embedding joins the first stage, the
+            head the last); none: one stage.
+        stage_input_specs: each stage's input layout on its mesh (``"R"`` replicated, ``"S0"``/``"S1"``: batch
+            rows over that mesh axis); one per stage, default all ``"R"``.
+    """
 
     def __init__(self, vocab_size: int = 64, d_model: int = 32, n_heads: int = 4, n_layers: int = 4,
                  seq_len: int = 32, lr: float = 3e-3, stage_splits: list[int] | None = None,
@@ -158,6 +178,16 @@ class TensorParallelMLPLM(_CharLM):
     Stage 0 (embedding + up-projection) ends in the wide Linear, which ``tensor_parallel`` makes
     column-parallel over its mesh's last axis: its output leaves sharded by features and reaches
     stage 1, on a mesh of another shape, through cross-mesh resharding.
+
+    Args:
+        vocab_size: token ids (64 for :class:`CharTextDataModule`).
+        d_model: embedding width.
+        hidden: width of the up-projection (the tensor-parallel Linear's output features).
+        seq_len: longest input in tokens (size of the learned position table).
+        lr: Adam learning rate.
+        stage_input_specs: the two stages' input layouts on their meshes (``"R"`` replicated, ``"S0"``/``"S1"``:
+            batch rows over that mesh axis); default ``["R", "R"]``.
+        tensor_parallel: split the up-projection column-parallel over stage 0's last mesh axis.
     """
 
     def __init__(self, vocab_size: int = 64, d_model: int = 32, hidden: int = 128, seq_len: int = 32,
