@@ -1,8 +1,9 @@
 """COLMAP sparse-model reader (binary and text) and the posed-image scene built from it.
 
 Binary files are little-endian (layout in the COLMAP docs, ``src/colmap/scene/reconstruction_io.cc``).
-Only undistorted pinhole cameras (PINHOLE, SIMPLE_PINHOLE) can be splatted; other models are rejected
-with the ``colmap image_undistorter`` command that fixes them. Every parse error names the file and
+Pinhole cameras load as they are; SIMPLE_RADIAL, RADIAL, OPENCV, FULL_OPENCV and OPENCV_FISHEYE are
+undistorted at load time (:mod:`.undistort`); other models are rejected with the ``colmap
+image_undistorter`` command that fixes them. Every parse error names the file and
 what is wrong, so a truncated download is told apart from an unsupported capture.
 """
 
@@ -17,7 +18,8 @@ import torch
 from torch import Tensor
 
 from lightning_grendel.splatting.cameras import Cameras
-from lightning_grendel.splatting.data.scene import ImageSplit, SceneData, load_image, resized_size, scale_intrinsics
+from lightning_grendel.splatting.data import undistort
+from lightning_grendel.splatting.data.scene import ImageSplit, SceneData, resized_size, scale_intrinsics
 from lightning_grendel.splatting.data.validate import check_colmap_model
 
 # COLMAP model id -> (name, number of parameters).
@@ -35,7 +37,6 @@ CAMERA_MODELS: dict[int, tuple[str, int]] = {
     10: ("THIN_PRISM_FISHEYE", 12),
 }
 _PARAM_COUNTS = dict(CAMERA_MODELS.values())
-SUPPORTED_MODELS = ("PINHOLE", "SIMPLE_PINHOLE")
 
 
 class ColmapFormatError(ValueError):
@@ -55,13 +56,9 @@ class ColmapCamera:
     params: tuple[float, ...]
 
     def intrinsics(self) -> Tensor:
-        """3x3 K; COLMAP puts pixel centres at (x + 0.5, y + 0.5) like the rasterizer, so K carries over."""
-        if self.model == "PINHOLE":
-            fx, fy, cx, cy = self.params
-        else:
-            fx, cx, cy = self.params
-            fy = fx
-        return torch.tensor([[fx, 0.0, cx], [0.0, fy, cy], [0.0, 0.0, 1.0]], dtype=torch.float64)
+        """3x3 pinhole part; COLMAP puts pixel centres at (x + 0.5, y + 0.5) like the rasterizer."""
+        lens = undistort.camera_lens(self, f"camera {self.id}")
+        return torch.tensor([[lens.fx, 0.0, lens.cx], [0.0, lens.fy, lens.cy], [0.0, 0.0, 1.0]], dtype=torch.float64)
 
 
 @dataclass(frozen=True)
@@ -110,10 +107,10 @@ class ColmapModel:
 
 
 def _checked_camera(path: Path, camera: ColmapCamera) -> ColmapCamera:
-    if camera.model not in SUPPORTED_MODELS:
+    if camera.model not in undistort.SUPPORTED_MODELS:
         raise UnsupportedCameraModelError(
             f"{path}: camera {camera.id} uses the {camera.model} model; only "
-            f"{' and '.join(SUPPORTED_MODELS)} are supported. Undistort the images first with "
+            f"{', '.join(undistort.SUPPORTED_MODELS)} are supported. Undistort the images first with "
             "`colmap image_undistorter --image_path images --input_path sparse/0 --output_path undistorted` "
             "and use the `undistorted` folder as the dataset path."
         )
@@ -363,7 +360,10 @@ def load_colmap_scene(
 
     first = model.cameras[entries[0].camera_id]
     source_size = (first.width, first.height)
-    size = resized_size(*source_size, image_width, downscale)
+    used = {image.camera_id: model.cameras[image.camera_id] for image in entries}
+    undistortions = undistort.make_undistortions(list(used.values()), model.path)  # one remap table per camera
+    undistorted_size = undistortions[first.id].size
+    size = resized_size(*undistorted_size, image_width, downscale)
     reference = f"camera {first.id} of the first image {entries[0].name}"
 
     def make_split(selected: list[ColmapImage]) -> ImageSplit:
@@ -378,11 +378,11 @@ def load_colmap_scene(
             path = images_dir / image.name
             if not path.is_file():
                 raise FileNotFoundError(f"{model.path}: image {image.name} is registered but {path} is missing")
-            pixels.append(load_image(path, "RGB", source_size, reference, size))
-        intrinsics = torch.stack([model.cameras[image.camera_id].intrinsics() for image in selected])
+            pixels.append(undistort.load_undistorted(path, undistortions[camera.id], source_size, reference, size))
+        intrinsics = torch.stack([undistortions[image.camera_id].intrinsics for image in selected])
         cameras = Cameras(
             torch.stack([image.world_to_camera() for image in selected]).to(torch.float32),
-            scale_intrinsics(intrinsics, source_size, size).to(torch.float32),
+            scale_intrinsics(intrinsics, undistorted_size, size).to(torch.float32),
             size[0],
             size[1],
         )

@@ -149,18 +149,18 @@ def test_truncated_or_padded_binary_files_are_errors(blocks, tmp_path, name):
 
 
 def test_unsupported_camera_model_in_text_says_to_undistort(tmp_path):
-    (tmp_path / "cameras.txt").write_text("# a comment\n7 SIMPLE_RADIAL 640 480 500 320 240 0.01\n")
+    (tmp_path / "cameras.txt").write_text("# a comment\n7 SIMPLE_RADIAL_FISHEYE 640 480 500 320 240 0.01\n")
     with pytest.raises(UnsupportedCameraModelError) as info:
         read_model(tmp_path)
     message = str(info.value)
-    assert "cameras.txt" in message and "camera 7" in message and "SIMPLE_RADIAL" in message
+    assert "cameras.txt" in message and "camera 7" in message and "SIMPLE_RADIAL_FISHEYE" in message
     assert "colmap image_undistorter" in message
 
 
 def test_unsupported_camera_model_in_binary(tmp_path):
     path = tmp_path / "cameras.bin"
-    path.write_bytes(struct.pack("<QiiQQ8d", 1, 3, 4, 640, 480, *range(8)))  # model 4 = OPENCV
-    with pytest.raises(UnsupportedCameraModelError, match=r"cameras\.bin: camera 3 uses the OPENCV model"):
+    path.write_bytes(struct.pack("<QiiQQ12d", 1, 3, 10, 640, 480, *range(12)))  # model 10 = THIN_PRISM_FISHEYE
+    with pytest.raises(UnsupportedCameraModelError, match=r"cameras\.bin: camera 3 uses the THIN_PRISM_FISHEYE model"):
         read_cameras_binary(path)
 
 
