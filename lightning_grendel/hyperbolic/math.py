@@ -92,15 +92,58 @@ def egrad2rgrad(x: Tensor, grad: Tensor, k: float | Tensor) -> Tensor:
     return proju(x, grad, k)
 
 
+def _sqdist_close(x: Tensor, y: Tensor, k: Tensor) -> Tensor:
+    """``d_L^2 = <x - y, x - y>_L`` from differences only, with no cancellation for nearby points.
+
+    With ``p = x_s - y_s``, ``s = x_s + y_s``, ``T = x0 + y0`` the hyperboloid gives
+    ``x0 - y0 = p.s / T`` and ``T^2 - |s|^2 = 4k + d_L^2``; splitting ``p`` into ``a = p.s/|s|`` along
+    ``s`` and ``p_perp`` across it leaves ``d_L^2 = (T^2 |p_perp|^2 + 4k a^2) / (T^2 - a^2)``, a ratio of
+    sums of non-negative terms. The time coordinates enter only through ``T``, so the points are those
+    their space parts define.
+    """
+    p = x[..., 1:] - y[..., 1:]
+    s = x[..., 1:] + y[..., 1:]
+    t2 = (x[..., 0] + y[..., 0]) ** 2
+    ss = (s * s).sum(-1).clamp_min(torch.finfo(x.dtype).tiny)
+    ps = (p * s).sum(-1)
+    a2 = ps * ps / ss
+    p_perp = p - (ps / ss).unsqueeze(-1) * s
+    num = t2 * (p_perp * p_perp).sum(-1) + 4.0 * k * a2
+    return num / (t2 - a2).clamp_min(_eps(x))
+
+
+def _sqdist_parts(x: Tensor, y: Tensor, k: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(close, d_L^2 from differences, -<x, y>_L)``; ``close`` where ``d_L^2 < k`` (distance below
+    about ``sqrt(k)``), where the inner-product form ``-2k - 2<x, y>_L`` would cancel."""
+    neg_inner = -inner(x, y)
+    close = (2.0 * neg_inner - 2.0 * k) < k
+    return close, _sqdist_close(x, y, k), neg_inner
+
+
+def _keep(t: Tensor, keepdim: bool) -> Tensor:
+    return t.unsqueeze(-1) if keepdim else t
+
+
 def dist(x: Tensor, y: Tensor, k: float | Tensor, keepdim: bool = False) -> Tensor:
-    """Geodesic distance ``sqrt(k) arcosh(-<x, y>_L / k)``."""
+    """Geodesic distance: ``2 sqrt(k) asinh(d_L / (2 sqrt(k)))`` with the difference-based ``d_L`` for
+    nearby points (``arcosh`` of ``1 + d_L^2/2k`` would keep only ``eps / d^2`` relative digits), else
+    ``sqrt(k) arcosh(-<x, y>_L / k)``. Finite gradient (zero) at ``x == y``."""
     k = _as_tensor(k, x)
-    return torch.sqrt(k) * arcosh(-inner(x, y, keepdim=keepdim) / k)
+    sqrt_k = torch.sqrt(k)
+    close, d2, neg_inner = _sqdist_parts(x, y, k)
+    positive = d2 > torch.finfo(x.dtype).tiny  # sqrt'(0) is infinite: zero distance, zero gradient there
+    d_l = torch.where(positive, torch.sqrt(torch.where(positive, d2, torch.ones_like(d2))), torch.zeros_like(d2))
+    near = 2.0 * sqrt_k * torch.asinh(d_l / (2.0 * sqrt_k))
+    far = sqrt_k * arcosh(neg_inner / k)
+    return _keep(torch.where(close, near, far), keepdim)
 
 
 def sqdist(x: Tensor, y: Tensor, k: float | Tensor, keepdim: bool = False) -> Tensor:
-    """Squared Lorentzian distance ``-2k - 2<x, y>_L`` (>= 0; no arcosh, cheap and smooth)."""
-    return (-2.0 * _as_tensor(k, x) - 2.0 * inner(x, y, keepdim=keepdim)).clamp_min(0.0)
+    """Squared Lorentzian distance ``-2k - 2<x, y>_L`` (>= 0; no arcosh, cheap and smooth), from
+    differences for nearby points (see :func:`dist`)."""
+    k = _as_tensor(k, x)
+    close, d2, neg_inner = _sqdist_parts(x, y, k)
+    return _keep(torch.where(close, d2, 2.0 * neg_inner - 2.0 * k).clamp_min(0.0), keepdim)
 
 
 def expmap(x: Tensor, u: Tensor, k: float | Tensor) -> Tensor:
