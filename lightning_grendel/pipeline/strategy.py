@@ -47,11 +47,11 @@ class PipelineStrategy(ProcessGroupStrategy):
     Args:
         stage_meshes: global ranks of each stage mesh.
         mesh_shapes: shape of each stage mesh.
-        schedule: ``gpipe``, ``1f1b``, ``eager_1f1b``, ``interleaved_1f1b`` (needs ``num_microbatches`` a
-            multiple of the number of stage meshes) or ``zb_h1`` (zero bubble: backward split into input-
-            and weight-gradient passes, weight passes in the bubbles).
+        schedule: ``gpipe``, ``1f1b``, ``eager_1f1b``, ``interleaved_1f1b`` or ``eager_interleaved_1f1b``
+            (both need ``num_microbatches`` a multiple of the number of stage meshes), or ``zb_h1`` (zero
+            bubble: backward split into input- and weight-gradient passes, weight passes in the bubbles).
         virtual_stages: model chunks per stage mesh (``v``); chunk ``c`` runs on mesh ``c mod S``, so
-            ``pipeline_stages()`` returns ``v * S`` stages. Above 1 only with ``interleaved_1f1b``.
+            ``pipeline_stages()`` returns ``v * S`` stages. Above 1 only with the interleaved schedules.
         executor: resharding executor (``send_recv``, ``allgather``, ``broadcast``).
         sender_mode: sender selection of the resharding plans.
         num_microbatches: micro-batches per step.
