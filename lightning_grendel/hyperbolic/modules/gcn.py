@@ -168,11 +168,11 @@ class LorentzGCNLinkModule(StopOnNonFinite, L.LightningModule):
             self._build(self.trainer.datamodule.num_features)
 
     def sample_negatives(self, pos: Tensor, num_nodes: int) -> Tensor:
-        """``num_negatives * len(pos)`` uniform node pairs, redrawn (a few rounds) where they hit a
-        training edge or a self pair."""
+        """``num_negatives * len(pos)`` uniform node pairs, redrawn where they hit a
+        training edge or a self pair (until none does; a sparse graph needs one or two rounds)."""
         edge_keys = torch.cat([pos[:, 0] * num_nodes + pos[:, 1], pos[:, 1] * num_nodes + pos[:, 0]]).sort().values
         neg = torch.randint(0, num_nodes, (len(pos) * self.hparams.num_negatives, 2), device=pos.device)
-        for _ in range(5):
+        for _ in range(1000):
             keys = neg[:, 0] * num_nodes + neg[:, 1]
             where = torch.searchsorted(edge_keys, keys).clamp_max(len(edge_keys) - 1)
             bad = (edge_keys[where] == keys) | (neg[:, 0] == neg[:, 1])
