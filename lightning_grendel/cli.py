@@ -1,6 +1,7 @@
 """The ``lightning-grendel`` command: LightningCLI over every module and data module of the package.
 
-``lightning-grendel recipes`` lists the shipped recipes; ``-c NAME`` accepts a listed name as well as a
+``lightning-grendel recipes`` lists the shipped recipes, ``lightning-grendel render`` renders a trained
+Gaussian scene (see ``render --help``); ``-c NAME`` accepts a listed name as well as a
 path, so a wheel install runs them without a clone.
 """
 
@@ -47,6 +48,11 @@ def main(args: list[str] | None = None) -> None:
     argv = sys.argv[1:] if args is None else args
     if argv[:1] == ["recipes"]:
         print(format_recipe_list())
+        return
+    if argv[:1] == ["render"]:  # imported here: the render command pulls in OpenCV and the splatting stack
+        from lightning_grendel.splatting.viewer.render_command import main as render_main
+
+        render_main(argv[1:])
         return
     cli(argv)
 

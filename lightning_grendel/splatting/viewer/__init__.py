@@ -1,0 +1,1 @@
+"""Looking at a trained scene: camera paths, video files and the ``lightning-grendel render`` command."""
