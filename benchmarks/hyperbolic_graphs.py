@@ -90,10 +90,11 @@ def main() -> None:
     parser.add_argument("--disease", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = write_hgcn_folder(Path(tmp) / "disease_lp", generate_disease_like(seed=args.seed))
-        tree_comparison("tree", folder, args.tree_epochs, args.seed)
-    if args.disease is not None:
+    if args.tree_epochs > 0:
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = write_hgcn_folder(Path(tmp) / "disease_lp", generate_disease_like(seed=args.seed))
+            tree_comparison("tree", folder, args.tree_epochs, args.seed)
+    if args.disease is not None and args.tree_epochs > 0:
         tree_comparison("disease", args.disease, args.tree_epochs, args.seed)
     if args.cora_epochs > 0:
         dm = PlanetoidDataModule(str(args.cora), link_prediction=True, seed=args.seed)
