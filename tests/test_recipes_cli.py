@@ -51,3 +51,13 @@ def test_fit_then_test_from_the_checkpoint(name, tmp_path, shared_dataset, monke
     checkpoints = sorted(Path(tmp_path / "run").rglob("*.ckpt"))
     assert checkpoints, f"{name}: fit wrote no checkpoint"
     main(["test", *args, "--ckpt_path", str(checkpoints[-1])])
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("name", sorted(GENERATED))
+def test_an_hgcn_recipe_without_a_path_names_it(name, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        main(["fit", "-c", name, "--trainer.default_root_dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert "required" in err and "path" in err
