@@ -45,6 +45,13 @@ def resolve_config_args(args: list[str]) -> list[str]:
     return resolved
 
 
+def require_data_path(path: str | None, owner: str) -> str:
+    """``path`` itself; a clear error naming the command-line flag when a recipe was run without one."""
+    if path is None or not str(path).strip():
+        raise ValueError(f"{owner} needs its dataset folder: pass --data.path PATH")
+    return str(path)
+
+
 def format_recipe_list() -> str:
     """The text ``lightning-grendel recipes`` prints: one recipe per line with its summary."""
     names = recipe_names()

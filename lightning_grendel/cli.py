@@ -32,7 +32,10 @@ class GrendelCLI(LightningCLI):
 def cli(args: list[str] | None = None) -> LightningCLI:
     """The LightningCLI over every module and data module (``fit | validate | test | predict``)."""
     register_strategies()
-    args = resolve_config_args(sys.argv[1:] if args is None else args)
+    if args is None:  # LightningCLI reads sys.argv itself; resolve recipe names there
+        sys.argv[1:] = resolve_config_args(sys.argv[1:])
+    else:
+        args = resolve_config_args(args)
     return GrendelCLI(
         LightningModule,
         LightningDataModule,

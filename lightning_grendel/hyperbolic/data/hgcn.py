@@ -23,6 +23,7 @@ import scipy.sparse as sp
 import torch
 from torch.utils.data import DataLoader
 
+from lightning_grendel._recipes import require_data_path
 from lightning_grendel.hyperbolic.data.planetoid import normalized_adjacency, split_edges
 
 # HGCN's node-classification proportions (validation, test) by dataset name; others get the first.
@@ -158,13 +159,13 @@ class HGCNDataModule(L.LightningDataModule):
         seed: seed of the split.
     """
 
-    def __init__(self, path: str, task: Literal["lp", "nc"] = "lp", normalize_features: bool = False,
+    def __init__(self, path: str | None = None, task: Literal["lp", "nc"] = "lp", normalize_features: bool = False,
                  degree_features: bool = False, val_fraction: float | None = None,
                  test_fraction: float | None = None, seed: int = 1234) -> None:
         super().__init__()
         if task not in ("lp", "nc"):
             raise ValueError(f"task must be 'lp' or 'nc', got {task!r}")
-        self.graph = HGCNGraph.load(path)
+        self.graph = HGCNGraph.load(require_data_path(path, "HGCNDataModule"))
         adj = self.graph.adjacency
         feats = self.graph.features
         if normalize_features:

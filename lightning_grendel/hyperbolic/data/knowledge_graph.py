@@ -23,6 +23,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
+from lightning_grendel._recipes import require_data_path
+
 SPLITS = ("train", "valid", "test")
 
 
@@ -192,10 +194,11 @@ class KnowledgeGraphDataModule(L.LightningDataModule):
         seed: seed of the training subset and of the negative sampling.
     """
 
-    def __init__(self, path: str, batch_size: int = 1000, num_negatives: int = 50, eval_batch_size: int = 256,
+    def __init__(self, path: str | None = None, batch_size: int = 1000, num_negatives: int = 50,
+                 eval_batch_size: int = 256,
                  drop_unseen: bool = False, train_fraction: float = 1.0, seed: int = 0) -> None:
         super().__init__()
-        self.path = path
+        self.path = path = require_data_path(path, "KnowledgeGraphDataModule")
         self.batch_size = batch_size
         self.num_negatives = num_negatives
         self.eval_batch_size = eval_batch_size

@@ -19,6 +19,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from lightning_grendel._recipes import require_data_path
+
 PICKLED = ("x", "y", "allx", "ally", "tx", "ty", "graph")
 
 
@@ -181,10 +183,10 @@ class PlanetoidDataModule(L.LightningDataModule):
         seed: seed of the held-out edges and sampled non-edges (used only with ``link_prediction``).
     """
 
-    def __init__(self, path: str, name: str = "cora", normalize_features: bool = True,
+    def __init__(self, path: str | None = None, name: str = "cora", normalize_features: bool = True,
                  link_prediction: bool = False, seed: int = 0) -> None:
         super().__init__()
-        self.path = path
+        self.path = path = require_data_path(path, "PlanetoidDataModule")
         self.name = name
         self.graph = Planetoid.load(path, name)
         feats = self.graph.features
