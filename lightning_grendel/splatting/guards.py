@@ -118,17 +118,25 @@ class FiniteGuard:
         log.warning("%s: skipped optimiser step %d: %s; reset %d local rows", self.owner, step, what, int(rows.sum()))
         return False
 
-    def after_step(self, params: Mapping[str, Tensor], optimizer: torch.optim.Optimizer, step: int,
-                   images: int) -> int:
-        """After the optimiser step: stop, or restore the rows that became non-finite; returns how many."""
+    def _non_finite_rows(self, params: Mapping[str, Tensor], when: str, step: int,
+                         images: int) -> tuple[Tensor, str] | None:
+        """``None`` when every rank's rows are finite; else raise (``stop``) or return (local rows, summary)."""
         masks = [bad_rows(p) for p in params.values()]
         counts = global_sum(torch.stack([m.sum() for m in masks]).to(torch.int64))
         if not counts.any():
-            return 0
+            return None
         described = _describe(list(params), counts)
         if self.mode == "stop":
-            raise self._fail(f"non-finite parameters after the step ({described})", step, images)
-        rows = torch.stack(masks).any(dim=0)
+            raise self._fail(f"non-finite parameters {when} ({described})", step, images)
+        return torch.stack(masks).any(dim=0), described
+
+    def after_step(self, params: Mapping[str, Tensor], optimizer: torch.optim.Optimizer, step: int,
+                   images: int) -> int:
+        """After the optimiser step: stop, or restore the rows that became non-finite; returns how many."""
+        found = self._non_finite_rows(params, "after the step", step, images)
+        if found is None:
+            return 0
+        rows, described = found
         self._reset_rows(params, optimizer, rows)
         log.warning("%s: optimiser step %d made rows non-finite (%s); restored %d local rows to their values "
                     "before the step and reset their Adam moments", self.owner, step, described, int(rows.sum()))
@@ -137,14 +145,10 @@ class FiniteGuard:
     def after_densify(self, params: Mapping[str, Tensor], optimizer: torch.optim.Optimizer | None, step: int,
                       images: int) -> int:
         """After densification: stop, or drop the non-finite rows (there is no earlier copy to restore)."""
-        masks = [bad_rows(p) for p in params.values()]
-        counts = global_sum(torch.stack([m.sum() for m in masks]).to(torch.int64))
-        if not counts.any():
+        found = self._non_finite_rows(params, "after densification", step, images)
+        if found is None:
             return 0
-        described = _describe(list(params), counts)
-        if self.mode == "stop":
-            raise self._fail(f"non-finite parameters after densification ({described})", step, images)
-        rows = torch.stack(masks).any(dim=0)
+        rows, described = found
         select_rows(params, optimizer, ~rows)
         log.warning("%s: densification at step %d made rows non-finite (%s); removed %d local rows",
                     self.owner, step, described, int(rows.sum()))

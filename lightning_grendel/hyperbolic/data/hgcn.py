@@ -21,10 +21,9 @@ import lightning as L
 import numpy as np
 import scipy.sparse as sp
 import torch
-from torch.utils.data import DataLoader
 
 from lightning_grendel._recipes import require_data_path
-from lightning_grendel.hyperbolic.data.planetoid import normalized_adjacency, split_edges
+from lightning_grendel.hyperbolic.data.planetoid import WholeGraphLoaders, normalized_adjacency, split_edges
 
 # HGCN's node-classification proportions (validation, test) by dataset name; others get the first.
 NC_SPLITS = {"disease_nc": (0.10, 0.60), "airport": (0.15, 0.15)}
@@ -142,7 +141,7 @@ def degree_one_hot(adj: sp.csr_matrix) -> np.ndarray:
     return np.hstack([np.eye(6, dtype=np.float32)[degree], np.ones((adj.shape[0], 1), dtype=np.float32)])
 
 
-class HGCNDataModule(L.LightningDataModule):
+class HGCNDataModule(WholeGraphLoaders, L.LightningDataModule):
     """Full-batch link prediction or node classification on an HGCN-layout folder; yields the same batch
     dictionary as :class:`~lightning_grendel.hyperbolic.data.planetoid.PlanetoidDataModule`.
 
@@ -199,16 +198,4 @@ class HGCNDataModule(L.LightningDataModule):
             **{f"idx_{split}": torch.from_numpy(i) for split, i in zip(("train", "val", "test"), idx, strict=True)},
             **{key: torch.from_numpy(value) for key, value in extra.items()},
         }
-
-    def _loader(self) -> DataLoader:
-        return DataLoader([self.batch], batch_size=None)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader()
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader()
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader()
 

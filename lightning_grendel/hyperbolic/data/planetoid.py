@@ -168,7 +168,25 @@ def split_edges(adj: sp.csr_matrix, val_fraction: float, test_fraction: float,
             "val_neg": negatives[:n_val], "test_neg": negatives[n_val:]}
 
 
-class PlanetoidDataModule(L.LightningDataModule):
+class WholeGraphLoaders:
+    """Data-module loaders for full-batch graph training: every split is one batch, the whole graph."""
+
+    batch: dict[str, Tensor]
+
+    def _loader(self) -> DataLoader:
+        return DataLoader([self.batch], batch_size=None)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader()
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader()
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader()
+
+
+class PlanetoidDataModule(WholeGraphLoaders, L.LightningDataModule):
     """Full-batch node classification: every loader yields the whole graph once (features row-normalised,
     normalised adjacency, labels and the three index sets); the module picks the split by stage.
 
@@ -217,14 +235,3 @@ class PlanetoidDataModule(L.LightningDataModule):
     def num_classes(self) -> int:
         return self.graph.num_classes
 
-    def _loader(self) -> DataLoader:
-        return DataLoader([self.batch], batch_size=None)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader()
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader()
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader()
