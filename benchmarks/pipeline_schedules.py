@@ -20,13 +20,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import statistics
 import tempfile
 import time
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _pipeline_timing import median_step_seconds
 from torch import nn
 
 from lightning_grendel.pipeline.schedules import clock_table, makespan
@@ -96,20 +96,9 @@ def _rank(rank: int, world: int, init: str, costs: tuple[float, float, float], l
     runtimes = {name: PipelineRuntime(_pipeline(v, costs), meshes, schedule=name, num_microbatches=microbatches,
                                       transfer_latency_s=latency_s, transport="dist") for name, v in CASES}
     x, target = torch.randn(2 * microbatches, WIDTH), torch.randn(2 * microbatches, WIDTH)
-    times: dict[str, list[float]] = {name: [] for name in runtimes}
-    for step in range(steps + 1):  # step 0 builds plans and groups: not timed
-        for name, runtime in runtimes.items():
-            dist.barrier()
-            start = time.perf_counter()
-            runtime.step(x, target)
-            elapsed = torch.tensor(time.perf_counter() - start, dtype=torch.float64)
-            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-            if step > 0:
-                times[name].append(float(elapsed))
-    for runtime in runtimes.values():
-        runtime.close()
+    medians = median_step_seconds(runtimes, x, target, steps)
     if rank == 0:
-        out.update({name: statistics.median(values) for name, values in times.items()})
+        out.update(medians)
     dist.barrier()
     dist.destroy_process_group()
 

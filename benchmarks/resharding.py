@@ -24,8 +24,9 @@ import time
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _pipeline_timing import median_step_seconds
 
-from lightning_grendel.pipeline import Mesh, make_plan
+from lightning_grendel.resharding import Mesh, make_plan
 from lightning_grendel.resharding.costmodel import Topology, plan_makespan, traffic
 from lightning_grendel.resharding.executors import GroupCache, start_plan
 from lightning_grendel.resharding.mesh import box_slices, local_box
@@ -136,20 +137,9 @@ def _pipeline_rank(rank: int, world: int, init: str, latency_s: float, steps: in
     meshes = [Mesh([r], (1, 1)) for r in range(world)]
     runtimes = {name: PipelineRuntime(model.pipeline_stages(), meshes, schedule=name, num_microbatches=8,
                                       transfer_latency_s=latency_s) for name in ("1f1b", "eager_1f1b")}
-    times: dict[str, list[float]] = {name: [] for name in runtimes}
-    for step in range(steps + 1):
-        for name, runtime in runtimes.items():
-            dist.barrier()
-            start = time.perf_counter()
-            runtime.step(ids, ids)
-            elapsed = torch.tensor(time.perf_counter() - start, dtype=torch.float64)
-            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-            if step > 0:
-                times[name].append(float(elapsed))
-    for runtime in runtimes.values():
-        runtime.close()
+    medians = median_step_seconds(runtimes, ids, ids, steps)
     if rank == 0:
-        out.update({name: statistics.median(values) for name, values in times.items()})
+        out.update(medians)
     dist.barrier()
     dist.destroy_process_group()
 

@@ -92,8 +92,7 @@ class Densifier:
 
     def is_densify_step(self, images_before: int, images_after: int) -> bool:
         c = self.config
-        in_window = c.start_images < images_after <= c.stop_images
-        return in_window and crosses_multiple(images_before, images_after, c.every_images)
+        return is_scheduled_step(images_before, images_after, c.start_images, c.stop_images, c.every_images)
 
     def is_opacity_reset_step(self, images_before: int, images_after: int) -> bool:
         c = self.config
@@ -188,6 +187,11 @@ class Densifier:
 
 # Checkpoints store the module's hyperparameters, this config among them; they load with weights_only=True.
 torch.serialization.add_safe_globals([DensifyConfig])
+
+
+def is_scheduled_step(before: int, after: int, start: int, stop: int, every: int) -> bool:
+    """Whether going from ``before`` to ``after`` images lands in (start, stop] and crosses a multiple of ``every``."""
+    return start < after <= stop and crosses_multiple(before, after, every)
 
 
 def crosses_multiple(before: int, after: int, every: int) -> bool:

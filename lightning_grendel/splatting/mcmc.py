@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from lightning_grendel.splatting.densify import Densifier, DensifyConfig, crosses_multiple
+from lightning_grendel.splatting.densify import Densifier, DensifyConfig, is_scheduled_step
 from lightning_grendel.splatting.gaussians import activated_opacities, activated_scales
 from lightning_grendel.splatting.param_surgery import append_rows, overwrite_rows
 from lightning_grendel.splatting.projection import covariance_3d
@@ -129,8 +129,7 @@ class MCMCDensifier:
 
     def is_refine_step(self, images_before: int, images_after: int) -> bool:
         c = self.config
-        in_window = c.start_images < images_after <= c.stop_images
-        return in_window and crosses_multiple(images_before, images_after, c.every_images)
+        return is_scheduled_step(images_before, images_after, c.start_images, c.stop_images, c.every_images)
 
     def step(
         self, params: nn.ParameterDict, optimizer: torch.optim.Optimizer | None, images_before: int,
