@@ -1,15 +1,13 @@
 """The C++/OpenMP CPU rasterizer behind ``rasterize(..., backend="cpp")``; its source ships in the package.
 
-The extension is compiled on first use with ``torch.utils.cpp_extension.load`` and cached per torch and
-Python version, so later processes only load it. If compiling fails the backend warns once, naming the
-file with the compiler output, and renders with the PyTorch reference instead: slower, never wrong.
+The extension is compiled on first use for this CPU and cached (see
+:mod:`lightning_grendel.splatting.cpp_build`), so later processes only load it. If compiling fails the
+backend warns once, naming the file with the compiler output, and renders with the PyTorch reference
+instead: slower, never wrong.
 """
 
 from __future__ import annotations
 
-import os
-import sys
-import warnings
 from pathlib import Path
 from types import ModuleType
 
@@ -17,59 +15,22 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from lightning_grendel.splatting.cpp_build import extension_directory, load_cpp_extension
 from lightning_grendel.splatting.rasterize.splats import PixelRows, Splats
 from lightning_grendel.splatting.rasterize.torch_backend import rasterize_torch
 
 EXTENSION_NAME = "lightning_grendel_rasterize"
 SOURCE = Path(__file__).resolve().parent / "csrc" / "rasterize.cpp"
-_CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off"]
 
 
 def build_directory() -> Path:
-    """Where the compiled extension lives: ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/lightning_grendel``."""
-    root = os.environ.get("TORCH_EXTENSIONS_DIR")
-    base = Path(root) if root else Path.home() / ".cache" / "lightning_grendel" / "torch_extensions"
-    version = f"py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__.split('+')[0]}"
-    return base / version / EXTENSION_NAME
-
-
-_loaded: dict[str, ModuleType | None] = {}  # the one build attempt of this process, successful or not
+    """Where the compiled extension lives (see :mod:`lightning_grendel.splatting.cpp_build`)."""
+    return extension_directory(EXTENSION_NAME)
 
 
 def load_extension() -> ModuleType | None:
     """The extension module, or ``None`` if it cannot be built (warned about once per process)."""
-    if "module" not in _loaded:
-        _loaded["module"] = _build()
-    return _loaded["module"]
-
-
-def _build() -> ModuleType | None:
-    """Compile (first time) and import the extension; ``None`` after one warning if compiling fails."""
-    from torch.utils.cpp_extension import load
-
-    directory = build_directory()
-    directory.mkdir(parents=True, exist_ok=True)
-    log_file = directory / "build_error.log"
-    try:
-        module = load(
-            name=EXTENSION_NAME,
-            sources=[str(SOURCE)],
-            extra_cflags=_CFLAGS,
-            extra_ldflags=["-fopenmp"],
-            build_directory=str(directory),
-            verbose=False,
-        )
-    except (RuntimeError, OSError, ImportError) as error:
-        log_file.write_text(f"building {SOURCE} failed:\n{error}\n")
-        warnings.warn(
-            f"lightning_grendel: could not build the C++ rasterizer (compiler output in {log_file}); "
-            "falling back to the slower PyTorch rasterizer",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        return None
-    log_file.unlink(missing_ok=True)
-    return module
+    return load_cpp_extension(EXTENSION_NAME, [SOURCE])
 
 
 def cpp_available() -> bool:
