@@ -29,6 +29,26 @@ from torch import Tensor
 StartMethod = Literal["popen", "spawn", "fork", "forkserver"]
 
 
+def leave_process_group() -> None:
+    """Wait for every rank, then destroy the default process group.
+
+    Ranks that simply exit tear gloo down during interpreter shutdown while their peers may still be
+    connected, which now and then ends a finished run in SIGABRT. Call this only after a run succeeded:
+    after a failure the barrier would wait for ranks that are gone.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+class _LeaveTogetherLauncher(_MultiProcessingLauncher):
+    """Lightning's spawn/fork launcher whose workers leave the process group together once they are done."""
+
+    def _wrapping_function(self, *args: Any, **kwargs: Any) -> None:
+        super()._wrapping_function(*args, **kwargs)
+        leave_process_group()
+
+
 class ProcessGroupStrategy(ParallelStrategy):
     """A ``ParallelStrategy`` that owns the process group but leaves parameter synchronisation to subclasses."""
 
@@ -87,7 +107,7 @@ class ProcessGroupStrategy(ParallelStrategy):
         if self._start_method == "popen":
             self._launcher = _SubprocessScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
         else:
-            self._launcher = _MultiProcessingLauncher(self, start_method=self._start_method)
+            self._launcher = _LeaveTogetherLauncher(self, start_method=self._start_method)
 
     def set_world_ranks(self) -> None:
         if self.cluster_environment is not None:

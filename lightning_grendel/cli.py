@@ -12,6 +12,7 @@ import sys
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
+from lightning_grendel._process_group import leave_process_group
 from lightning_grendel._recipes import format_recipe_list, resolve_config_args
 from lightning_grendel._registry import register_strategies
 
@@ -58,6 +59,7 @@ def main(args: list[str] | None = None) -> None:
         render_main(argv[1:])
         return
     cli(argv)
+    leave_process_group()  # every rank runs this command: they leave gloo together rather than at exit
 
 
 if __name__ == "__main__":
