@@ -57,20 +57,20 @@ def extension_directory(name: str) -> Path:
 _loaded: dict[str, ModuleType | None] = {}  # one build attempt per extension and process
 
 
-def load_cpp_extension(name: str, sources: Sequence[Path], extra_cflags: Sequence[str] = ()) -> ModuleType | None:
+def load_cpp_extension(name: str, sources: Sequence[Path]) -> ModuleType | None:
     """The compiled module ``name`` (building it the first time), or ``None`` after one warning."""
     if name not in _loaded:
-        _loaded[name] = _build(name, sources, extra_cflags)
+        _loaded[name] = _build(name, sources)
     return _loaded[name]
 
 
-def _build(name: str, sources: Sequence[Path], extra_cflags: Sequence[str]) -> ModuleType | None:
+def _build(name: str, sources: Sequence[Path]) -> ModuleType | None:
     from torch.utils.cpp_extension import load
 
     directory = extension_directory(name)
     directory.mkdir(parents=True, exist_ok=True)
     log_file = directory / "build_error.log"
-    cflags = [*BASE_CFLAGS, f"-march={march()}", *extra_cflags]
+    cflags = [*BASE_CFLAGS, f"-march={march()}"]
     try:
         module = load(
             name=name,
