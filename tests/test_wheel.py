@@ -36,7 +36,9 @@ def test_wheel_install_renders_with_cpp_and_runs_a_recipe_by_name(tmp_path):
          cwd=source, timeout=300)
     (wheel,) = (tmp_path / "dist").glob("lightning_grendel-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert "lightning_grendel/splatting/rasterize/csrc/rasterize.cpp" in names
+    sources = {p.relative_to(REPO_ROOT).as_posix() for p in (REPO_ROOT / "lightning_grendel").glob("**/csrc/*")}
+    assert "lightning_grendel/splatting/csrc/ssim.cpp" in sources
+    assert sources <= names, f"C++ sources missing from the wheel: {sorted(sources - names)}"
     assert {"lightning_grendel/recipes/gaussian/demo.yaml", "lightning_grendel/recipes/smoke/gaussian.yaml"} <= names
 
     venv = tmp_path / "venv"
