@@ -42,6 +42,12 @@ class DensifyConfig:
             (None: no limit).
         memory_budget_bytes: bytes this rank may spend on parameters, gradients and two Adam moments
             (fp32); caps the count like ``max_gaussians`` (None: no limit).
+        absgrad: AbsGS (Ye et al. 2024): rank Gaussians by the absolute view-space gradient, the sum over
+            pixels of |d loss / d mean2d| per component, instead of the summed signed gradient, whose
+            pixels' contributions can cancel; needs a ``torch`` or ``gsplat`` rasterizer (``cpp`` falls back
+            to ``torch`` with a warning).
+        absgrad_threshold: ``grad_threshold`` used when ``absgrad`` is on (absolute sums are larger;
+            8e-4 is gsplat's value for AbsGS).
     """
 
     grad_threshold: float = 2e-4
@@ -55,6 +61,8 @@ class DensifyConfig:
     split_copies: int = 2
     max_gaussians: int | None = None
     memory_budget_bytes: int | None = None
+    absgrad: bool = False
+    absgrad_threshold: float = 8e-4
 
     def capacity(self, sh_degree: int = 3) -> int | None:
         """Most Gaussians this rank may hold: ``max_gaussians`` and what ``memory_budget_bytes`` affords
@@ -76,12 +84,18 @@ class Densifier:
         self.visible_count = torch.zeros(0)
         self.capacity_reached_logged = False
 
+    @property
+    def uses_absgrad(self) -> bool:
+        """Whether :meth:`accumulate` wants the renderer's absolute gradients instead of ``means2d.grad``."""
+        return self.config.absgrad
+
     def reset_statistics(self, count: int, device: torch.device) -> None:
         self.grad_sum = torch.zeros(count, device=device)
         self.visible_count = torch.zeros(count, device=device)
 
     def accumulate(self, means2d_grad: Tensor, radii: Tensor, width: int, height: int) -> None:
-        """Add each view's NDC-space gradient norm of the 2-D means [C, N, 2] for visible pairs."""
+        """Add each view's NDC-space gradient norm of the 2-D means [C, N, 2] for visible pairs (with
+        ``absgrad``, ``means2d_grad`` is the per-component sum of absolute per-pixel gradients)."""
         if self.grad_sum.shape[0] != means2d_grad.shape[1]:
             self.reset_statistics(means2d_grad.shape[1], means2d_grad.device)
         scale = torch.tensor([0.5 * width, 0.5 * height], device=means2d_grad.device, dtype=means2d_grad.dtype)
@@ -110,7 +124,7 @@ class Densifier:
             self.reset_statistics(count, params["means"].device)
         mean_grad = self.grad_sum / self.visible_count.clamp_min(1)
         max_scale = activated_scales(params).detach().max(dim=1).values
-        high_grad = mean_grad >= c.grad_threshold
+        high_grad = mean_grad >= (c.absgrad_threshold if c.absgrad else c.grad_threshold)
         clone = high_grad & (max_scale <= c.dense_fraction * extent)
         split = high_grad & (max_scale > c.dense_fraction * extent)
         clone, split = self._within_capacity(clone, split, mean_grad, count)

@@ -72,6 +72,7 @@ class GaussianSplattingModule(LightningModule):
             relocation, noise, regularisers; in a recipe
             ``{class_path: lightning_grendel.splatting.mcmc.MCMCConfig, init_args: {...}}``
             or a mapping with its fields, e.g. ``{cap_max: 50000}``). Schedules count images seen.
+            ``{absgrad: true}`` densifies on AbsGS's absolute view-space gradients.
         backend: rasterizer backend (``auto``, ``torch``, ``cpp``, ``gsplat``); ``auto`` picks ``cpp``
             (else ``torch``) on CPU and ``gsplat`` (else ``torch``) on CUDA.
         rasterize_mode: ``classic`` (3DGS: 0.3 px² dilation) or ``antialiased`` (the same dilation with
@@ -209,7 +210,9 @@ class GaussianSplattingModule(LightningModule):
         cameras = cameras_from_batch(batch)
         targets = batch["image"]
         halo = SSIM_HALO if self.hparams.ssim_weight > 0 else 0
-        result = self.renderer(self.gaussians, cameras, self.active_sh_degree, self.background, halo=halo)
+        absgrad = getattr(self.densifier, "uses_absgrad", False)  # AbsGS statistics (MCMC has none)
+        result = self.renderer(self.gaussians, cameras, self.active_sh_degree, self.background, halo=halo,
+                               absgrad=absgrad)
         full_pixels = cameras.width * cameras.height * targets.shape[-1]
         loss = targets.new_zeros(())
         for view in result.views:
@@ -238,8 +241,9 @@ class GaussianSplattingModule(LightningModule):
                 param.grad /= views
         if not self.guard.before_step(loss, self.gaussians, inner, step, self.images_seen):  # skipped on every rank
             return loss.detach()
-        if result.means2d.grad is not None:
-            self.densifier.accumulate(result.means2d.grad, result.radii, result.width, result.height)
+        view_grad = result.means2d.grad if result.absgrad is None else result.absgrad.grad  # AbsGS: |.| per pixel
+        if view_grad is not None:
+            self.densifier.accumulate(view_grad, result.radii, result.width, result.height)
         optimizer.step()
         self.guard.after_step(self.gaussians, inner, step, self.images_seen)
 

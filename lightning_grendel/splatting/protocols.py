@@ -23,8 +23,10 @@ class Renderer(Protocol):
     """Renders a module's Gaussians for a batch of cameras.
 
     Call order in a training step: ``renderer(params, cameras, ...)`` returns which rows of which views
-    were rendered here (the loss covers exactly those rows); ``last_stats`` then holds the step's
-    numbers worth logging (bytes exchanged, load imbalance; empty on one process). ``render_full`` gives
+    were rendered here (the loss covers exactly those rows; with ``absgrad`` its ``absgrad`` leaf
+    collects the per-pixel absolute gradients of the 2-D means, summed on the Gaussian's owner);
+    ``last_stats`` then holds the step's numbers worth logging (bytes exchanged, load imbalance; empty
+    on one process). ``render_full`` gives
     whole images on every rank, for validation, tests and exports (a collective when sharded).
     """
 
@@ -32,7 +34,8 @@ class Renderer(Protocol):
     last_stats: dict[str, float]
 
     def __call__(
-        self, params: dict[str, Tensor], cameras: Cameras, sh_degree: int, background: Tensor, halo: int = 0
+        self, params: dict[str, Tensor], cameras: Cameras, sh_degree: int, background: Tensor, halo: int = 0,
+        absgrad: bool = False,
     ) -> RenderResult: ...
 
     def render_full(self, params: dict[str, Tensor], cameras: Cameras, sh_degree: int, background: Tensor) -> Tensor:

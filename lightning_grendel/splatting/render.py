@@ -21,12 +21,14 @@ from lightning_grendel.splatting.sh import sh_to_rgb
 
 
 def splat_gaussians(
-    params: dict[str, Tensor], cameras: Cameras, sh_degree: int, rasterize_mode: RasterizeMode = "classic"
+    params: dict[str, Tensor], cameras: Cameras, sh_degree: int, rasterize_mode: RasterizeMode = "classic",
+    absgrad: bool = False,
 ) -> Splats:
     """Project Gaussians onto every camera and evaluate their view-dependent colour: splats [C, N, ...].
 
     In ``antialiased`` mode the opacities carry the 2-D filter's compensation, so every backend (and
-    Grendel's exchange) gets anti-aliased splats without a change of its own.
+    Grendel's exchange) gets anti-aliased splats without a change of its own. ``absgrad`` adds a zero
+    ``absgrad_probe`` [C, N, 2] leaf for the per-pixel absolute gradients of the means (AbsGS).
     """
     means, quats = params["means"], params["quats"]
     projected = project_gaussians(means, quats, activated_scales(params), cameras, rasterize_mode)
@@ -35,7 +37,8 @@ def splat_gaussians(
     opacities = activated_opacities(params)[None].expand(len(cameras), -1)
     if projected.compensations is not None:
         opacities = opacities * projected.compensations
-    return Splats(projected.means2d, projected.conics, colors, opacities, projected.depths, projected.radii)
+    probe = torch.zeros_like(projected.means2d.detach(), requires_grad=True) if absgrad else None
+    return Splats(projected.means2d, projected.conics, colors, opacities, projected.depths, projected.radii, probe)
 
 
 @dataclass
@@ -52,13 +55,18 @@ class ViewRender:
 
 @dataclass
 class RenderResult:
-    """What one rank rendered, plus its own Gaussians' 2-D means and radii (for densification statistics)."""
+    """What one rank rendered, plus its own Gaussians' 2-D means and radii (for densification statistics).
+
+    ``absgrad`` (asked for with ``absgrad=True``) is a zero leaf [C, N_local, 2] whose gradient, after
+    backward, is each Gaussian's per-view sum over pixels of |d loss / d means2d|, wherever it was rendered.
+    """
 
     views: list[ViewRender]
     means2d: Tensor  # [C, N_local, 2], gradients retained
     radii: Tensor  # [C, N_local]
     width: int
     height: int
+    absgrad: Tensor | None = None
 
 
 class SingleProcessRenderer:
@@ -70,17 +78,20 @@ class SingleProcessRenderer:
         self.last_stats: dict[str, float] = {}
 
     def __call__(
-        self, params: dict[str, Tensor], cameras: Cameras, sh_degree: int, background: Tensor, halo: int = 0
+        self, params: dict[str, Tensor], cameras: Cameras, sh_degree: int, background: Tensor, halo: int = 0,
+        absgrad: bool = False,
     ) -> RenderResult:
-        splats = splat_gaussians(params, cameras, sh_degree, self.rasterize_mode)
+        splats = splat_gaussians(params, cameras, sh_degree, self.rasterize_mode, absgrad)
         if splats.means2d.requires_grad:
             splats.means2d.retain_grad()
         width, height = cameras.width, cameras.height
         views = []
         for view in range(len(cameras)):
-            image = rasterize(*splats.camera(view).tensors(), width, height, background, backend=self.backend)
+            one = splats.camera(view)
+            image = rasterize(*one.tensors(), width, height, background, backend=self.backend,
+                              absgrad_probe=one.absgrad_probe)
             views.append(ViewRender(view, image, 0, height, 0, height))
-        return RenderResult(views, splats.means2d, splats.radii, width, height)
+        return RenderResult(views, splats.means2d, splats.radii, width, height, splats.absgrad_probe)
 
     def render_full(self, params: dict[str, Tensor], cameras: Cameras, sh_degree: int, background: Tensor) -> Tensor:
         """Whole images [C, H, W, 3] of ``cameras``."""

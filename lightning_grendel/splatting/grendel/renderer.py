@@ -6,7 +6,9 @@ Step by step, for a batch of B views on W ranks:
 2. project this rank's Gaussians onto all B cameras;
 3. for every (destination rank, view), select the splats that can blend into that rank's pixel rows
    (:mod:`~lightning_grendel.splatting.footprint`), and send their 11 floats with one sparse all-to-all;
-4. rasterize this rank's rows from what arrived; the all-to-all's backward routes gradients home;
+4. rasterize this rank's rows from what arrived; the all-to-all's backward routes gradients home
+   (with ``absgrad``, two more zero columns carry the probe, whose per-pixel absolute gradients then
+   come home too and add up on the owner over every rank that rendered the Gaussian);
 5. for SSIM, swap the ``halo`` rendered pixel rows on each side of every cut with the neighbouring
    rank (a second, small all-to-all whose backward returns those pixels' gradients).
 """
@@ -38,11 +40,13 @@ from lightning_grendel.splatting.rasterize import rasterize
 from lightning_grendel.splatting.render import RenderResult, Splats, ViewRender, splat_gaussians
 from lightning_grendel.splatting.tiles import tile_bounds, tile_grid
 
-PAYLOAD = 11  # means2d 2, conic 3, colour 3, opacity 1, depth 1, radius 1
+PAYLOAD = 11  # means2d 2, conic 3, colour 3, opacity 1, depth 1, radius 1 (+ 2 absgrad probe columns)
 
 
 def pack_splats(splats: Splats) -> Tensor:
-    """[C, N, 11] rows of everything the rasterizer needs; gradients flow through the float columns."""
+    """[C, N, 11] rows of everything the rasterizer needs (13 with the absgrad probe); gradients flow
+    through the float columns."""
+    probe = [] if splats.absgrad_probe is None else [splats.absgrad_probe]
     return torch.cat(
         [
             splats.means2d,
@@ -51,6 +55,7 @@ def pack_splats(splats: Splats) -> Tensor:
             splats.opacities[..., None],
             splats.depths[..., None],
             splats.radii.to(splats.means2d.dtype)[..., None],
+            *probe,
         ],
         dim=-1,
     )
@@ -89,18 +94,20 @@ class GrendelRenderer:
         self.last_stats: dict[str, float] = {}
 
     def _exchange(
-        self, params: dict[str, Tensor], cameras: Cameras, sh_degree: int, differentiable: bool
+        self, params: dict[str, Tensor], cameras: Cameras, sh_degree: int, differentiable: bool,
+        absgrad: bool = False,
     ) -> tuple[Splats, Tensor, list[list[RowTask]], list[Tensor], Tensor]:
         width, height = cameras.width, cameras.height
         _, tiles_y = tile_grid(width, height)
         costs = self.balancer.row_costs(cameras.ids, len(cameras), tiles_y)
         cuts = partition_rows(costs, self.world_size, allow_empty=not differentiable)
         tasks = all_tasks(cuts, tiles_y)
-        splats = splat_gaussians(params, cameras, sh_degree, self.rasterize_mode)
+        splats = splat_gaussians(params, cameras, sh_degree, self.rasterize_mode, absgrad and differentiable)
         if differentiable and splats.means2d.requires_grad:
             splats.means2d.retain_grad()
         flat, counts = select_for_ranks(splats, tasks, width, height)
-        rows = pack_splats(splats).reshape(-1, PAYLOAD)[flat.to(splats.means2d.device)]
+        packed = pack_splats(splats)
+        rows = packed.reshape(-1, packed.shape[-1])[flat.to(splats.means2d.device)]
         received_counts = exchange_counts(counts, self.group)  # [W sources, C views]
         send, recv = counts.sum(1).tolist(), received_counts.sum(1).tolist()
         exchange = sparse_all_to_all if differentiable else exchange_rows
@@ -109,7 +116,7 @@ class GrendelRenderer:
         self.last_stats = {
             "rows_sent": float(sum(send) - send[self.rank]),
             "rows_received": float(sum(recv)),
-            "bytes_sent": float((sum(send) - send[self.rank]) * PAYLOAD * rows.element_size()),
+            "bytes_sent": float((sum(send) - send[self.rank]) * packed.shape[-1] * rows.element_size()),
             "halo_bytes_sent": 0.0,
             "cost_imbalance_planned": imbalance(part_costs(costs, cuts)),
         }
@@ -123,6 +130,7 @@ class GrendelRenderer:
         image = rasterize(
             rows[:, 0:2], rows[:, 2:5], rows[:, 5:8], rows[:, 8], rows[:, 9], rows[:, 10].round().to(torch.int32),
             width, height, background, own_start, own_end, backend=self.backend,
+            absgrad_probe=rows[:, PAYLOAD : PAYLOAD + 2] if rows.shape[1] > PAYLOAD else None,
         )
         elapsed = time.perf_counter() - start
         return ViewRender(task.view, image, own_start, own_end, own_start, own_end), elapsed
@@ -161,10 +169,11 @@ class GrendelRenderer:
         _keep_in_graph(views, received)
 
     def __call__(
-        self, params: dict[str, Tensor], cameras: Cameras, sh_degree: int, background: Tensor, halo: int = 0
+        self, params: dict[str, Tensor], cameras: Cameras, sh_degree: int, background: Tensor, halo: int = 0,
+        absgrad: bool = False,
     ) -> RenderResult:
         width, height = cameras.width, cameras.height
-        splats, cuts, tasks, per_view, received = self._exchange(params, cameras, sh_degree, differentiable=True)
+        splats, cuts, tasks, per_view, received = self._exchange(params, cameras, sh_degree, True, absgrad)
         _, tiles_y = tile_grid(width, height)
         measured = torch.zeros(len(cameras), tiles_y, dtype=torch.float64)
         views = []
@@ -175,7 +184,7 @@ class GrendelRenderer:
         _keep_in_graph(views, received)
         self._swap_halo(views, tasks, height, halo)
         self._update_balancer(cameras, measured, cuts)
-        return RenderResult(views, splats.means2d, splats.radii, width, height)
+        return RenderResult(views, splats.means2d, splats.radii, width, height, splats.absgrad_probe)
 
     def _measure(self, measured: Tensor, task: RowTask, rows: Tensor, seconds: float, width: int, height: int) -> None:
         span = slice(task.tile_row_start, task.tile_row_end)

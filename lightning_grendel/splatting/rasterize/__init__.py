@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 RasterizeFn = Callable[[Splats, PixelRows], Tensor]
 BACKENDS: dict[str, RasterizeFn] = {"torch": rasterize_torch, "cpp": rasterize_cpp, "gsplat": rasterize_gsplat}
+ABSGRAD_BACKENDS = ("torch", "gsplat")  # the cpp kernel's backward sums per tile, not per pixel
 _announced: set[tuple[str, str]] = set()
 
 
@@ -56,18 +57,29 @@ def rasterize(
     row_start: int = 0,
     row_end: int | None = None,
     backend: str = "auto",
+    absgrad_probe: Tensor | None = None,
 ) -> Tensor:
     """Alpha-composite N projected splats into pixel rows [row_start, row_end) of a ``width`` x ``height`` image.
 
     Inputs are one camera's splats: ``means2d`` [N, 2] (pixel centres at x + 0.5), ``conics`` [N, 3],
     ``colors`` [N, D], ``opacities`` [N] (activated), ``depths`` [N], ``radii`` [N] (0 = culled).
     Returns [row_end - row_start, width, D], differentiable w.r.t. means2d, conics, colors and opacities.
+    ``absgrad_probe`` [N, 2] (zeros, requires grad) collects the per-pixel absolute gradients of
+    ``means2d`` (AbsGS densification); a backend without them (``cpp``) hands this call to ``torch``,
+    warning once.
     """
     row_end = height if row_end is None else row_end
     if not 0 <= row_start <= row_end <= height:
         raise ValueError(f"rasterize: row range [{row_start}, {row_end}) is not inside an image of height {height}")
     if background is None:
         background = torch.zeros(colors.shape[-1], dtype=colors.dtype, device=colors.device)
-    splats = Splats(means2d, conics, colors, opacities, depths, radii)
+    splats = Splats(means2d, conics, colors, opacities, depths, radii, absgrad_probe)
     rows = PixelRows(width, height, row_start, row_end, background)
-    return BACKENDS[resolve_backend(backend, means2d.device)](splats, rows)
+    chosen = resolve_backend(backend, means2d.device)
+    if absgrad_probe is not None and chosen not in ABSGRAD_BACKENDS:
+        if ("absgrad", chosen) not in _announced:
+            _announced.add(("absgrad", chosen))
+            log.warning("rasterizer backend %r has no per-pixel absolute gradients (absgrad): rendering with "
+                        "'torch' instead, which is slower", chosen)
+        chosen = "torch"
+    return BACKENDS[chosen](splats, rows)

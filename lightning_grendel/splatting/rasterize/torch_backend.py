@@ -1,7 +1,9 @@
 """Tile-based front-to-back alpha compositing in pure PyTorch: the reference every backend is tested against.
 
 Differentiable through autograd and device-agnostic. Tiles are processed in chunks of similar splat
-counts so the padded [tiles, splats, 256 pixels] tensors stay small.
+counts so the padded [tiles, splats, 256 pixels] tensors stay small. With an ``absgrad_probe`` the
+per-(splat, pixel) offsets pass through :class:`_AbsGradTap`, whose backward also sums each pixel's
+|gradient| into the probe: autograd alone only ever gives the sum over pixels of the signed gradients.
 """
 
 from __future__ import annotations
@@ -18,16 +20,32 @@ MIN_TRANSMITTANCE = 1e-4
 _CHUNK_ELEMENTS = 1 << 22
 
 
+class _AbsGradTap(torch.autograd.Function):
+    """Identity on the pixel offsets [T, M, P, 2]; backward also gives ``probe`` [T, M, 2] the sum over P of
+    |gradient| (d/d means2d = -d/d offset, the same absolute value)."""
+
+    @staticmethod
+    def forward(ctx, delta: Tensor, probe: Tensor) -> Tensor:  # noqa: ANN001 - autograd's ctx
+        return delta.view_as(delta)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:  # noqa: ANN001
+        return grad, grad.abs().sum(2)
+
+
 def blend_tile_chunk(
     pixels: Tensor, means2d: Tensor, conics: Tensor, opacities: Tensor, colors: Tensor, valid: Tensor,
-    background: Tensor,
+    background: Tensor, probe: Tensor | None = None,
 ) -> Tensor:
     """Composite depth-sorted splats [T, M, ...] over the pixels [T, P, 2] of T tiles; returns [T, P, D].
 
     ``valid`` [T, M] masks padding. A splat is skipped where alpha < 1/255 or its quadratic form is
-    negative; blending stops before the splat that would take the transmittance below 1e-4.
+    negative; blending stops before the splat that would take the transmittance below 1e-4. ``probe``
+    [T, M, 2] receives the per-pixel absolute gradients of the means (padding slots get zeros).
     """
     delta = pixels[:, None, :, :] - means2d[:, :, None, :]  # [T, M, P, 2]
+    if probe is not None:
+        delta = _AbsGradTap.apply(delta, probe)
     dx, dy = delta[..., 0], delta[..., 1]
     a, b, c = conics[..., 0, None], conics[..., 1, None], conics[..., 2, None]
     sigma = 0.5 * (a * dx * dx + c * dy * dy) + b * dx * dy
@@ -47,6 +65,7 @@ def blend_tile_chunk(
 def rasterize_torch(splats: Splats, rows: PixelRows) -> Tensor:
     """Render ``rows`` of one image; see :func:`~lightning_grendel.splatting.rasterize.rasterize`."""
     means2d, conics, colors, opacities = splats.means2d, splats.conics, splats.colors, splats.opacities
+    probe = splats.absgrad_probe
     width, row_start, row_end, background = rows.width, rows.row_start, rows.row_end, rows.background
     tile_row_start = row_start // TILE_SIZE
     tile_row_end = (row_end + TILE_SIZE - 1) // TILE_SIZE
@@ -90,7 +109,8 @@ def rasterize_torch(splats: Splats, rows: PixelRows) -> Tensor:
             ids = torch.where(valid, bins.gaussian_ids[index], torch.zeros_like(index))
             chunks.append(
                 blend_tile_chunk(
-                    pixels, means2d[ids], conics[ids], opacities[ids], colors[ids], valid, background.to(dtype)
+                    pixels, means2d[ids], conics[ids], opacities[ids], colors[ids], valid, background.to(dtype),
+                    None if probe is None else probe[ids],
                 )
             )
         chunk_tiles.append(tiles)
