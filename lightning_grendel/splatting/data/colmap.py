@@ -20,6 +20,7 @@ from torch import Tensor
 from lightning_grendel.splatting.cameras import Cameras
 from lightning_grendel.splatting.data import undistort
 from lightning_grendel.splatting.data.scene import ImageSplit, SceneData, resized_size, scale_intrinsics
+from lightning_grendel.splatting.data.undistort_cache import UndistortCache
 from lightning_grendel.splatting.data.validate import check_colmap_model
 
 # COLMAP model id -> (name, number of parameters).
@@ -343,11 +344,13 @@ def _find_images_dir(root: Path, model_dir: Path) -> Path:
 
 
 def load_colmap_scene(
-    root: str | Path, image_width: int | None = None, downscale: float = 1.0, test_every: int = 8
+    root: str | Path, image_width: int | None = None, downscale: float = 1.0, test_every: int = 8,
+    cache: UndistortCache | None = None,
 ) -> SceneData:
     """Posed images sorted by name; every ``test_every``-th one (from the first) is held out as test and val.
 
-    Initial points are the model's 3D points with their colours.
+    Initial points are the model's 3D points with their colours. ``cache`` keeps undistorted images of
+    distorted cameras on disk between runs (None: undistort every load).
     """
     root = Path(root)
     model = read_model(root)
@@ -378,7 +381,8 @@ def load_colmap_scene(
             path = images_dir / image.name
             if not path.is_file():
                 raise FileNotFoundError(f"{model.path}: image {image.name} is registered but {path} is missing")
-            pixels.append(undistort.load_undistorted(path, undistortions[camera.id], source_size, reference, size))
+            undistortion = undistortions[camera.id]
+            pixels.append(undistort.load_undistorted(path, undistortion, source_size, reference, size, cache))
         intrinsics = torch.stack([undistortions[image.camera_id].intrinsics for image in selected])
         cameras = Cameras(
             torch.stack([image.world_to_camera() for image in selected]).to(torch.float32),

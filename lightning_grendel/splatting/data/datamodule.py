@@ -20,6 +20,7 @@ from lightning_grendel.splatting.data.blender import load_blender_scene
 from lightning_grendel.splatting.data.colmap import find_model_dir, load_colmap_scene
 from lightning_grendel.splatting.data.demo_scene import make_demo_scene
 from lightning_grendel.splatting.data.scene import ImageSplit, SceneData
+from lightning_grendel.splatting.data.undistort_cache import UndistortCache
 
 Format = Literal["auto", "blender", "colmap", "demo"]
 BLENDER_INIT_POINTS = 100_000  # as in 3DGS for NeRF-synthetic
@@ -83,6 +84,12 @@ class GaussianSplattingDataModule(LightningDataModule):
         batch_size: cameras per training step.
         num_workers: DataLoader worker processes.
         seed: seeds the train order (identical on every rank) and random initial points.
+        undistort_cache: keep COLMAP images of distorted cameras (SIMPLE_RADIAL, OPENCV, ...) undistorted
+            on disk, so the next run (``fit``, ``test``, ``render``) reads them instead of remapping
+            again; entries are keyed by the image file (path, mtime, size), the camera and the output
+            size, so a changed image or camera is undistorted anew.
+        undistort_cache_dir: where those files go (default ``$XDG_CACHE_HOME/lightning-grendel/undistorted``,
+            i.e. ``~/.cache/lightning-grendel/undistorted``); delete the folder to reclaim the space.
     """
 
     def __init__(
@@ -97,6 +104,8 @@ class GaussianSplattingDataModule(LightningDataModule):
         batch_size: int = 1,
         num_workers: int = 0,
         seed: int = 0,
+        undistort_cache: bool = True,
+        undistort_cache_dir: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -116,6 +125,7 @@ class GaussianSplattingDataModule(LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.seed = seed
+        self.undistort_cache = UndistortCache(undistort_cache_dir) if undistort_cache else None
         self._scene: SceneData | None = None
 
     def resolved_format(self) -> Literal["blender", "colmap", "demo"]:
@@ -129,7 +139,7 @@ class GaussianSplattingDataModule(LightningDataModule):
             count = BLENDER_INIT_POINTS if self.num_init_points is None else self.num_init_points
             return load_blender_scene(self.path, self.image_width, self.downscale, count, self.seed)
         if kind == "colmap":
-            return load_colmap_scene(self.path, self.image_width, self.downscale, self.test_every)
+            return load_colmap_scene(self.path, self.image_width, self.downscale, self.test_every, self.undistort_cache)
         count = DEMO_INIT_POINTS if self.num_init_points is None else self.num_init_points
         return make_demo_scene(self.image_width, self.downscale, self.seed, num_points=count)
 

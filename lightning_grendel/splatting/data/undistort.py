@@ -4,7 +4,8 @@ The rasterizer only knows pinhole cameras. A camera of model SIMPLE_RADIAL, RADI
 OPENCV_FISHEYE is resampled once per camera into a pinhole image with OpenCV (``initUndistortRectifyMap``
 and ``remap``; ``cv2.fisheye`` for the fisheye model), then cropped to the largest rectangle whose every
 pixel comes from inside the source image, and its intrinsics follow the crop. The maps are built once
-per camera and the scene keeps the decoded result in memory, so no epoch redoes the work.
+per camera and the scene keeps the decoded result in memory, so no epoch redoes the work; an
+:class:`~.undistort_cache.UndistortCache` keeps it on disk for the next run.
 
 Conventions: COLMAP and the rasterizer put pixel centres at ``(x + 0.5, y + 0.5)``, OpenCV at integers,
 so the principal point moves by half a pixel on the way into OpenCV and back.
@@ -23,6 +24,7 @@ from PIL import Image
 from torch import Tensor
 
 from lightning_grendel.splatting.data.scene import load_image
+from lightning_grendel.splatting.data.undistort_cache import UndistortCache
 
 PINHOLE_MODELS = ("SIMPLE_PINHOLE", "PINHOLE")
 DISTORTED_MODELS = ("SIMPLE_RADIAL", "RADIAL", "OPENCV", "FULL_OPENCV", "OPENCV_FISHEYE")
@@ -121,13 +123,19 @@ def valid_rectangle(valid: np.ndarray) -> tuple[int, int, int, int]:
 class Undistortion:
     """How one camera's images become pinhole images: remap tables (None for a pinhole) and the new K.
 
-    ``intrinsics`` (float64 3x3, COLMAP pixel convention) and ``size`` describe the output image.
+    ``intrinsics`` (float64 3x3, COLMAP pixel convention) and ``size`` describe the output image;
+    ``lens`` is the distorted source camera's (None for a pinhole).
     """
 
     intrinsics: Tensor
     size: tuple[int, int]
     map_x: np.ndarray | None = None
     map_y: np.ndarray | None = None
+    lens: Lens | None = None
+
+    def describe(self) -> str:
+        """Everything the remap tables follow from (source lens, output K and crop): the cache key's camera."""
+        return f"{self.lens!r} K={self.intrinsics.tolist()} size={self.size}"
 
     def apply(self, image: np.ndarray) -> np.ndarray:
         """The undistorted (and cropped) image; a pinhole image comes back unchanged."""
@@ -171,7 +179,7 @@ def make_undistortion(camera: CameraLike, where: Path | str) -> Undistortion:
         raise ValueError(f"{where}: camera {camera.id} ({camera.model}): {error}") from error
     intrinsics = intrinsics_matrix64(new[0, 0], new[1, 1], new[0, 2] + 0.5 - x, new[1, 2] + 0.5 - y)
     window = (slice(y, y + h), slice(x, x + w))
-    return Undistortion(intrinsics, (w, h), map_x[window].copy(), map_y[window].copy())
+    return Undistortion(intrinsics, (w, h), map_x[window].copy(), map_y[window].copy(), lens)
 
 
 def make_undistortions(cameras: list[CameraLike], where: Path | str) -> dict[int, Undistortion]:
@@ -183,12 +191,18 @@ def make_undistortions(cameras: list[CameraLike], where: Path | str) -> dict[int
 
 
 def load_undistorted(
-    path: Path, undistortion: Undistortion, source_size: tuple[int, int], reference: str, size: tuple[int, int]
+    path: Path, undistortion: Undistortion, source_size: tuple[int, int], reference: str, size: tuple[int, int],
+    cache: UndistortCache | None = None,
 ) -> np.ndarray:
-    """Decode ``path`` (RGB, of ``source_size``), undistort it, and area-resample it to ``size``."""
+    """Decode ``path`` (RGB, of ``source_size``), undistort it, and area-resample it to ``size``; with a
+    ``cache``, a distorted camera's result is read from (or written to) disk."""
     if undistortion.map_x is None:
         return load_image(path, "RGB", source_size, reference, size)
-    image = undistortion.apply(load_image(path, "RGB", source_size, reference, source_size))
-    if image.shape[1::-1] != size:
-        image = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BOX), dtype=np.uint8).copy()
-    return image
+
+    def make() -> np.ndarray:
+        image = undistortion.apply(load_image(path, "RGB", source_size, reference, source_size))
+        if image.shape[1::-1] != size:
+            image = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BOX), dtype=np.uint8).copy()
+        return image
+
+    return make() if cache is None else cache.image(path, f"{undistortion.describe()} source={source_size}", size, make)
