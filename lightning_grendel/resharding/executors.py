@@ -1,5 +1,6 @@
-"""Run a :class:`ReshardPlan`: over ``torch.distributed`` (gloo/NCCL; on one host the payloads may go
-through shared memory instead, see ``shm.py``), or inside one process.
+"""Run a :class:`ReshardPlan`: over ``torch.distributed`` (gloo/NCCL; with shared-memory arenas, the
+operations inside one host go through shared memory and broadcasts across hosts follow the host
+boundaries, see ``shm.py`` and ``fanout.py``), or inside one process.
 
 The single-process executor moves the same bytes between per-rank buffers following the same
 operations, so meshes larger than a test machine can spawn are still checked bit for bit.
@@ -13,9 +14,10 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 import torch.distributed as dist
 
+from lightning_grendel.resharding.fanout import Fanout, fanout
 from lightning_grendel.resharding.mesh import box_slices, local_box
 from lightning_grendel.resharding.plan import Broadcast, Gather, ReshardPlan, Send, gather_layout
-from lightning_grendel.resharding.shm import SharedMemoryArenas, arena_kind, arena_layout
+from lightning_grendel.resharding.shm import SharedMemoryArenas, arena_layout, op_ranks
 from lightning_grendel.resharding.tasks import Box, box_shape
 
 
@@ -79,20 +81,29 @@ def _signal() -> torch.Tensor:
 
 
 class _Staging:
-    """Where this rank's payloads go and where received ones are read: message buffers or shared memory."""
+    """Where this rank's payloads go and where received ones are read: message buffers or shared memory.
+
+    With arenas, each operation whose ranks share one host goes through shared memory; the others go
+    through torch.distributed, broadcasts across hosts as a :class:`Fanout`. Every rank decides alike.
+    """
 
     def __init__(self, plan: ReshardPlan, rank: int, shm: SharedMemoryArenas | None) -> None:
         self.plan, self.rank, self.shm = plan, rank, shm
-        self.layout = arena_layout(plan) if shm is not None else None
-        if shm is not None and not shm.on_this_host((*plan.src_mesh.ranks, *plan.dst_mesh.ranks)):
-            raise ValueError("the shared-memory transport needs every rank of both meshes on one host; "
-                             "use transport='dist' across hosts")
+        self.layout = arena_layout(plan, shm.hosts) if shm is not None else None
+
+    def local(self, op: Send | Broadcast | Gather) -> bool:
+        """Whether ``op`` moves its payload through shared memory (all its ranks on one host)."""
+        return self.shm is not None and self.shm.one_host(op_ranks(op))
+
+    def fanout(self, op: Broadcast) -> Fanout | None:
+        """The host-following routes of a broadcast across hosts; None without arenas or on one host."""
+        return fanout(op.ranks, self.shm.hosts) if self.shm is not None else None
 
     def slot(self, index: int, writer: int, numel: int) -> torch.Tensor:
         """The arena slot ``writer`` uses for operation ``index`` (map it only after ``writer`` signalled)."""
         offset = self.layout.offsets[(index, writer)]
         nbytes = numel * self.plan.itemsize
-        kind = arena_kind(self.plan.ops[index])
+        kind = self.layout.kinds[(index, writer)]
         if writer == self.rank:
             arena = self.shm.writable(kind, self.layout.sizes[(writer, kind)])
         else:
@@ -168,12 +179,41 @@ def start_plan(plan: ReshardPlan, rank: int, local: torch.Tensor | None, groups:
         if isinstance(op, Send) and rank in (op.sender, op.receiver):
             _start_send(plan, index, op, rank, local, src_origin, out, dst_origin, pieces, staging, tag, pending)
         elif isinstance(op, Broadcast) and rank in op.ranks:
-            _start_broadcast(plan, index, op, rank, local, src_origin, out, dst_origin, staging, groups, pending)
+            route = staging.fanout(op)
+            if route is None:
+                _start_broadcast(plan, index, op, rank, local, src_origin, out, dst_origin, staging, groups, pending)
+            else:
+                _start_fanout(plan, index, op, route, rank, local, src_origin, out, dst_origin, staging, tag, pending)
         elif isinstance(op, Gather) and rank in op.ranks:
             _start_gather(plan, index, op, rank, out, dst_origin, pieces, staging, groups, pending)
     if shm is not None:
         pending._closing = lambda: staging.acknowledge(tag + len(plan.ops))
     return pending
+
+
+def transport_pairs(plan: ReshardPlan, shm: SharedMemoryArenas | None) -> set[tuple[int, int, str]]:
+    """``(from rank, to rank, "shm" or "dist")`` for every payload hand-over :func:`start_plan` makes.
+
+    The same decisions as the executor (:class:`_Staging`), for checking which transport carried which
+    pair: an operation among ranks on one host uses shared memory, anything else torch.distributed; a
+    broadcast across hosts crosses between host leaders, then goes through its leaders' arenas.
+    """
+    staging = _Staging(plan, -1, shm)
+    pairs: set[tuple[int, int, str]] = set()
+    for op in plan.ops:
+        route = staging.fanout(op) if isinstance(op, Broadcast) else None
+        if route is not None:
+            pairs |= {(parent, child, "dist") for child, parent in route.parent.items()}
+            pairs |= {(leader, member, "shm") for leader, members in route.local.items() for member in members}
+            continue
+        kind = "shm" if staging.local(op) else "dist"
+        if isinstance(op, Send):
+            pairs.add((op.sender, op.receiver, kind))
+        elif isinstance(op, Broadcast):
+            pairs |= {(op.ranks[0], r, kind) for r in op.ranks[1:]}
+        else:
+            pairs |= {(a, b, kind) for a in op.ranks for b in op.ranks if a != b}
+    return pairs
 
 
 def _start_send(plan: ReshardPlan, index: int, op: Send, rank: int, local: torch.Tensor | None,
@@ -182,8 +222,9 @@ def _start_send(plan: ReshardPlan, index: int, op: Send, rank: int, local: torch
                 pending: PendingReshard) -> None:
     task = plan.tasks[op.task]
     numel = task.numel if op.piece is None else op.piece[1] - op.piece[0]
+    shared = staging.local(op)
     if rank == op.sender:
-        if staging.shm is None:
+        if not shared:
             payload = _read(local, src_origin, task.box, op.piece)
         else:
             _stage(staging.slot(index, rank, numel), local, src_origin, task.box, op.piece)
@@ -191,10 +232,10 @@ def _start_send(plan: ReshardPlan, index: int, op: Send, rank: int, local: torch
         pending._keep.append(payload)
         pending._works.append(dist.isend(payload, op.receiver, tag=tag + index))
         return
-    if staging.shm is None and op.piece is None and _covers(out, dst_origin, task.box):
+    if not shared and op.piece is None and _covers(out, dst_origin, task.box):
         pending._works.append(dist.irecv(out, op.sender, tag=tag + index))  # straight into the result
         return
-    if staging.shm is None:
+    if not shared:
         buffer = torch.empty(numel, dtype=plan.dtype, device=out.device)
         pending._works.append(dist.irecv(buffer, op.sender, tag=tag + index))
 
@@ -218,7 +259,7 @@ def _start_broadcast(plan: ReshardPlan, index: int, op: Broadcast, rank: int, lo
                      staging: _Staging, groups: GroupCache, pending: PendingReshard) -> None:
     task = plan.tasks[op.task]
     sender = op.ranks[0]
-    if staging.shm is None:
+    if not staging.local(op):
         if rank == sender:
             buffer = _read(local, src_origin, task.box, None)
         elif _covers(out, dst_origin, task.box):
@@ -237,12 +278,46 @@ def _start_broadcast(plan: ReshardPlan, index: int, op: Broadcast, rank: int, lo
     pending._works.append(dist.broadcast(buffer, src=sender, group=groups[op.ranks], async_op=True))
 
 
+def _start_fanout(plan: ReshardPlan, index: int, op: Broadcast, route: Fanout, rank: int, local: torch.Tensor | None,
+                  src_origin: tuple[int, ...] | None, out: torch.Tensor | None, dst_origin: tuple[int, ...],
+                  staging: _Staging, tag: int, pending: PendingReshard) -> None:
+    """A broadcast across hosts: one copy per host over torch.distributed, then shared memory inside it."""
+    task, tag = plan.tasks[op.task], tag + index
+    leader = next((lead for lead, members in route.local.items() if rank in members), None)
+    if leader is not None:  # read the payload from the slot of this host's leader once it says so
+        signal = _signal()
+        pending._keep.append(signal)
+        pending._works.append(dist.irecv(signal, leader, tag=tag))
+        pending._finishers.append(lambda: _write(out, dst_origin, task.box, staging.slot(index, leader, task.numel)))
+        return
+    shares = bool(route.local[rank])
+    if rank == op.ranks[0]:
+        if shares:
+            data = staging.slot(index, rank, task.numel)
+            _stage(data, local, src_origin, task.box, None)
+        else:
+            data = _read(local, src_origin, task.box, None).reshape(-1)
+    else:
+        data = staging.slot(index, rank, task.numel) if shares else torch.empty(task.numel, dtype=plan.dtype)
+        # Blocking: the payload must be here before it moves on. It cannot deadlock, since the rank this
+        # waits on reaches this operation (in the same plan order) waiting at most on earlier ones.
+        dist.recv(data, route.parent[rank], tag=tag)
+        pending._finishers.append(lambda: _write(out, dst_origin, task.box, data))
+    pending._keep.append(data)
+    pending._works += [dist.isend(data, child, tag=tag) for child in route.children[rank]]
+    for member in route.local[rank]:
+        signal = _signal()
+        pending._keep.append(signal)
+        pending._works.append(dist.isend(signal, member, tag=tag))
+
+
 def _start_gather(plan: ReshardPlan, index: int, op: Gather, rank: int, out: torch.Tensor,
                   dst_origin: tuple[int, ...], pieces: Mapping[tuple[int, int], torch.Tensor],
                   staging: _Staging, groups: GroupCache, pending: PendingReshard) -> None:
     layout, size = gather_layout(plan.tasks, op)
     mine = layout[op.ranks.index(rank)]
-    if staging.shm is None:
+    shared = staging.local(op)
+    if not shared:
         contribution = torch.zeros(size, dtype=plan.dtype, device=out.device)
     else:
         contribution = staging.slot(index, rank, size)
@@ -253,7 +328,7 @@ def _start_gather(plan: ReshardPlan, index: int, op: Gather, rank: int, out: tor
         offset += stop - start
     group = groups[op.ranks]
     pending._keep.append(contribution)
-    if staging.shm is not None:
+    if shared:
         pending._works.append(dist.barrier(group=group, async_op=True))
         pending._finishers.append(lambda: _assemble(
             plan, layout, [staging.slot(index, member, size) for member in op.ranks], out, dst_origin))

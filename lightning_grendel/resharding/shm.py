@@ -18,13 +18,14 @@ import mmap
 import os
 import socket
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal, get_args
 
 import torch
 import torch.distributed as dist
 
+from lightning_grendel.resharding.fanout import fanout
 from lightning_grendel.resharding.plan import Broadcast, Gather, ReshardPlan, Send
 
 SHM_DIRECTORY = "/dev/shm"
@@ -48,35 +49,53 @@ class ArenaLayout:
     offsets: dict[tuple[int, int], int]  # (op index, writer rank) -> byte offset in its arena of the op's kind
     sizes: dict[tuple[int, str], int]  # (writer rank, arena kind) -> bytes that arena needs for this plan
     readers: dict[int, frozenset[int]]  # writer rank -> the other ranks that read from its arenas
+    kinds: dict[tuple[int, int], str]  # (op index, writer rank) -> the arena kind it writes that payload to
 
 
 def _aligned(nbytes: int) -> int:
     return -(-nbytes // _ALIGN) * _ALIGN
 
 
-def arena_layout(plan: ReshardPlan) -> ArenaLayout:
+def op_ranks(op: Send | Broadcast | Gather) -> tuple[int, ...]:
+    return (op.sender, op.receiver) if isinstance(op, Send) else op.ranks
+
+
+def _writes(op: Send | Broadcast | Gather, hosts: Sequence[str] | None) -> list[tuple[int, str, tuple[int, ...]]]:
+    """(writer, arena kind, readers) of one operation; with ``hosts``, only what stays inside a host."""
+    if hosts is not None and len({hosts[r] for r in op_ranks(op)}) > 1:
+        route = fanout(op.ranks, hosts) if isinstance(op, Broadcast) else None
+        if route is None:
+            return []  # a Send or Gather across hosts goes through torch.distributed
+        # A leader other than the sender is a destination: it writes its gather arena, as receivers do.
+        return [(leader, "transfer" if leader == op.ranks[0] else "gather", members)
+                for leader, members in route.local.items() if members]
+    if isinstance(op, Send):
+        return [(op.sender, "transfer", (op.receiver,))]
+    if isinstance(op, Broadcast):
+        return [(op.ranks[0], "transfer", op.ranks[1:])]
+    return [(member, "gather", tuple(r for r in op.ranks if r != member)) for member in op.ranks]
+
+
+def arena_layout(plan: ReshardPlan, hosts: Sequence[str] | None = None) -> ArenaLayout:
     """Give every payload its own slot, so nothing is overwritten before the end of the plan.
 
     A ``Send`` and a ``Broadcast`` are written by their sender; a ``Gather`` by each of its members (its
-    contribution), read by every other member.
+    contribution), read by every other member. Given each rank's host, operations across hosts get
+    no slot, except the leaders' slots of a broadcast that spans hosts (see ``fanout.py``).
     """
     offsets: dict[tuple[int, int], int] = {}
     sizes: dict[tuple[int, str], int] = {}
     readers: dict[int, set[int]] = {}
+    kinds: dict[tuple[int, int], str] = {}
     for index, op in enumerate(plan.ops):
-        if isinstance(op, Send):
-            writes = [(op.sender, (op.receiver,))]
-        elif isinstance(op, Broadcast):
-            writes = [(op.ranks[0], op.ranks[1:])]
-        else:
-            writes = [(member, tuple(r for r in op.ranks if r != member)) for member in op.ranks]
         nbytes = _aligned(plan.op_bytes(op))
-        for writer, reads in writes:
-            arena = (writer, arena_kind(op))
+        for writer, kind, reads in _writes(op, hosts):
+            arena = (writer, kind)
             offsets[(index, writer)] = sizes.get(arena, 0)
+            kinds[(index, writer)] = kind
             sizes[arena] = sizes.get(arena, 0) + nbytes
             readers.setdefault(writer, set()).update(reads)
-    return ArenaLayout(offsets, sizes, {w: frozenset(r) for w, r in readers.items()})
+    return ArenaLayout(offsets, sizes, {w: frozenset(r) for w, r in readers.items()}, kinds)
 
 
 def _map(path: str, nbytes: int, create: bool) -> tuple[mmap.mmap, torch.Tensor]:
@@ -113,12 +132,12 @@ class SharedMemoryArenas:
         if not dist.is_initialized():
             raise RuntimeError("SharedMemoryArenas needs an initialised torch.distributed process group")
         self.rank = dist.get_rank()
-        self.hosts = _all_hostnames()
         session = torch.zeros(1, dtype=torch.int64)
         if self.rank == 0:
             session[0] = int.from_bytes(os.urandom(7), "little")
         dist.broadcast(session, src=0)
         self._prefix = os.path.join(directory, f"lightning_grendel_{int(session):x}_rank")
+        self.hosts = _host_keys(self._prefix, self.rank)
         self._own: dict[str, tuple[mmap.mmap, torch.Tensor]] = {}
         self._peers: dict[tuple[int, str], tuple[mmap.mmap, torch.Tensor]] = {}
         paths = [self.path(self.rank, kind) for kind in ARENA_KINDS]
@@ -131,6 +150,10 @@ class SharedMemoryArenas:
     def on_this_host(self, ranks: Iterable[int]) -> bool:
         """True when every rank in ``ranks`` runs on the same host as this rank."""
         return all(self.hosts[r] == self.hosts[self.rank] for r in ranks)
+
+    def one_host(self, ranks: Iterable[int]) -> bool:
+        """True when all of ``ranks`` share one host (the same answer on every rank)."""
+        return len({self.hosts[r] for r in ranks}) <= 1
 
     def path(self, rank: int, kind: str) -> str:
         return f"{self._prefix}{rank}_{kind}"
@@ -158,6 +181,40 @@ class SharedMemoryArenas:
     def close(self) -> None:
         """Remove this rank's arena files (peers' existing mappings stay valid)."""
         self._finalizer()
+
+
+def _host_keys(prefix: str, rank: int) -> list[str]:
+    """Per rank, ``<host name>#<lowest rank whose probe file it reads>``: equal keys mean one host.
+
+    A host name alone misleads both ways: containers on two machines may share a name (shared memory
+    would then be used where it cannot work), and a UTS namespace renames part of one machine. The
+    transport works exactly where the files are shared, so every rank writes a probe file with a random
+    token and looks for everyone else's; ranks whose ``/dev/shm`` differs get different keys.
+    """
+    tokens = torch.zeros(dist.get_world_size(), dtype=torch.int64)
+    tokens[rank] = int.from_bytes(os.urandom(7), "little")
+    dist.all_reduce(tokens)
+    probe = f"{prefix}{rank}_probe"
+    with open(probe, "wb") as handle:
+        handle.write(int(tokens[rank]).to_bytes(8, "little"))
+    try:
+        dist.barrier()  # every probe is written
+        seen = min(r for r in range(len(tokens)) if _reads_token(f"{prefix}{r}_probe", int(tokens[r])))
+        dist.barrier()  # every rank has looked
+    finally:
+        _unlink_all([probe])
+    lowest = torch.zeros(len(tokens), dtype=torch.int64)
+    lowest[rank] = seen
+    dist.all_reduce(lowest)
+    return [f"{name}#{int(key)}" for name, key in zip(_all_hostnames(), lowest, strict=True)]
+
+
+def _reads_token(path: str, token: int) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            return int.from_bytes(handle.read(8), "little") == token
+    except FileNotFoundError:
+        return False
 
 
 def _all_hostnames() -> list[str]:
@@ -188,14 +245,23 @@ def create_arenas() -> SharedMemoryArenas | None:
 
 
 def arenas_for(transport: str, arenas: SharedMemoryArenas | None, ranks: Iterable[int]) -> SharedMemoryArenas | None:
-    """The arenas a transfer among ``ranks`` uses under ``transport``, or None for torch.distributed.
+    """The arenas transfers among ``ranks`` use under ``transport``, or None for torch.distributed only.
 
-    ``auto`` takes them only if all ranks share this host; ``shm`` without them is a ``ValueError``.
+    ``auto`` takes them whenever they exist: the executor then picks per operation, shared memory for
+    ranks on one host and torch.distributed across hosts. ``shm`` needs every rank on one host, else
+    it is a ``ValueError`` naming the hosts.
     """
     if transport == "dist":
         return None
-    usable = arenas is not None and arenas.on_this_host(ranks)
-    if transport == "shm" and not usable:
+    ranks = sorted(set(ranks))
+    if transport == "shm" and (arenas is None or not arenas.one_host(ranks)):
+        where = ""
+        if arenas is not None:
+            by_host: dict[str, list[int]] = {}
+            for r in ranks:
+                by_host.setdefault(arenas.hosts[r], []).append(r)
+            where = "; ranks by host: " + ", ".join(f"{host}: {members}" for host, members in by_host.items())
         raise ValueError("transport='shm' needs the gloo backend (CPU tensors), a writable /dev/shm and every "
-                         "rank of both meshes on one host")
-    return arenas if usable else None
+                         f"rank of both meshes on one host{where}. Use transport='auto' (shared memory inside a "
+                         "host, torch.distributed across hosts) or 'dist'")
+    return arenas
