@@ -4,43 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from lightning_grendel.splatting.gaussians import make_parameters
 from lightning_grendel.splatting.grendel.checkpoint import commit_sharded, load_sharded, write_shard
 from lightning_grendel.splatting.grendel.redistribute import needs_redistribution, redistribution_plan
 from lightning_grendel.splatting.param_surgery import moments_of
+from tests.helpers.checkpoint_rows import adam_with_state, loaded_rows, random_shard, row_multiset
 from tests.helpers.distributed import run_distributed
-
-
-def random_shard(count: int, seed: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {
-        "means": torch.randn(count, 3, generator=g),
-        "scales": torch.randn(count, 3, generator=g),
-        "quats": torch.randn(count, 4, generator=g),
-        "opacities": torch.randn(count, generator=g),
-        "sh0": torch.randn(count, 1, 3, generator=g),
-        "shN": torch.randn(count, 3, 3, generator=g),
-    }
-
-
-def adam_with_state(params: nn.ParameterDict) -> torch.optim.Adam:
-    optimizer = torch.optim.Adam([{"params": [p], "name": k} for k, p in params.items()], lr=0.1)
-    for param in params.values():
-        param.grad = torch.randn_like(param)
-    optimizer.step()
-    return optimizer
-
-
-def row_multiset(params: dict[str, torch.Tensor], moments: dict[str, dict[str, torch.Tensor]]) -> torch.Tensor:
-    """Each Gaussian as one row of its parameters and moments, rows sorted: order-free comparison."""
-    columns = []
-    for key in sorted(params):
-        tensors = [params[key]] + [moments[key][m] for m in ("exp_avg", "exp_avg_sq")]
-        columns += [t.reshape(t.shape[0], params[key].shape[1:].numel()) for t in tensors]
-    rows = torch.cat(columns, dim=1)
-    return rows[torch.argsort(rows[:, 0])]
 
 
 def test_plan_moves_fewest_rows_and_evens_counts():
@@ -95,13 +65,7 @@ def test_resharded_checkpoint_keeps_every_gaussian_and_moment(tmp_path, saved_wo
     for rank in range(loaded_world):
         checkpoint = load_sharded(tmp_path, rank, loaded_world)
         assert checkpoint["global_step"] == 7
-        keys = ("means", "scales", "quats", "opacities", "sh0", "shN")
-        params = {k: checkpoint["state_dict"][f"gaussians.{k}"] for k in keys}
-        optimizer_state = checkpoint["optimizer_states"][0]
-        index_of = {group["name"]: group["params"][0] for group in optimizer_state["param_groups"]}
-        state = optimizer_state["state"]
-        moments = {k: {m: state[index_of[k]][m] for m in ("exp_avg", "exp_avg_sq")} for k in keys}
-        loaded.append(row_multiset(params, moments))
+        loaded.append(loaded_rows(checkpoint))
     expected, got = torch.cat(shards), torch.cat(loaded)
     torch.testing.assert_close(got[torch.argsort(got[:, 0])], expected[torch.argsort(expected[:, 0])], rtol=0, atol=0)
     sizes = [part.shape[0] for part in loaded]

@@ -9,55 +9,11 @@ import torch.distributed as dist
 from lightning_grendel.splatting.gaussians import make_parameters
 from lightning_grendel.splatting.grendel.balancer import LoadBalancer
 from lightning_grendel.splatting.grendel.renderer import GrendelRenderer
-from lightning_grendel.splatting.losses import SSIM_HALO, strip_loss
+from lightning_grendel.splatting.losses import strip_loss
 from lightning_grendel.splatting.render import SingleProcessRenderer
 from tests.helpers.distributed import run_distributed
+from tests.helpers.grendel_equivalence import HEIGHT, WIDTH, assert_matches_single_process, grendel_passes, shard
 from tests.helpers.scenes import orbit_cameras, random_gaussians
-
-WIDTH, HEIGHT, COUNT = 40, 72, 400
-
-
-def scene(views: int):
-    raw = random_gaussians(COUNT, seed=5, sh_degree=1)
-    raw["scales"] = raw["scales"] - 0.5
-    cameras = orbit_cameras(views, WIDTH, HEIGHT)
-    cameras.ids = torch.arange(views)
-    targets = torch.rand(views, HEIGHT, WIDTH, 3, generator=torch.Generator().manual_seed(9))
-    return raw, cameras, targets
-
-
-def loss_and_grads(renderer, params, cameras, targets, ssim_weight):
-    halo = SSIM_HALO if ssim_weight > 0 else 0
-    result = renderer(params, cameras, 1, torch.tensor([0.1, 0.2, 0.3]), halo=halo)
-    loss = sum(
-        strip_loss(v.image, targets[v.view, v.row_start : v.row_end], v.own_start - v.row_start,
-                   v.own_end - v.row_start, HEIGHT * WIDTH * 3, ssim_weight)
-        for v in result.views
-    )
-    loss.backward()
-    rows = {(v.view, v.own_start): v.image[v.own_start - v.row_start : v.own_end - v.row_start].detach()
-            for v in result.views}
-    return loss.detach(), rows, {k: p.grad.clone() for k, p in params.items()}, result.means2d.grad.clone()
-
-
-def shard(count: int, rank: int, world: int) -> slice:
-    per = -(-count // world)
-    return slice(rank * per, min(count, (rank + 1) * per))
-
-
-def _distributed(rank: int, world: int, views: int, ssim_weight: float, balance: str):
-    raw, cameras, targets = scene(views)
-    rows = shard(COUNT, rank, world)
-    params = make_parameters({k: v[rows] for k, v in raw.items()})
-    renderer = GrendelRenderer(LoadBalancer(balance))
-    outputs = []
-    for _ in range(2):  # the second pass uses the balancer's measured costs: a different cut
-        for p in params.values():
-            p.grad = None
-        loss, images, grads, means2d_grad = loss_and_grads(renderer, params, cameras, targets, ssim_weight)
-        dist.all_reduce(loss)
-        outputs.append((loss, images, grads, means2d_grad))
-    return outputs
 
 
 @pytest.mark.timeout(240)
@@ -66,25 +22,8 @@ def _distributed(rank: int, world: int, views: int, ssim_weight: float, balance:
     [(2, 1, 0.0), (3, 1, 0.2), (2, 4, 0.2), (3, 4, 0.0)],
 )
 def test_grendel_render_loss_and_gradients_match_single_process(world, views, ssim_weight):
-    raw, cameras, targets = scene(views)
-    params = make_parameters(raw)
-    loss, images, grads, means2d_grad = loss_and_grads(SingleProcessRenderer("torch"), params, cameras, targets,
-                                                       ssim_weight)
-    per_rank = run_distributed(_distributed, world, views, ssim_weight, "pairs", timeout_s=120)
-    for step in range(2):
-        torch.testing.assert_close(per_rank[0][step][0], loss, rtol=1e-5, atol=1e-7)
-        covered = torch.zeros(views, HEIGHT, dtype=torch.int64)
-        for rank in range(world):
-            _, rank_images, rank_grads, rank_means2d_grad = per_rank[rank][step]
-            for (view, own_start), image in rank_images.items():
-                covered[view, own_start : own_start + image.shape[0]] += 1
-                reference = images[(view, 0)][own_start : own_start + image.shape[0]]
-                torch.testing.assert_close(image, reference, rtol=1e-5, atol=1e-6)
-            rows = shard(COUNT, rank, world)
-            for key, grad in rank_grads.items():
-                torch.testing.assert_close(grad, grads[key][rows], rtol=1e-5, atol=1e-8, msg=f"grad of {key}")
-            torch.testing.assert_close(rank_means2d_grad, means2d_grad[:, rows], rtol=1e-5, atol=1e-8)
-        assert (covered == 1).all(), "every pixel row must be rendered by exactly one rank"
+    per_rank = run_distributed(grendel_passes, world, views, ssim_weight, "pairs", timeout_s=120)
+    assert_matches_single_process(per_rank, views, ssim_weight)
 
 
 def _edge_scene(views: int):
