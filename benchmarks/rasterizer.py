@@ -1,4 +1,4 @@
-"""Forward+backward time per image of the torch and cpp rasterizers on realistic random scenes.
+"""Forward+backward time per image of the torch rasterizer and both C++ kernels on realistic random scenes.
 
 Usage: ``python benchmarks/rasterizer.py [--quick]``. Prints a table and ``RESULT`` lines.
 
@@ -12,7 +12,10 @@ adds on top of the inputs. Speedups compare against the torch backend with 2 thr
 cpp is timed after one warm-up run (median of 3, 1 with ``--quick``). ``--quick`` (about a minute)
 keeps only 100k / 400x400 and estimates the torch time from every 5th tile row, one call per strip,
 so the estimate also pays torch's binning of all splats five times and overstates its time somewhat.
-Blended pairs are the (Gaussian, pixel) pairs the forward actually composites.
+Blended pairs are the (Gaussian, pixel) pairs the forward actually composites. ``cpp-scalar`` is the
+scalar kernel (``csrc/rasterize.cpp``, the fallback and reference), ``cpp-simd`` the vectorised one that
+``backend="cpp"`` runs on float32. The ceiling is a minimal vectorised exp + blend loop (the simd
+kernel's own ``fast_exp``, no binning, no memory traffic, no backward) timed on the same machine.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ import torch
 from lightning_grendel.splatting.cameras import Cameras, focal_from_fov, intrinsics_matrix, look_at_world_to_camera
 from lightning_grendel.splatting.projection import project_gaussians
 from lightning_grendel.splatting.rasterize import rasterize
-from lightning_grendel.splatting.rasterize.cpp_backend import load_extension, prepare_inputs
+from lightning_grendel.splatting.rasterize.cpp_backend import load_extension, prepare_inputs, rasterize_cpp
+from lightning_grendel.splatting.rasterize.splats import PixelRows, Splats
 
 # As the Makefile runs everything; the measuring child processes read it when their OpenMP starts.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -42,6 +46,8 @@ FOV = 0.8
 FULL_SIZES = [(10_000, 200), (100_000, 400), (500_000, 800)]
 QUICK_SIZES = [(100_000, 400)]
 QUICK_TORCH_STRIPS = 5
+CEILING_PAIRS_PER_THREAD = 400_000_000
+KERNELS = {"cpp-scalar": "scalar", "cpp-simd": "simd"}  # benchmark label -> rasterize_cpp(impl=...)
 TORCH_MAX_GAUSSIANS = 100_000  # torch's autograd memory grows with splat-tile pairs: ~7 GiB at 100k / 400x400
 
 
@@ -74,14 +80,20 @@ def scene(count: int, size: int, seed: int = 0) -> dict:
 
 
 def blended_pairs(splats: dict, size: int) -> int:
-    """Gaussian-pixel pairs the cpp forward actually blends (alpha >= 1/255, before termination)."""
-    inputs = prepare_inputs(
-        splats["means2d"], splats["conics"], splats["colors"], splats["opacities"], splats["depths"],
-        splats["radii"], torch.zeros(3),
-    )
+    """Gaussian-pixel pairs the simd forward actually blends (alpha >= 1/255, before termination)."""
+    inputs = prepare_inputs(Splats(**splats), torch.zeros(3))
     means2d, conics, colors, opacities, depths, background, radii = inputs
-    out = load_extension().forward(means2d, conics, colors, opacities, depths, radii, size, size, background, 0, size)
+    out = load_extension().forward_simd(means2d, conics, colors, opacities, depths, radii, size, size, background, 0,
+                                        size)
     return int(out[-1])
+
+
+def render(params: dict, size: int, backend: str, row_start: int, row_end: int) -> torch.Tensor:
+    """One strip through ``rasterize`` (torch) or straight through one C++ kernel."""
+    if backend in KERNELS:
+        rows = PixelRows(size, size, row_start, row_end, torch.zeros(3))
+        return rasterize_cpp(Splats(**params), rows, impl=KERNELS[backend])
+    return rasterize(**params, width=size, height=size, row_start=row_start, row_end=row_end, backend=backend)
 
 
 def time_backend(splats: dict, size: int, backend: str, repeats: int, strips: int = 1) -> float:
@@ -94,11 +106,11 @@ def time_backend(splats: dict, size: int, backend: str, repeats: int, strips: in
     first = 16 * (strips // 2)  # the middle tile row of each group of ``strips``
     ranges = [(row, min(row + 16, size)) for row in range(first, size, 16 * strips)] if strips > 1 else [(0, size)]
     times = []
-    warmup = 1 if backend == "cpp" else 0  # the torch backend takes minutes and has nothing to warm up
+    warmup = 1 if backend in KERNELS else 0  # the torch backend takes minutes and has nothing to warm up
     for _ in range(repeats + warmup):
         start = time.perf_counter()
         for row_start, row_end in ranges:
-            image = rasterize(**params, width=size, height=size, row_start=row_start, row_end=row_end, backend=backend)
+            image = render(params, size, backend, row_start, row_end)
             if image.requires_grad:  # a strip that no splat touches is plain background
                 image.sum().backward()
         times.append((time.perf_counter() - start) * strips)
@@ -161,9 +173,10 @@ def main() -> None:
                 torch_time, torch_mem = run_isolated(scene_file, size, "torch", 2, 1, strips)
                 label = "torch" if strips == 1 else "torch*"
                 rows.append((label, 2, torch_time, torch_mem))
-            for threads in (1, 2):
-                seconds, mem = run_isolated(scene_file, size, "cpp", threads, repeats)
-                rows.append(("cpp", threads, seconds, mem))
+            for backend in KERNELS:
+                for threads in (1, 2):
+                    seconds, mem = run_isolated(scene_file, size, backend, threads, repeats)
+                    rows.append((backend, threads, seconds, mem))
             for backend, threads, seconds, mem in rows:
                 speedup = f"{torch_time / seconds:8.1f}" if torch_time else "       -"
                 image = f"{size}x{size}"
@@ -171,15 +184,25 @@ def main() -> None:
             if torch_time is None:
                 print(f"{count:>9} {f'{size}x{size}':>7} {'torch':>8}   skipped: memory grows with splat-tile pairs")
             pairs = blended_pairs(splats, size)
-            cpp_time = next(seconds for backend, threads, seconds, _ in rows if backend == "cpp" and threads == 2)
-            print(f"{'':>17} blended pairs {pairs:,}: {pairs / cpp_time:,.0f} pairs/s (cpp, 2 threads, fwd+bwd)")
-            summary[(count, size)] = (torch_time, cpp_time, pairs)
+            times = {(backend, threads): seconds for backend, threads, seconds, _ in rows}
+            simd_time, scalar_time = times[("cpp-simd", 2)], times[("cpp-scalar", 2)]
+            print(f"{'':>17} blended pairs {pairs:,}: {pairs / simd_time:,.0f} pairs/s (cpp-simd, 2 threads, fwd+bwd); "
+                  f"simd / scalar {scalar_time / simd_time:.2f}x")
+            summary[(count, size)] = (torch_time, simd_time, scalar_time, pairs)
     if args.quick:
         print(f"torch* = estimated from every {QUICK_TORCH_STRIPS}th tile row (--quick)")
 
-    torch_time, cpp_time, pairs = summary[(100_000, 400)]
-    print(f"RESULT rasterizer.speedup_100k_400={torch_time / cpp_time:.1f}")
-    print(f"RESULT rasterizer.pairs_per_s={pairs / cpp_time:.3g}")
+    ext = load_extension()
+    torch.set_num_threads(2)
+    ceiling = ext.exp_blend_ceiling(CEILING_PAIRS_PER_THREAD, 2)
+    torch_time, simd_time, scalar_time, pairs = summary[(100_000, 400)]
+    print(f"simd ISA {ext.simd_isa()}; ceiling (exp + blend loop, 2 threads, forward only) {ceiling:.3g} pairs/s")
+    print(f"RESULT rasterizer.speedup_100k_400={torch_time / simd_time:.1f}")
+    print(f"RESULT rasterizer.default_speedup_100k_400={torch_time / scalar_time:.1f}")  # backend="cpp" = scalar
+    print(f"RESULT rasterizer.simd_vs_scalar_100k_400={scalar_time / simd_time:.2f}")
+    print(f"RESULT rasterizer.pairs_per_s={pairs / simd_time:.3g}")
+    print(f"RESULT rasterizer.exp_blend_ceiling_pairs_per_s={ceiling:.3g}")
+    print(f"RESULT rasterizer.ceiling_fraction={pairs / simd_time / ceiling:.3f}")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,9 @@
 
 #include <torch/extension.h>
 
+#include "checks.h"
+#include "common.h"
+
 #include <ATen/Parallel.h>
 #include <omp.h>
 
@@ -24,39 +27,9 @@
 
 namespace {
 
-constexpr int kTile = 16;
-constexpr int kTilePixels = kTile * kTile;
+using namespace lgr_raster;
+
 constexpr int kSplatGrads = 6;  // mean x, mean y, conic a, b, c, opacity; colour grads follow
-
-// The pixel rectangle being rendered and the tile rows that cover it.
-struct Grid {
-  int64_t width, height, row_start, row_end;
-  int64_t tiles_x, tiles_y, tile_row_start, tile_row_end;
-
-  Grid(int64_t w, int64_t h, int64_t r0, int64_t r1)
-      : width(w), height(h), row_start(r0), row_end(r1), tiles_x((w + kTile - 1) / kTile),
-        tiles_y((h + kTile - 1) / kTile), tile_row_start(r0 / kTile), tile_row_end((r1 + kTile - 1) / kTile) {}
-
-  int64_t num_tiles() const { return tiles_x * (tile_row_end - tile_row_start); }
-  int64_t rows() const { return row_end - row_start; }
-};
-
-// The rendered pixels of one tile: columns [x0, x1), rows [y0, y1); local index (y - oy) * 16 + (x - ox).
-struct TileRect {
-  int64_t ox, oy, x0, x1, y0, y1;
-
-  TileRect(const Grid& g, int64_t tile) {
-    const int64_t tx = tile % g.tiles_x, ty = tile / g.tiles_x + g.tile_row_start;
-    ox = tx * kTile;
-    oy = ty * kTile;
-    x0 = ox;
-    x1 = std::min(ox + kTile, g.width);
-    y0 = std::max(oy, g.row_start);
-    y1 = std::min(oy + kTile, g.row_end);
-  }
-  int64_t count() const { return std::max<int64_t>(x1 - x0, 0) * std::max<int64_t>(y1 - y0, 0); }
-  int local(int64_t x, int64_t y) const { return static_cast<int>((y - oy) * kTile + (x - ox)); }
-};
 
 // ---------------------------------------------------------------------------------------------------
 // Binning: the float32 tile rectangle of tiles.tile_bounds, then splat ids per tile in stable depth order.
@@ -72,44 +45,19 @@ struct TileLists {
         offsets(offsets_tensor.data_ptr<int64_t>()), ids(ids_tensor.data_ptr<int32_t>()), size(ids_tensor.numel()) {}
 };
 
-// Clamp to [0, hi]; NaN goes to 0. (std::fmin/fmax compile to library calls on baseline x86-64.)
-inline float clamp_index(float v, float hi) { return v > 0.0f ? (v < hi ? v : hi) : 0.0f; }
-
-// Order-preserving integer key of a depth; -0 == +0 and NaN sorts last, as in torch.sort.
-inline uint64_t depth_key(double depth) {
-  if (std::isnan(depth)) return std::numeric_limits<uint64_t>::max();
-  depth += 0.0;
-  uint64_t bits;
-  std::memcpy(&bits, &depth, sizeof bits);
-  return (bits >> 63) ? ~bits : (bits | (uint64_t{1} << 63));
-}
-
 template <typename scalar_t>
 TileLists bin_splats(const scalar_t* means, const float* radii, const double* depths, int64_t n, const Grid& g) {
-  struct Rect {
-    int32_t x0, x1, y0, y1;
-  };
-  std::vector<Rect> rects(n);
-  const float tx = static_cast<float>(g.tiles_x), ty = static_cast<float>(g.tiles_y);
-  const int32_t r0 = static_cast<int32_t>(g.tile_row_start), r1 = static_cast<int32_t>(g.tile_row_end);
-  const float tile = static_cast<float>(kTile);
+  std::vector<TileBox> rects(n);
+  const int32_t r0 = static_cast<int32_t>(g.tile_row_start);
 #pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
   for (int64_t i = 0; i < n; ++i) {
     const float mx = static_cast<float>(means[2 * i]), my = static_cast<float>(means[2 * i + 1]);
-    const float r = radii[i];
-    Rect rect{0, 0, 0, 0};
-    if (r > 0.0f) {
-      rect.x0 = static_cast<int32_t>(clamp_index(std::floor((mx - r) / tile), tx));
-      rect.x1 = static_cast<int32_t>(clamp_index(std::ceil((mx + r) / tile), tx));
-      rect.y0 = std::clamp(static_cast<int32_t>(clamp_index(std::floor((my - r) / tile), ty)), r0, r1);
-      rect.y1 = std::clamp(static_cast<int32_t>(clamp_index(std::ceil((my + r) / tile), ty)), r0, r1);
-    }
-    rects[i] = rect;
+    rects[i] = tile_box(mx, my, radii[i], g);
   }
 
   std::vector<std::pair<uint64_t, int32_t>> order;
   for (int64_t i = 0; i < n; ++i) {
-    const Rect& r = rects[i];
+    const TileBox& r = rects[i];
     if (r.x1 > r.x0 && r.y1 > r.y0) order.emplace_back(depth_key(depths[i]), static_cast<int32_t>(i));
   }
   std::sort(order.begin(), order.end());  // (depth, index): the stable depth sort of the reference
@@ -118,7 +66,7 @@ TileLists bin_splats(const scalar_t* means, const float* radii, const double* de
   auto offsets = torch::zeros({num_tiles + 1}, torch::kInt64);
   int64_t* off = offsets.data_ptr<int64_t>();
   for (const auto& entry : order) {
-    const Rect& r = rects[entry.second];
+    const TileBox& r = rects[entry.second];
     for (int32_t y = r.y0; y < r.y1; ++y) {
       int64_t* row = off + 1 + (y - r0) * g.tiles_x;
       for (int32_t x = r.x0; x < r.x1; ++x) ++row[x];
@@ -129,7 +77,7 @@ TileLists bin_splats(const scalar_t* means, const float* radii, const double* de
   int32_t* id = ids.data_ptr<int32_t>();
   std::vector<int64_t> cursor(off, off + num_tiles);
   for (const auto& entry : order) {
-    const Rect& r = rects[entry.second];
+    const TileBox& r = rects[entry.second];
     for (int32_t y = r.y0; y < r.y1; ++y) {
       int64_t* row = cursor.data() + (y - r0) * g.tiles_x;
       for (int32_t x = r.x0; x < r.x1; ++x) id[row[x]++] = entry.second;
@@ -138,84 +86,7 @@ TileLists bin_splats(const scalar_t* means, const float* radii, const double* de
   return TileLists(offsets, ids);
 }
 
-// ---------------------------------------------------------------------------------------------------
-// Per-splat constants: the exact inputs of the per-pixel test plus a conservative ellipse that bounds
-// the pixels where alpha >= 1/255 can hold, so that most pixels of a tile are never visited.
 
-template <typename scalar_t>
-struct Splat {
-  scalar_t mx, my, a, b, c, o;
-  double cut;     // sigma above which alpha < 1/255 for certain (with margin); < 0: the splat never blends
-  double det;     // a c - b^2 in double; <= 0 (or non-finite inputs) means the ellipse is not bounded
-  double half_y;  // half height of the ellipse sigma <= cut
-  bool bounded;
-};
-
-template <typename scalar_t>
-constexpr scalar_t kMinAlpha = static_cast<scalar_t>(1.0 / 255.0);
-template <typename scalar_t>
-constexpr scalar_t kMaxAlpha = static_cast<scalar_t>(0.99);
-template <typename scalar_t>
-constexpr scalar_t kMinTransmittance = static_cast<scalar_t>(1e-4);
-
-template <typename scalar_t>
-std::vector<Splat<scalar_t>> prepare_splats(const scalar_t* means, const scalar_t* conics, const scalar_t* opacities,
-                                            int64_t n) {
-  std::vector<Splat<scalar_t>> splats(n);
-  const double eps = std::numeric_limits<scalar_t>::epsilon();
-#pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
-  for (int64_t i = 0; i < n; ++i) {
-    Splat<scalar_t> s;
-    s.mx = means[2 * i];
-    s.my = means[2 * i + 1];
-    s.a = conics[3 * i];
-    s.b = conics[3 * i + 1];
-    s.c = conics[3 * i + 2];
-    s.o = opacities[i];
-    const double a = s.a, b = s.b, c = s.c;
-    s.det = a * c - b * b;
-    s.bounded = std::isfinite(s.det) && a > 0.0 && s.det > 0.0 && std::isfinite(static_cast<double>(s.mx)) &&
-                std::isfinite(static_cast<double>(s.my));
-    s.half_y = 0.0;
-    if (!(s.o >= kMinAlpha<scalar_t>)) {
-      s.cut = -1.0;  // alpha = o * exp(-sigma) <= o < 1/255 everywhere
-    } else if (!s.bounded) {
-      s.cut = std::numeric_limits<double>::infinity();
-    } else {
-      // sigma is computed in scalar_t; its rounding error grows with the conic's condition number.
-      const double mid = 0.5 * (a + c);
-      const double big = mid + std::sqrt(std::max(mid * mid - s.det, 0.0));
-      const double condition = big * big / s.det;
-      const double exact = std::log(static_cast<double>(s.o) / static_cast<double>(kMinAlpha<scalar_t>));
-      s.cut = exact * (1.01 + 64.0 * eps * condition) + 0.01;
-      s.half_y = std::sqrt(2.0 * s.cut * a / s.det);
-    }
-    splats[i] = s;
-  }
-  return splats;
-}
-
-// First integer >= v and last integer <= v, clamped to [lo, hi]. Casts instead of std::ceil/floor,
-// which are library calls on baseline x86-64 (no SSE4.1) and sit in the per-row setup.
-inline int64_t ceil_clamped(double v, int64_t lo, int64_t hi) {
-  if (!(v > static_cast<double>(lo))) return lo;
-  if (!(v < static_cast<double>(hi))) return hi;
-  const int64_t i = static_cast<int64_t>(v);  // truncates toward zero
-  return i < v ? i + 1 : i;
-}
-
-inline int64_t floor_clamped(double v, int64_t lo, int64_t hi) {
-  if (!(v > static_cast<double>(lo))) return lo;
-  if (!(v < static_cast<double>(hi))) return hi;
-  const int64_t i = static_cast<int64_t>(v);
-  return i > v ? i - 1 : i;
-}
-
-// Bits [xa - ox, xb - ox) of a tile row.
-inline uint32_t span_bits(int64_t xa, int64_t xb, int64_t ox) {
-  if (xb <= xa) return 0;
-  return ((uint32_t{1} << (xb - ox)) - 1) & ~((uint32_t{1} << (xa - ox)) - 1);
-}
 
 // Calls visit(x, y) for the pixels of the tile that may lie inside the splat's ellipse and whose bit is
 // set in live[y - oy] (one 16-bit mask per tile row: pixels still blending, or still to be replayed).
@@ -509,20 +380,6 @@ void reduce_records(const TileLists& lists, const scalar_t* records, int64_t n, 
 // ---------------------------------------------------------------------------------------------------
 // Entry points
 
-void check_inputs(const torch::Tensor& means2d, const torch::Tensor& conics, const torch::Tensor& colors,
-                  const torch::Tensor& opacities, const torch::Tensor& background) {
-  const auto n = means2d.size(0);
-  TORCH_CHECK(means2d.dim() == 2 && means2d.size(1) == 2, "means2d must be [N, 2]");
-  TORCH_CHECK(conics.dim() == 2 && conics.size(0) == n && conics.size(1) == 3, "conics must be [N, 3]");
-  TORCH_CHECK(colors.dim() == 2 && colors.size(0) == n, "colors must be [N, D]");
-  TORCH_CHECK(opacities.dim() == 1 && opacities.size(0) == n, "opacities must be [N]");
-  TORCH_CHECK(background.dim() == 1 && background.size(0) == colors.size(1), "background must be [D]");
-  for (const auto* t : {&means2d, &conics, &colors, &opacities, &background}) {
-    TORCH_CHECK(t->device().is_cpu() && t->is_contiguous() && t->scalar_type() == colors.scalar_type(),
-                "rasterize_cpp: inputs must be contiguous CPU tensors of one floating dtype");
-  }
-}
-
 // Returns image [rows, W, D], final transmittance [rows, W], last contributor [rows, W] (position in the
 // tile's list, -1 when none), tile offsets [tiles + 1], tile splat ids [M] and the blended pair count.
 std::vector<torch::Tensor> forward(const torch::Tensor& means2d, const torch::Tensor& conics,
@@ -530,7 +387,7 @@ std::vector<torch::Tensor> forward(const torch::Tensor& means2d, const torch::Te
                                    const torch::Tensor& depths, const torch::Tensor& radii, int64_t width,
                                    int64_t height, const torch::Tensor& background, int64_t row_start,
                                    int64_t row_end) {
-  check_inputs(means2d, conics, colors, opacities, background);
+  check_splat_inputs(means2d, conics, colors, opacities, background);
   TORCH_CHECK(depths.is_contiguous() && depths.numel() == means2d.size(0) && depths.scalar_type() == torch::kFloat64,
               "depths must be [N] float64");
   TORCH_CHECK(radii.is_contiguous() && radii.numel() == means2d.size(0) && radii.scalar_type() == torch::kFloat32,
@@ -546,7 +403,7 @@ std::vector<torch::Tensor> forward(const torch::Tensor& means2d, const torch::Te
     const TileLists lists = bin_splats<scalar_t>(means2d.data_ptr<scalar_t>(), radii.data_ptr<float>(),
                                                  depths.data_ptr<double>(), n, g);
     const auto splats = prepare_splats<scalar_t>(means2d.data_ptr<scalar_t>(), conics.data_ptr<scalar_t>(),
-                                                 opacities.data_ptr<scalar_t>(), n);
+                                                 opacities.data_ptr<scalar_t>(), n, at::get_num_threads());
     auto run = [&](auto channels) {
       forward_tiles<scalar_t>(g, lists, splats, colors.data_ptr<scalar_t>(), background.data_ptr<scalar_t>(),
                               channels, image.data_ptr<scalar_t>(), final_t.data_ptr<scalar_t>(),
@@ -566,7 +423,7 @@ std::vector<torch::Tensor> backward(const torch::Tensor& means2d, const torch::T
                                     int64_t row_start, int64_t row_end, const torch::Tensor& offsets,
                                     const torch::Tensor& ids, const torch::Tensor& final_t,
                                     const torch::Tensor& last, const torch::Tensor& grad_image) {
-  check_inputs(means2d, conics, colors, opacities, background);
+  check_splat_inputs(means2d, conics, colors, opacities, background);
   TORCH_CHECK(grad_image.is_contiguous() && grad_image.scalar_type() == colors.scalar_type(), "grad_image dtype");
   const Grid g(width, height, row_start, row_end);
   TORCH_CHECK(offsets.numel() == g.num_tiles() + 1, "tile offsets do not match the image");
@@ -578,7 +435,7 @@ std::vector<torch::Tensor> backward(const torch::Tensor& means2d, const torch::T
   auto grad_colors = torch::empty_like(colors), grad_opacities = torch::empty_like(opacities);
   AT_DISPATCH_FLOATING_TYPES(colors.scalar_type(), "rasterize_cpp_backward", [&] {
     const auto splats = prepare_splats<scalar_t>(means2d.data_ptr<scalar_t>(), conics.data_ptr<scalar_t>(),
-                                                 opacities.data_ptr<scalar_t>(), n);
+                                                 opacities.data_ptr<scalar_t>(), n, at::get_num_threads());
     auto run = [&](auto channels) {
       backward_tiles<scalar_t>(g, lists, splats, colors.data_ptr<scalar_t>(), background.data_ptr<scalar_t>(),
                                channels, final_t.data_ptr<scalar_t>(), last.data_ptr<int32_t>(),
@@ -594,8 +451,11 @@ std::vector<torch::Tensor> backward(const torch::Tensor& means2d, const torch::T
 
 }  // namespace
 
+void register_simd(pybind11::module& m);  // simd_glue.cpp
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "lightning_grendel CPU tile rasterizer (forward and backward of one image)";
   m.def("forward", &forward, "Bin, sort and composite splats into rows [row_start, row_end) of one image");
   m.def("backward", &backward, "Gradients of the composite w.r.t. means2d, conics, colors and opacities");
+  register_simd(m);
 }

@@ -1,0 +1,117 @@
+// Binning for the vectorised rasterizer: the scalar kernel's tile boxes and (depth, index) order, with a
+// radix sort instead of a comparison sort, plus the per-splat record slots that make the backward's
+// reduction contiguous and fixed-order.
+
+#include <algorithm>
+#include <array>
+#include <utility>
+#include <cmath>
+#include <limits>
+
+#include "simd_raster.h"
+
+namespace lgr_simd_raster {
+
+using lgr_raster::ceil_clamped;
+using lgr_raster::depth_key;
+using lgr_raster::floor_clamped;
+using lgr_raster::TileBox;
+
+namespace {
+
+constexpr int kDigitBits = 11;
+constexpr int kDigits = (64 + kDigitBits - 1) / kDigitBits;
+constexpr uint64_t kDigitMask = (uint64_t{1} << kDigitBits) - 1;
+
+// Stable LSD radix sort of ids by key; digits on which all keys agree are skipped (a float32 depth
+// widened to double leaves the low 29 bits zero), so equal keys keep their index order.
+void radix_sort(std::vector<uint64_t>& keys, std::vector<int32_t>& ids) {
+  const size_t m = keys.size();
+  std::vector<std::array<int64_t, kDigitMask + 1>> counts(kDigits);
+  for (auto& c : counts) c.fill(0);
+  for (uint64_t key : keys)
+    for (int d = 0; d < kDigits; ++d) ++counts[d][(key >> (d * kDigitBits)) & kDigitMask];
+  std::vector<uint64_t> keys_out(m);
+  std::vector<int32_t> ids_out(m);
+  for (int d = 0; d < kDigits; ++d) {
+    auto& c = counts[d];
+    if (m == 0 || c[(keys[0] >> (d * kDigitBits)) & kDigitMask] == static_cast<int64_t>(m)) continue;
+    int64_t sum = 0;
+    for (auto& v : c) sum += std::exchange(v, sum);
+    for (size_t i = 0; i < m; ++i) {
+      const int64_t at = c[(keys[i] >> (d * kDigitBits)) & kDigitMask]++;
+      keys_out[at] = keys[i];
+      ids_out[at] = ids[i];
+    }
+    keys.swap(keys_out);
+    ids.swap(ids_out);
+  }
+}
+
+}  // namespace
+
+Binner::Binner(const float* means, const float* radii, const double* depths, int64_t n, const Grid& g, int threads)
+    : grid_(g), boxes_(n), counts_(g.num_tiles(), 0) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t i = 0; i < n; ++i) boxes_[i] = lgr_raster::tile_box(means[2 * i], means[2 * i + 1], radii[i], g);
+  std::vector<uint64_t> keys;
+  for (int64_t i = 0; i < n; ++i) {
+    const TileBox& b = boxes_[i];
+    if (b.x1 <= b.x0 || b.y1 <= b.y0) continue;
+    keys.push_back(depth_key(depths[i]));
+    order_.push_back(static_cast<int32_t>(i));
+    total_ += static_cast<int64_t>(b.x1 - b.x0) * (b.y1 - b.y0);
+    for (int32_t y = b.y0; y < b.y1; ++y) {
+      int64_t* row = counts_.data() + (y - g.tile_row_start) * g.tiles_x;
+      for (int32_t x = b.x0; x < b.x1; ++x) ++row[x];
+    }
+  }
+  radix_sort(keys, order_);
+}
+
+void Binner::fill(int64_t* offsets, int32_t* ids, int32_t* slots, int64_t* splat_offsets) const {
+  const Grid& g = grid_;
+  const int64_t tiles = g.num_tiles(), n = static_cast<int64_t>(boxes_.size());
+  offsets[0] = 0;
+  for (int64_t t = 0; t < tiles; ++t) offsets[t + 1] = offsets[t] + counts_[t];
+  splat_offsets[0] = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const TileBox& b = boxes_[i];
+    const bool hit = b.x1 > b.x0 && b.y1 > b.y0;
+    splat_offsets[i + 1] = splat_offsets[i] + (hit ? static_cast<int64_t>(b.x1 - b.x0) * (b.y1 - b.y0) : 0);
+  }
+  std::vector<int64_t> cursor(offsets, offsets + tiles);
+  for (const int32_t i : order_) {
+    const TileBox& b = boxes_[i];
+    int64_t slot = splat_offsets[i];
+    for (int32_t y = b.y0; y < b.y1; ++y) {
+      int64_t* row = cursor.data() + (y - g.tile_row_start) * g.tiles_x;
+      for (int32_t x = b.x0; x < b.x1; ++x) {
+        const int64_t e = row[x]++;
+        ids[e] = i;
+        slots[e] = static_cast<int32_t>(slot++);
+      }
+    }
+  }
+}
+
+std::vector<SplatF> prepare(const Inputs& in, const Grid& g, int threads) {
+  const auto full = lgr_raster::prepare_splats<float>(in.means, in.conics, in.opacities, in.n, threads);
+  std::vector<SplatF> out(in.n);
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t i = 0; i < in.n; ++i) {
+    const auto& s = full[i];
+    SplatF f{s.mx, s.my, s.a, s.b, s.c, s.o, 0, 0};
+    if (s.cut >= 0.0 && !s.bounded) {
+      f.y1 = static_cast<int32_t>(g.height);
+    } else if (s.cut >= 0.0) {  // the rows for_each_pixel visits in rasterize.cpp
+      const double my = s.my;
+      f.y0 = static_cast<int32_t>(ceil_clamped(my - s.half_y - 0.5, 0, g.height));
+      f.y1 = static_cast<int32_t>(floor_clamped(my + s.half_y - 0.5, -1, g.height - 1) + 1);
+    }
+    out[i] = f;
+  }
+  return out;
+}
+
+}  // namespace lgr_simd_raster
