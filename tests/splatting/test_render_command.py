@@ -79,6 +79,20 @@ def test_render_from_ply_and_mp4(trained, tmp_path):
     assert (out / "orbit.mp4").stat().st_size > 0 and json.loads((out / "metrics.json").read_text())["views"] > 0
 
 
+@pytest.mark.timeout(300)
+def test_render_interpolates_through_the_training_cameras(trained, tmp_path, capsys):
+    _, checkpoint, _, _ = trained
+    out = tmp_path / "out"
+    main(["render", "--ckpt", str(checkpoint), "--out", str(out), "--path", "interpolate", "--path-order", "nearest",
+          "--path-frames", "4", "--path-width", "16", "--video-format", "gif"])
+    with Image.open(out / "interpolate.gif") as gif:
+        assert gif.n_frames == 4 and gif.size == (16, 16)
+    assert not (out / "orbit.gif").exists()
+    with pytest.raises(SystemExit) as info:
+        main(["render", "--ckpt", str(checkpoint), "--out", str(tmp_path / "bad"), "--path", "spiral"])
+    assert info.value.code == 2 and "--path" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("case", ["bad_ply", "other_module", "exists", "unwritable", "no_data", "no_source"])
 def test_bad_input_names_the_file_or_flag(trained, tmp_path, capsys, case):

@@ -31,7 +31,7 @@ from lightning_grendel.splatting.grendel.checkpoint import META_FILE, load_shard
 from lightning_grendel.splatting.metrics import psnr, ssim
 from lightning_grendel.splatting.module import GaussianSplattingModule, cameras_from_batch
 from lightning_grendel.splatting.ply import load_ply
-from lightning_grendel.splatting.viewer.camera_paths import orbit_path
+from lightning_grendel.splatting.viewer.camera_paths import ORDERS, PATH_KINDS, camera_path
 from lightning_grendel.splatting.viewer.video import write_video
 
 DATA_FLAGS = {"path": str, "format": str, "image_width": int, "downscale": float, "test_every": int}
@@ -45,8 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lightning-grendel render",
         description="Render a trained Gaussian scene: the test views to PNGs with per-view PSNR/SSIM "
-        "(metrics.json, metrics.csv; the same numbers as `lightning-grendel test`) and an orbit around "
-        "the scene centre to a video.",
+        "(metrics.json, metrics.csv; the same numbers as `lightning-grendel test`) and a camera path "
+        "(an orbit around the scene centre, or through the training cameras) to a video.",
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--ckpt", type=Path, help="Lightning checkpoint file, or a GrendelStrategy sharded "
@@ -58,10 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
                             help=f"GaussianSplattingDataModule {name} (default: from the checkpoint or recipe)")
     parser.add_argument("--out", type=Path, required=True, help="output folder (must not exist unless --overwrite)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
-    parser.add_argument("--path-frames", type=int, default=60, help="frames of the orbit video (0: none)")
-    parser.add_argument("--path-width", type=int, default=None, help="orbit video width in pixels")
+    parser.add_argument("--path", choices=PATH_KINDS, default="orbit",
+                        help="camera path of the video: orbit around the scene centre, or interpolate through "
+                        "the training cameras (written as <path>.<video-format>)")
+    parser.add_argument("--path-order", choices=ORDERS, default="training",
+                        help="interpolate: visit the training cameras in dataset order or as a nearest-neighbour tour")
+    parser.add_argument("--path-frames", type=int, default=60, help="frames of the path video (0: none)")
+    parser.add_argument("--path-width", type=int, default=None, help="path video width in pixels")
     parser.add_argument("--fps", type=float, default=30.0, help="video frame rate")
-    parser.add_argument("--video-format", choices=("mp4", "gif"), default="mp4", help="orbit video format")
+    parser.add_argument("--video-format", choices=("mp4", "gif"), default="mp4", help="path video format")
     parser.add_argument("--backend", default=None, help="rasterizer backend (default: the checkpoint's, or auto)")
     parser.add_argument("--device", default="cpu", help="torch device to render on")
     return parser
@@ -202,10 +207,11 @@ def run(args: argparse.Namespace) -> Path:
             writer.writeheader()
             writer.writerows(rows)
         if args.path_frames:
-            path = orbit_path(datamodule.train_cameras(), args.path_frames, args.path_width).to(module.device)
+            path = camera_path(args.path, datamodule.train_cameras(), args.path_frames, args.path_width,
+                               args.path_order).to(module.device)
             frames = [_to_uint8(module.render_views(path[i])[0])
-                      for i in tqdm(range(len(path)), desc="orbit", unit="frame")]
-            write_video(staging / f"orbit.{args.video_format}", frames, args.fps)
+                      for i in tqdm(range(len(path)), desc=args.path, unit="frame")]
+            write_video(staging / f"{args.path}.{args.video_format}", frames, args.fps)
         if args.out.exists():
             trash = Path(tempfile.mkdtemp(dir=staging.parent, prefix=f".{args.out.name}.old."))
             os.replace(args.out, trash / args.out.name)
