@@ -18,7 +18,7 @@ from lightning_grendel.pipeline.outbox import Outbox, input_gradient, weight_gra
 from lightning_grendel.pipeline.schedules import Schedule, check_schedule, stage_order
 from lightning_grendel.pipeline.stages import Pipeline, output_spec, resolve_stage_specs
 from lightning_grendel.pipeline.tensor_parallel import find_linear, make_column_parallel
-from lightning_grendel.resharding.executors import GroupCache, start_plan
+from lightning_grendel.resharding.executors import GroupCache, start_plan, transport_pairs
 from lightning_grendel.resharding.mesh import Mesh, ShardingSpec, check_disjoint, chunk_bounds, local_box
 from lightning_grendel.resharding.plan import Executor, ReshardPlan, check_executor, make_plan
 from lightning_grendel.resharding.senders import SenderMode, check_sender_mode
@@ -32,8 +32,8 @@ class PipelineRuntime:
 
     Every rank of the default process group must construct it and call :meth:`step` with the same
     batch: plans are derived identically everywhere and process groups are created in one order.
-    ``transport`` is that of :func:`reshard` (``auto``: shared memory when every rank is on this host
-    and the backend is gloo).
+    ``transport`` is that of :func:`reshard` (``auto``: shared memory for the transfers among ranks on
+    one host, torch.distributed across hosts; see :meth:`transports`).
     """
 
     def __init__(self, pipeline: Pipeline, meshes: Sequence[Mesh], *, schedule: Schedule = "eager_1f1b",
@@ -93,7 +93,13 @@ class PipelineRuntime:
         self._shm = []
         for _ in (_FORWARD, _BACKWARD):
             arenas = create_arenas() if transport != "dist" else None
-            self._shm.append(arenas_for(transport, arenas, used))
+            try:
+                self._shm.append(arenas_for(transport, arenas, used))
+            except ValueError:
+                for made in [*self._shm, arenas]:
+                    if made is not None:
+                        made.close()
+                raise
             if arenas is not None and self._shm[-1] is None:
                 arenas.close()
         self._outboxes = [Outbox(self.rank, self._groups[d], transfer_latency_s, self._shm[d])
@@ -141,6 +147,16 @@ class PipelineRuntime:
             span = max((len(plan.ops) for plan in forward + backward), default=0) + 1
             self._plans[key] = (forward, backward, span)
         return self._plans[key]
+
+    def transports(self) -> set[tuple[str, int, int, str]]:
+        """``(direction, from rank, to rank, "shm" or "dist")`` of every chunk boundary planned so far.
+
+        Which transport moves activations (``forward``) and gradients (``backward``) between which
+        ranks, as decided by :func:`transport_pairs`; plans exist after the first :meth:`step`.
+        """
+        return {(name, *pair) for forward, backward, _ in self._plans.values()
+                for name, direction, plans in (("forward", _FORWARD, forward), ("backward", _BACKWARD, backward))
+                for plan in plans for pair in transport_pairs(plan, self._shm[direction])}
 
     def _tag(self, microbatch: int, direction: int, boundary: int, span: int) -> int:
         return ((microbatch * 2 + direction) * len(self.chunk_meshes) + boundary) * span
