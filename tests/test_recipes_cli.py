@@ -1,8 +1,9 @@
 """Every shipped recipe: ``lightning-grendel fit`` with tiny settings, then ``test --ckpt_path`` on the
 checkpoint the fit wrote, so saved hyper-parameters can never break ``test`` (both in this process).
 
-Multi-process recipes are covered where their launchers are tested: ``gaussian/grendel_cpu`` and
-``smoke/grendel`` by tests/splatting/grendel/test_trainer.py and tests/test_cli.py, ``pipeline/*`` by
+Multi-process recipes are covered where their launchers are tested: ``gaussian/grendel_cpu`` by
+tests/splatting/grendel/test_grendel_recipes.py, ``smoke/grendel`` by tests/splatting/grendel/test_trainer.py
+and tests/test_cli.py, ``pipeline/*`` by
 tests/pipeline/test_cli.py; ``gaussian/grendel_gpu`` needs CUDA, ``gaussian/scaling_w4`` four ranks.
 """
 
