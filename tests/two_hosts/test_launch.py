@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import time
 
 import pytest
 import torch
@@ -40,16 +41,29 @@ def _fail_on_rank_one(rank: int, world: int) -> None:
     dist.barrier()
 
 
+def _hang(rank: int, world: int) -> None:
+    if rank == 1:
+        with open("/dev/shm/left_by_a_hung_rank", "w") as handle:  # on host 1's own /dev/shm
+            handle.write("x")
+    time.sleep(600)  # every rank: no collective times out first, the run's deadline kills them
+
+
 @pytest.mark.timeout(120)
-def test_a_failing_rank_fails_the_run_and_teardown_leaves_nothing(two_hosts_reason):
+@pytest.mark.parametrize(("target", "message"), [("_fail_on_rank_one", "rank one fails on purpose"),
+                                                 ("_hang", "two-host run timed out")])
+def test_a_failing_or_hung_rank_fails_the_run_and_teardown_leaves_nothing(two_hosts_reason, target, message):
     if two_hosts_reason is not None:
         pytest.skip(f"two hosts need network namespaces: {two_hosts_reason}")
     hosts = TwoHosts()
     try:
-        with pytest.raises(AssertionError, match="rank one fails on purpose"):
-            hosts.run("tests.two_hosts.test_launch:_fail_on_rank_one", (1, 1), launcher="env", timeout_s=20)
+        with pytest.raises(AssertionError, match=message):
+            hosts.run(f"tests.two_hosts.test_launch:{target}", (1, 1), launcher="env", timeout_s=5)
     finally:
-        hosts.close()
+        if target == "_hang":  # the file a killed rank left is reported, and removed anyway
+            with pytest.raises(AssertionError, match="left_by_a_hung_rank"):
+                hosts.close()
+        else:
+            hosts.close()
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert not any(ns in listed for ns in hosts.namespaces)
     links = subprocess.run(["ip", "link", "show"], capture_output=True, text=True).stdout
