@@ -34,6 +34,7 @@ from lightning_grendel.resharding.executors import GroupCache, start_plan
 from lightning_grendel.resharding.mesh import box_slices, local_box
 from lightning_grendel.resharding.shm import SharedMemoryArenas
 from lightning_grendel.resharding.tasks import box_shape
+from lightning_grendel.splatting.grendel.renderer import PAYLOAD
 
 RANKS_PER_HOST = (2, 4)
 HOST_OF = {r: 0 if r < RANKS_PER_HOST[0] else 1 for r in range(sum(RANKS_PER_HOST))}
@@ -107,7 +108,7 @@ def predictions(mib: int, inter_host_bw: float) -> dict[str, float]:
 # --- Grendel's exchange at Rubble scale: an estimate from measured inputs ------------------------------
 
 MEASURED_RATIO = {2: 0.561, 4: 0.343}  # sparse/dense bytes, docs/results/grendel_exchange.md (b = 1)
-SPLAT_BYTES = 11 * 4  # PAYLOAD float32 columns per splat sent (lightning_grendel/splatting/grendel/renderer.py)
+SPLAT_BYTES = PAYLOAD * 4  # float32 columns per splat sent, without the 2 optional absgrad columns
 
 
 def fitted_visibility_and_height() -> tuple[float, float]:
