@@ -20,7 +20,7 @@ def _exposed_classes() -> list[type]:
     """Classes the recipes name, the short paths of the package, and the config classes they take."""
     paths = {f"lightning_grendel.{name}" for name in lightning_grendel._SHORT_PATHS}
     for recipe in RECIPES_ROOT.rglob("*.yaml"):
-        paths |= {line.split("class_path:")[1].strip() for line in recipe.read_text().splitlines()
+        paths |= {line.split("class_path:")[1].split("#")[0].strip() for line in recipe.read_text().splitlines()
                   if "class_path: lightning_grendel" in line}
     classes = []
     for path in sorted(paths):
