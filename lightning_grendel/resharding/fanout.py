@@ -25,11 +25,17 @@ class Fanout:
     local: dict[int, tuple[int, ...]]  # leader -> the other ranks on its host, which read its arena slot
 
 
-def fanout(ranks: Sequence[int], hosts: Sequence[str]) -> Fanout | None:
-    """The routes of a broadcast over ``ranks`` (``ranks[0]`` sends); None when they share one host."""
+def ranks_by_host(ranks: Sequence[int], hosts: Sequence[str]) -> dict[str, list[int]]:
+    """``ranks`` grouped by ``hosts[rank]``, hosts in order of their first rank, ranks in the given order."""
     by_host: dict[str, list[int]] = {}
     for rank in ranks:
         by_host.setdefault(hosts[rank], []).append(rank)
+    return by_host
+
+
+def fanout(ranks: Sequence[int], hosts: Sequence[str]) -> Fanout | None:
+    """The routes of a broadcast over ``ranks`` (``ranks[0]`` sends); None when they share one host."""
+    by_host = ranks_by_host(ranks, hosts)
     if len(by_host) == 1:
         return None
     leaders = [members[0] for members in by_host.values()]  # the sender's host comes first

@@ -25,7 +25,7 @@ from typing import Literal, get_args
 import torch
 import torch.distributed as dist
 
-from lightning_grendel.resharding.fanout import fanout
+from lightning_grendel.resharding.fanout import fanout, ranks_by_host
 from lightning_grendel.resharding.plan import Broadcast, Gather, ReshardPlan, Send
 
 SHM_DIRECTORY = "/dev/shm"
@@ -69,11 +69,12 @@ def _writes(op: Send | Broadcast | Gather, hosts: Sequence[str] | None) -> list[
         # A leader other than the sender is a destination: it writes its gather arena, as receivers do.
         return [(leader, "transfer" if leader == op.ranks[0] else "gather", members)
                 for leader, members in route.local.items() if members]
+    kind = arena_kind(op)
     if isinstance(op, Send):
-        return [(op.sender, "transfer", (op.receiver,))]
+        return [(op.sender, kind, (op.receiver,))]
     if isinstance(op, Broadcast):
-        return [(op.ranks[0], "transfer", op.ranks[1:])]
-    return [(member, "gather", tuple(r for r in op.ranks if r != member)) for member in op.ranks]
+        return [(op.ranks[0], kind, op.ranks[1:])]
+    return [(member, kind, tuple(r for r in op.ranks if r != member)) for member in op.ranks]
 
 
 def arena_layout(plan: ReshardPlan, hosts: Sequence[str] | None = None) -> ArenaLayout:
@@ -146,10 +147,6 @@ class SharedMemoryArenas:
     @staticmethod
     def available(directory: str = SHM_DIRECTORY) -> bool:
         return os.path.isdir(directory) and os.access(directory, os.W_OK)
-
-    def on_this_host(self, ranks: Iterable[int]) -> bool:
-        """True when every rank in ``ranks`` runs on the same host as this rank."""
-        return all(self.hosts[r] == self.hosts[self.rank] for r in ranks)
 
     def one_host(self, ranks: Iterable[int]) -> bool:
         """True when all of ``ranks`` share one host (the same answer on every rank)."""
@@ -257,9 +254,7 @@ def arenas_for(transport: str, arenas: SharedMemoryArenas | None, ranks: Iterabl
     if transport == "shm" and (arenas is None or not arenas.one_host(ranks)):
         where = ""
         if arenas is not None:
-            by_host: dict[str, list[int]] = {}
-            for r in ranks:
-                by_host.setdefault(arenas.hosts[r], []).append(r)
+            by_host = ranks_by_host(ranks, arenas.hosts)
             where = "; ranks by host: " + ", ".join(f"{host}: {members}" for host, members in by_host.items())
         raise ValueError("transport='shm' needs the gloo backend (CPU tensors), a writable /dev/shm and every "
                          f"rank of both meshes on one host{where}. Use transport='auto' (shared memory inside a "

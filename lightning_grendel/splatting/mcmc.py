@@ -97,6 +97,8 @@ def _copies_of(sampled: Tensor, count: int, max_copies: int) -> Tensor:
 class MCMCDensifier:
     """The MCMC counterpart of :class:`~lightning_grendel.splatting.densify.Densifier` (same hooks)."""
 
+    uses_absgrad = False  # no view-space gradient statistics at all
+
     def __init__(self, config: MCMCConfig, sh_degree: int = 3) -> None:
         self.config = config
         self.sh_degree = sh_degree

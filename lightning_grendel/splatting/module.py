@@ -210,9 +210,8 @@ class GaussianSplattingModule(LightningModule):
         cameras = cameras_from_batch(batch)
         targets = batch["image"]
         halo = SSIM_HALO if self.hparams.ssim_weight > 0 else 0
-        absgrad = getattr(self.densifier, "uses_absgrad", False)  # AbsGS statistics (MCMC has none)
         result = self.renderer(self.gaussians, cameras, self.active_sh_degree, self.background, halo=halo,
-                               absgrad=absgrad)
+                               absgrad=self.densifier.uses_absgrad)
         full_pixels = cameras.width * cameras.height * targets.shape[-1]
         loss = targets.new_zeros(())
         for view in result.views:
