@@ -109,6 +109,7 @@ struct Splat {
   double cut;     // sigma above which alpha < 1/255 for certain (with margin); < 0: the splat never blends
   double det;     // a c - b^2 in double; <= 0 (or non-finite inputs) means the ellipse is not bounded
   double half_y;  // half height of the ellipse sigma <= cut
+  double slope, q0, q1;  // row y's span is centre mx - slope dy, half width sqrt(q0 - q1 dy^2) (see for_each_span)
   bool bounded;
 };
 
@@ -137,7 +138,7 @@ std::vector<Splat<scalar_t>> prepare_splats(const scalar_t* means, const scalar_
     s.det = a * c - b * b;
     s.bounded = std::isfinite(s.det) && a > 0.0 && s.det > 0.0 && std::isfinite(static_cast<double>(s.mx)) &&
                 std::isfinite(static_cast<double>(s.my));
-    s.half_y = 0.0;
+    s.half_y = s.slope = s.q0 = s.q1 = 0.0;
     if (!(s.o >= kMinAlpha<scalar_t>)) {
       s.cut = -1.0;  // alpha = o * exp(-sigma) <= o < 1/255 everywhere
     } else if (!s.bounded) {
@@ -150,10 +151,66 @@ std::vector<Splat<scalar_t>> prepare_splats(const scalar_t* means, const scalar_
       const double exact = std::log(static_cast<double>(s.o) / static_cast<double>(kMinAlpha<scalar_t>));
       s.cut = exact * (1.01 + 64.0 * eps * condition) + 0.01;
       s.half_y = std::sqrt(2.0 * s.cut * a / s.det);
+      s.slope = s.b / s.a;
+      s.q0 = 2.0 * s.cut / s.a;
+      s.q1 = s.det / (s.a * s.a);
     }
     splats[i] = s;
   }
   return splats;
 }
+
+// Calls visit(y, bits) for the tile rows the splat's ellipse sigma <= cut may reach, bits being the pixels
+// of row y inside it that are also set in live[y - oy] (one 16-bit mask per tile row: pixels still
+// blending, or still to be replayed); rows where that is none are skipped.
+template <typename scalar_t, typename Visit>
+inline void for_each_span(const Splat<scalar_t>& s, const TileRect& r, const uint32_t* live, Visit&& visit) {
+  auto visit_span = [&](int64_t y, int64_t xa, int64_t xb) {
+    const uint32_t bits = live[y - r.oy] & span_bits(xa, xb, r.ox);
+    if (bits) visit(y, bits);
+  };
+  if (!s.bounded) {
+    for (int64_t y = r.y0; y < r.y1; ++y) visit_span(y, r.x0, r.x1);
+    return;
+  }
+  // Pixel centres (x + 0.5, y + 0.5) inside the ellipse: rows |dy| <= half_y, then per row
+  // |dx - centre| <= sqrt(q) with q = (2 cut a - det dy^2) / a^2.
+  const double mx = s.mx, my = s.my;
+  const int64_t ya = ceil_clamped(my - s.half_y - 0.5, r.y0, r.y1);
+  const int64_t yb = floor_clamped(my + s.half_y - 0.5, r.y0 - 1, r.y1 - 1) + 1;
+  for (int64_t y = ya; y < yb; ++y) {
+    if (!live[y - r.oy]) continue;
+    const double dy = static_cast<double>(y) + 0.5 - my;
+    const double q = s.q0 - s.q1 * dy * dy;
+    if (q < 0.0) continue;
+    const double centre = mx - 0.5 - s.slope * dy, half = std::sqrt(q);
+    visit_span(y, ceil_clamped(centre - half, r.x0, r.x1), floor_clamped(centre + half, r.x0 - 1, r.x1 - 1) + 1);
+  }
+}
+
+// A window of one tile's list copied into contiguous thread-local arrays: a loop of independent loads
+// that the CPU overlaps, instead of a cache miss per splat in the middle of the pixel loops.
+constexpr int64_t kWindow = 64;
+
+template <typename scalar_t>
+struct SplatWindow {
+  std::vector<Splat<scalar_t>> splats;
+  std::vector<scalar_t> colors;
+  int64_t first = 0, channels;
+
+  explicit SplatWindow(int64_t D) : splats(kWindow), colors(kWindow * D), channels(D) {}
+
+  void load(const int32_t* ids, int64_t k0, int64_t k1, const std::vector<Splat<scalar_t>>& all,
+            const scalar_t* all_colors) {
+    first = k0;
+    for (int64_t k = k0; k < k1; ++k) {
+      splats[k - k0] = all[ids[k]];
+      const scalar_t* src = all_colors + static_cast<int64_t>(ids[k]) * channels;
+      std::copy(src, src + channels, colors.data() + (k - k0) * channels);
+    }
+  }
+  const Splat<scalar_t>& splat(int64_t k) const { return splats[k - first]; }
+  const scalar_t* color(int64_t k) const { return colors.data() + (k - first) * channels; }
+};
 
 }  // namespace lgr_raster

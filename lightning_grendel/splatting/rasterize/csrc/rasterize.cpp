@@ -88,35 +88,12 @@ TileLists bin_splats(const scalar_t* means, const float* radii, const double* de
 
 
 
-// Calls visit(x, y) for the pixels of the tile that may lie inside the splat's ellipse and whose bit is
-// set in live[y - oy] (one 16-bit mask per tile row: pixels still blending, or still to be replayed).
+// Calls visit(x, y) for each pixel for_each_span reports.
 template <typename scalar_t, typename Visit>
 inline void for_each_pixel(const Splat<scalar_t>& s, const TileRect& r, const uint32_t* live, Visit&& visit) {
-  auto visit_span = [&](int64_t y, int64_t xa, int64_t xb) {
-    uint32_t bits = live[y - r.oy] & span_bits(xa, xb, r.ox);
-    while (bits) {
-      visit(r.ox + __builtin_ctz(bits), y);
-      bits &= bits - 1;
-    }
-  };
-  if (!s.bounded) {
-    for (int64_t y = r.y0; y < r.y1; ++y) visit_span(y, r.x0, r.x1);
-    return;
-  }
-  // Pixel centres (x + 0.5, y + 0.5) inside the ellipse: rows |dy| <= half_y, then per row
-  // |dx - centre| <= sqrt(q) with q = (2 cut a - det dy^2) / a^2.
-  const double mx = s.mx, my = s.my;
-  const int64_t ya = ceil_clamped(my - s.half_y - 0.5, r.y0, r.y1);
-  const int64_t yb = floor_clamped(my + s.half_y - 0.5, r.y0 - 1, r.y1 - 1) + 1;
-  const double slope = s.b / s.a, q0 = 2.0 * s.cut / s.a, q1 = s.det / (s.a * s.a);
-  for (int64_t y = ya; y < yb; ++y) {
-    if (!live[y - r.oy]) continue;
-    const double dy = static_cast<double>(y) + 0.5 - my;
-    const double q = q0 - q1 * dy * dy;
-    if (q < 0.0) continue;
-    const double centre = mx - 0.5 - slope * dy, half = std::sqrt(q);
-    visit_span(y, ceil_clamped(centre - half, r.x0, r.x1), floor_clamped(centre + half, r.x0 - 1, r.x1 - 1) + 1);
-  }
+  for_each_span(s, r, live, [&](int64_t y, uint32_t bits) {
+    for (; bits; bits &= bits - 1) visit(r.ox + __builtin_ctz(bits), y);
+  });
 }
 
 // The reference's per-pixel test. Returns false where the splat is skipped at this pixel.
@@ -158,31 +135,6 @@ struct ColorSums<0> {
   explicit ColorSums(int64_t channels) : sums(channels) {}
   void reset() { std::fill(sums.begin(), sums.end(), 0.0); }
   double* data() { return sums.data(); }
-};
-
-// A window of one tile's list copied into contiguous thread-local arrays: a loop of independent loads
-// that the CPU overlaps, instead of a cache miss per splat in the middle of the pixel loops.
-constexpr int64_t kWindow = 64;
-
-template <typename scalar_t>
-struct SplatWindow {
-  std::vector<Splat<scalar_t>> splats;
-  std::vector<scalar_t> colors;
-  int64_t first = 0, channels;
-
-  explicit SplatWindow(int64_t D) : splats(kWindow), colors(kWindow * D), channels(D) {}
-
-  void load(const int32_t* ids, int64_t k0, int64_t k1, const std::vector<Splat<scalar_t>>& all,
-            const scalar_t* all_colors) {
-    first = k0;
-    for (int64_t k = k0; k < k1; ++k) {
-      splats[k - k0] = all[ids[k]];
-      const scalar_t* src = all_colors + static_cast<int64_t>(ids[k]) * channels;
-      std::copy(src, src + channels, colors.data() + (k - k0) * channels);
-    }
-  }
-  const Splat<scalar_t>& splat(int64_t k) const { return splats[k - first]; }
-  const scalar_t* color(int64_t k) const { return colors.data() + (k - first) * channels; }
 };
 
 // ---------------------------------------------------------------------------------------------------

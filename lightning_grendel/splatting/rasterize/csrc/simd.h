@@ -1,6 +1,8 @@
-// One tile row (16 pixels) as a GCC vector: the compiler lowers it to one AVX-512 register, two AVX2
-// registers or four SSE/NEON registers for the -march the extension is built with (cpp_build.py builds
-// for the building CPU and keys its cache by that CPU's flags). Only the mask extraction uses intrinsics.
+// A lane group of kLanes pixels of one tile row as a GCC vector the width of one register of the -march
+// the extension is built with (cpp_backend builds for the building CPU and keys its cache by that CPU's
+// flags): 16 floats on AVX-512, 8 on AVX2 and elsewhere (two SSE/NEON registers). A group that took two
+// registers would spill the per-tile transmittance and colour vectors. Only the mask extraction uses
+// intrinsics.
 //
 // fast_exp: exp(x) to within 2^-22 relative (measured over [-87, 88] in test_rasterize_simd.py), 0 below -87.
 #pragma once
@@ -14,7 +16,12 @@
 
 namespace lgr_simd {
 
+#if defined(__AVX512F__)
 constexpr int kLanes = 16;
+#else
+constexpr int kLanes = 8;
+#endif
+constexpr uint32_t kLaneBits = (uint32_t{1} << kLanes) - 1;
 typedef float VecF __attribute__((vector_size(kLanes * sizeof(float))));
 typedef int32_t VecI __attribute__((vector_size(kLanes * sizeof(int32_t))));
 
@@ -37,8 +44,14 @@ inline VecF load(const float* p) {
   return v;
 }
 inline void store(float* p, VecF v) { std::memcpy(p, &v, sizeof v); }
+inline VecI load_i(const int32_t* p) {
+  VecI v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void store_i(int32_t* p, VecI v) { std::memcpy(p, &v, sizeof v); }
 
-// Lane i + 0.5 + origin: the pixel centres of one tile row.
+// Lane i + origin: with origin = x + 0.5, the pixel centres of a lane group starting at column x.
 inline VecF lane_centres(float origin) {
   VecF v;
   for (int i = 0; i < kLanes; ++i) v[i] = static_cast<float>(i) + origin;
@@ -52,10 +65,9 @@ inline uint32_t bits(VecI m) {
   std::memcpy(&v, &m, sizeof v);
   return _mm512_cmplt_epi32_mask(v, _mm512_setzero_si512());
 #elif defined(__AVX2__)
-  __m256 halves[2];
-  std::memcpy(halves, &m, sizeof halves);
-  return static_cast<uint32_t>(_mm256_movemask_ps(halves[0])) |
-         (static_cast<uint32_t>(_mm256_movemask_ps(halves[1])) << 8);
+  __m256 v;
+  std::memcpy(&v, &m, sizeof v);
+  return static_cast<uint32_t>(_mm256_movemask_ps(v));
 #else
   uint32_t out = 0;
   for (int i = 0; i < kLanes; ++i) out |= static_cast<uint32_t>(m[i] < 0) << i;
@@ -72,9 +84,40 @@ inline VecI lanes(uint32_t mask) {
 
 inline VecF select(VecI m, VecF a, VecF b) { return m ? a : b; }
 
+// Square root of each lane (all >= 0).
+inline VecF sqrt(VecF v) {
+#if defined(__AVX512F__)
+  __m512 x;
+  std::memcpy(&x, &v, sizeof x);
+  x = _mm512_sqrt_ps(x);
+  std::memcpy(&v, &x, sizeof v);
+#elif defined(__AVX2__)
+  __m256 x;
+  std::memcpy(&x, &v, sizeof x);
+  x = _mm256_sqrt_ps(x);
+  std::memcpy(&v, &x, sizeof v);
+#else
+  for (int i = 0; i < kLanes; ++i) v[i] = __builtin_sqrtf(v[i]);
+#endif
+  return v;
+}
+
+// Floor and ceiling of lanes inside int32's range: truncate, then step toward -inf / +inf.
+inline VecI floor_i(VecF v) {
+  const VecI t = __builtin_convertvector(v, VecI);
+  return t + (__builtin_convertvector(t, VecF) > v);  // true is -1
+}
+inline VecI ceil_i(VecF v) {
+  const VecI t = __builtin_convertvector(v, VecI);
+  return t - (__builtin_convertvector(t, VecF) < v);
+}
+
+inline VecF clamp(VecF v, float lo, float hi) { return v > lo ? (v < hi ? v : splat(hi)) : splat(lo); }
+
 // exp(x): x = n ln2 + r with |r| <= ln2 / 2 (Cody-Waite split), e^r by its degree-7 Taylor polynomial
-// (truncation < 6e-9 relative), times 2^n built in the exponent bits. Separate multiplies and adds, so
-// the result does not depend on FMA contraction.
+// (truncation < 6e-9 relative) in Estrin's form, whose dependency chain is three multiply-adds deep
+// instead of Horner's seven, times 2^n built in the exponent bits. Separate multiplies and adds, so the
+// result does not depend on FMA contraction.
 inline VecF fast_exp(VecF x) {
   const VecI underflow = x < -87.0f;
   x = x > 88.0f ? splat(88.0f) : x;
@@ -83,14 +126,10 @@ inline VecF fast_exp(VecF x) {
   const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
   const VecF n = (x * log2e + shifter) - shifter;
   const VecF r = (x - n * ln2_hi) - n * ln2_lo;
-  VecF p = splat(1.0f / 5040.0f);
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
+  const VecF r2 = r * r;
+  const VecF p01 = r + 1.0f, p23 = r * (1.0f / 6.0f) + 0.5f;
+  const VecF p45 = r * (1.0f / 120.0f) + 1.0f / 24.0f, p67 = r * (1.0f / 5040.0f) + 1.0f / 720.0f;
+  const VecF p = (p01 + r2 * p23) + (r2 * r2) * (p45 + r2 * p67);
   const VecI scale = __builtin_convertvector(n, VecI) << 23;
   VecI out;
   std::memcpy(&out, &p, sizeof out);

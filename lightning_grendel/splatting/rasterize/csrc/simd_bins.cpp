@@ -2,19 +2,14 @@
 // radix sort instead of a comparison sort, plus the per-splat record slots that make the backward's
 // reduction contiguous and fixed-order.
 
-#include <algorithm>
 #include <array>
 #include <utility>
-#include <cmath>
-#include <limits>
 
 #include "simd_raster.h"
 
 namespace lgr_simd_raster {
 
-using lgr_raster::ceil_clamped;
 using lgr_raster::depth_key;
-using lgr_raster::floor_clamped;
 using lgr_raster::TileBox;
 
 namespace {
@@ -93,25 +88,6 @@ void Binner::fill(int64_t* offsets, int32_t* ids, int32_t* slots, int64_t* splat
       }
     }
   }
-}
-
-std::vector<SplatF> prepare(const Inputs& in, const Grid& g, int threads) {
-  const auto full = lgr_raster::prepare_splats<float>(in.means, in.conics, in.opacities, in.n, threads);
-  std::vector<SplatF> out(in.n);
-#pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t i = 0; i < in.n; ++i) {
-    const auto& s = full[i];
-    SplatF f{s.mx, s.my, s.a, s.b, s.c, s.o, 0, 0};
-    if (s.cut >= 0.0 && !s.bounded) {
-      f.y1 = static_cast<int32_t>(g.height);
-    } else if (s.cut >= 0.0) {  // the rows for_each_pixel visits in rasterize.cpp
-      const double my = s.my;
-      f.y0 = static_cast<int32_t>(ceil_clamped(my - s.half_y - 0.5, 0, g.height));
-      f.y1 = static_cast<int32_t>(floor_clamped(my + s.half_y - 0.5, -1, g.height - 1) + 1);
-    }
-    out[i] = f;
-  }
-  return out;
 }
 
 }  // namespace lgr_simd_raster

@@ -1,5 +1,6 @@
-// Vectorised forward: per tile, each splat is tested on whole 16-pixel rows (one lane group each) inside
-// its row range; a row leaves the loop once all its pixels have terminated, the tile once all rows have.
+// Vectorised forward: per tile, each splat's per-row ellipse spans (row_spans: the scalar kernel's,
+// for all 16 rows at once) are intersected with the still-live pixels, and only the lane groups they
+// reach are computed, one word of group bits per splat; the tile stops once all its pixels have terminated.
 // Per pixel: the scalar kernel's sigma (same float operations, no FMA), alpha = min(0.99, o exp(-sigma))
 // with fast_exp, skip below 1/255, stop before T < 1e-4. Transmittance and colour are kept in float.
 
@@ -12,7 +13,9 @@ namespace lgr_simd_raster {
 
 using namespace lgr_simd;
 using lgr_raster::kTile;
+using lgr_raster::kWindow;
 using lgr_raster::span_bits;
+using lgr_raster::Splat;
 using lgr_raster::TileRect;
 
 namespace {
@@ -22,74 +25,80 @@ constexpr float kMaxAlpha = 0.99f;
 constexpr float kMinT = 1e-4f;
 
 template <int StaticD>
-int64_t forward_tiles(const Grid& g, const Bins& bins, const std::vector<SplatF>& splats, const Inputs& in,
+int64_t forward_tiles(const Grid& g, const Bins& bins, const std::vector<Splat<float>>& splats, const Inputs& in,
                       float* image, float* final_t, int32_t* last, int threads) {
   const int64_t D = StaticD > 0 ? StaticD : in.channels;
+  constexpr int64_t J = kTile * kGroups;
   const int64_t num_tiles = g.num_tiles();
   int64_t blended = 0;
 #pragma omp parallel num_threads(threads) reduction(+ : blended)
   {
-    std::vector<VecF> trans(kTile), color(kTile * D);
-    std::vector<VecI> last_k(kTile);
-    uint32_t live[kTile];
-    Window window(D);
+    // Channel d of group j at color[d * J + j].
+    std::vector<VecF> trans(J), color(J * D);
+    std::vector<VecI> last_k(J);
+    lgr_raster::SplatWindow<float> window(D);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t tile = 0; tile < num_tiles; ++tile) {
       const TileRect r(g, tile);
       if (r.count() == 0) continue;
-      const int64_t ly0 = r.y0 - r.oy, ly1 = r.y1 - r.oy;
+      int32_t live[kTile], spans[kTile];
+      float dy[kTile];
       int rows_live = 0;
       for (int64_t ly = 0; ly < kTile; ++ly) {
-        live[ly] = ly >= ly0 && ly < ly1 ? span_bits(r.x0, r.x1, r.ox) : 0u;
+        const int64_t y = r.oy + ly;
+        live[ly] = y >= r.y0 && y < r.y1 ? static_cast<int32_t>(span_bits(r.x0, r.x1, r.ox)) : 0;
         rows_live += live[ly] != 0;
-        trans[ly] = splat(1.0f);
-        last_k[ly] = splat_i(-1);
-        for (int64_t d = 0; d < D; ++d) color[d * kTile + ly] = splat(0.0f);
       }
-      const VecF xc = lane_centres(static_cast<float>(r.ox) + 0.5f);
+      std::fill(trans.begin(), trans.end(), splat(1.0f));
+      std::fill(color.begin(), color.end(), splat(0.0f));
+      std::fill(last_k.begin(), last_k.end(), splat_i(-1));
+      VecF xc[kGroups];
+      for (int q = 0; q < kGroups; ++q) xc[q] = lane_centres(static_cast<float>(r.ox + q * kLanes) + 0.5f);
       const int64_t begin = bins.offsets[tile], count = bins.offsets[tile + 1] - begin;
       for (int64_t k = 0; k < count && rows_live > 0; ++k) {
         if (k % kWindow == 0) window.load(bins.ids + begin, k, std::min(count, k + kWindow), splats, in.colors);
-        const SplatF& s = window.splat(k);
-        const int64_t ya = std::max<int64_t>(s.y0, r.y0) - r.oy, yb = std::min<int64_t>(s.y1, r.y1) - r.oy;
-        if (ya >= yb) continue;
+        const Splat<float>& s = window.splat(k);
+        if (s.cut < 0.0) continue;
+        uint32_t groups = row_spans(s, r, live, dy, spans);
+        if (!groups) continue;
         const float* col = window.color(k);
-        const VecF dx = xc - s.mx;
-        const VecF adx = (s.a * dx) * dx, bdx = s.b * dx;
-        for (int64_t ly = ya; ly < yb; ++ly) {
-          if (!live[ly]) continue;
-          const float dy = (static_cast<float>(r.oy + ly) + 0.5f) - s.my;
-          const float cdy = (s.c * dy) * dy;
-          const VecF sigma = 0.5f * (adx + cdy) + bdx * dy;
+        const VecI step = splat_i(static_cast<int32_t>(k));
+        for (; groups; groups &= groups - 1) {
+          const int j = __builtin_ctz(groups), ly = j % kTile, q = j / kTile;
+          uint32_t mask = (static_cast<uint32_t>(spans[ly]) >> (q * kLanes)) & kLaneBits;
+          const float dyl = dy[ly], cdy = (s.c * dyl) * dyl;
+          const VecF dx = xc[q] - s.mx;
+          const VecF sigma = 0.5f * ((s.a * dx) * dx + cdy) + (s.b * dx) * dyl;
           const VecF raw = s.o * fast_exp(-sigma);
           const VecF alpha = raw > kMaxAlpha ? splat(kMaxAlpha) : raw;
-          uint32_t mask = bits((sigma >= 0.0f) & (alpha >= kMinAlpha)) & live[ly];
+          mask &= bits((sigma >= 0.0f) & (alpha >= kMinAlpha));
           if (!mask) continue;
-          VecF& t = trans[ly];
+          VecF& t = trans[j];
           const VecF next = t * (1.0f - alpha);
           const uint32_t done = bits(next < kMinT) & mask;
           if (done) {
-            live[ly] &= ~done;
+            live[ly] &= ~static_cast<int32_t>(done << (q * kLanes));
             rows_live -= live[ly] == 0;
             mask &= ~done;
             if (!mask) continue;
           }
           const VecI use = lanes(mask);
           const VecF weight = select(use, alpha * t, splat(0.0f));
-          for (int64_t d = 0; d < D; ++d) color[d * kTile + ly] += weight * col[d];
+          for (int64_t d = 0; d < D; ++d) color[d * J + j] += weight * col[d];
           t = select(use, next, t);
-          last_k[ly] = use ? splat_i(static_cast<int32_t>(k)) : last_k[ly];
+          last_k[j] = use ? step : last_k[j];
           blended += __builtin_popcount(mask);
         }
       }
       const int64_t nx = r.x1 - r.x0;
-      for (int64_t ly = ly0; ly < ly1; ++ly) {
-        const int64_t row = (r.oy + ly - g.row_start) * g.width + r.ox;
+      for (int64_t y = r.y0; y < r.y1; ++y) {
+        const int64_t ly = y - r.oy, row = (y - g.row_start) * g.width + r.ox;
         for (int64_t i = 0; i < nx; ++i) {
-          const float t = trans[ly][i];
-          for (int64_t d = 0; d < D; ++d) image[(row + i) * D + d] = color[d * kTile + ly][i] + t * in.background[d];
+          const int64_t j = i / kLanes * kTile + ly, lane = i % kLanes;
+          const float t = trans[j][lane];
+          for (int64_t d = 0; d < D; ++d) image[(row + i) * D + d] = color[d * J + j][lane] + t * in.background[d];
           final_t[row + i] = t;
-          last[row + i] = last_k[ly][i];
+          last[row + i] = last_k[j][lane];
         }
       }
     }
@@ -101,7 +110,7 @@ int64_t forward_tiles(const Grid& g, const Bins& bins, const std::vector<SplatF>
 
 int64_t forward(const Grid& g, const Bins& bins, const Inputs& in, float* image, float* final_t, int32_t* last,
                 int threads) {
-  const auto splats = prepare(in, g, threads);
+  const auto splats = lgr_raster::prepare_splats<float>(in.means, in.conics, in.opacities, in.n, threads);
   if (in.channels == 3) return forward_tiles<3>(g, bins, splats, in, image, final_t, last, threads);
   return forward_tiles<0>(g, bins, splats, in, image, final_t, last, threads);
 }

@@ -1,23 +1,18 @@
 // The vectorised float32 rasterizer: torch-free kernels behind simd_glue.cpp. Same tile lists, depth
-// order, per-pixel test and termination rule as the scalar kernel in rasterize.cpp; each 16-pixel tile
-// row is one lane group (simd.h), so early termination and culling work per row.
+// order, per-row pixel spans, per-pixel test and termination rule as the scalar kernel in rasterize.cpp;
+// a tile row is 16 / kLanes lane groups (simd.h), and only the groups a splat's span and the still-live
+// pixels reach are computed.
 #pragma once
 
 #include <cstdint>
 #include <vector>
 
 #include "common.h"
+#include "simd.h"
 
 namespace lgr_simd_raster {
 
 using lgr_raster::Grid;
-
-// One splat as the lane loops read it: the per-pixel test's inputs and the image rows [y0, y1) whose
-// centres its alpha >= 1/255 ellipse can reach (empty when it never blends).
-struct SplatF {
-  float mx, my, a, b, c, o;
-  int32_t y0, y1;
-};
 
 struct Inputs {
   const float *means, *conics, *colors, *opacities, *background;
@@ -49,30 +44,43 @@ class Binner {
   int64_t total_ = 0;
 };
 
-std::vector<SplatF> prepare(const Inputs& in, const Grid& g, int threads);
+// Lane groups per tile row. Group q of row ly is state index q * kTile + ly in the kernels.
+constexpr int kGroups = lgr_raster::kTile / lgr_simd::kLanes;
 
-// A window of one tile's list copied into contiguous thread-local arrays: independent loads the CPU
-// overlaps, instead of a cache miss per splat inside the lane loops.
-constexpr int64_t kWindow = 64;
-
-struct Window {
-  std::vector<SplatF> splats;
-  std::vector<float> colors;
-  int64_t first = 0, channels;
-
-  explicit Window(int64_t D) : splats(kWindow), colors(kWindow * D), channels(D) {}
-
-  void load(const int32_t* ids, int64_t k0, int64_t k1, const std::vector<SplatF>& all, const float* all_colors) {
-    first = k0;
-    for (int64_t k = k0; k < k1; ++k) {
-      splats[k - k0] = all[ids[k]];
-      const float* src = all_colors + static_cast<int64_t>(ids[k]) * channels;
-      std::copy(src, src + channels, colors.data() + (k - k0) * channels);
+// The per-row pixel spans of for_each_span for all rows of a tile, kLanes rows at a time, in float:
+// spans[ly] gets the bits x - ox of row ly's pixels that may lie inside the ellipse sigma <= cut and are
+// set in live[ly]; dy[ly] the row's centre minus the splat's mean. Returns bit q * kTile + ly for each
+// lane group q of row ly that a span reaches. Float rounding moves a span's ends by far less than cut's
+// margin (1% of sigma, more for ill-conditioned conics), so no pixel the per-pixel test accepts is lost.
+inline uint32_t row_spans(const lgr_raster::Splat<float>& s, const lgr_raster::TileRect& r, const int32_t* live,
+                          float* dy, int32_t* spans) {
+  using namespace lgr_simd;
+  const float lo = static_cast<float>(r.x0 - r.ox), hi = static_cast<float>(r.x1 - r.ox);
+  const int32_t full = static_cast<int32_t>(lgr_raster::span_bits(r.x0, r.x1, r.ox));
+  uint32_t groups = 0;
+  for (int h = 0; h < lgr_raster::kTile; h += kLanes) {
+    const VecF d = lane_centres(static_cast<float>(r.oy + h) + 0.5f) - s.my;
+    store(dy + h, d);
+    VecI bits_h = splat_i(full);
+    if (s.bounded) {
+      const VecF q = static_cast<float>(s.q0) - static_cast<float>(s.q1) * (d * d);
+      const VecF half = sqrt(q > 0.0f ? q : splat(0.0f));
+      const VecF centre = (s.mx - 0.5f - static_cast<float>(r.ox)) - static_cast<float>(s.slope) * d;
+      // Clamped to the tile before converting, so far-away (or huge) splats stay inside int32.
+      const VecI xa = ceil_i(clamp(centre - half, lo, hi));
+      const VecI xb = floor_i(clamp(centre + half, lo - 1.0f, hi - 1.0f)) + 1;
+      const VecI one = splat_i(1);
+      bits_h = q >= 0.0f ? ((one << xb) - 1) & ~((one << xa) - 1) : splat_i(0);
+    }
+    bits_h &= load_i(live + h);
+    store_i(spans + h, bits_h);
+    for (int g = 0; g < kGroups; ++g) {
+      const int32_t group = static_cast<int32_t>(kLaneBits << (g * kLanes));
+      groups |= bits((bits_h & group) != 0) << (g * lgr_raster::kTile + h);
     }
   }
-  const SplatF& splat(int64_t k) const { return splats[k - first]; }
-  const float* color(int64_t k) const { return colors.data() + (k - first) * channels; }
-};
+  return groups;
+}
 
 // Writes image [rows, W, D], final transmittance and last contributor [rows, W]; returns blended pairs.
 int64_t forward(const Grid& g, const Bins& bins, const Inputs& in, float* image, float* final_t, int32_t* last,
