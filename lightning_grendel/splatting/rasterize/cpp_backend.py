@@ -5,11 +5,11 @@ The extension is compiled on first use for this CPU and cached (see
 backend warns once, naming the file with the compiler output, and renders with the PyTorch reference
 instead: slower, never wrong.
 
-Two kernels share the binning rules and the per-pixel test: ``scalar`` (``csrc/rasterize.cpp``: one pixel
-at a time, transmittance and colour in double; any float dtype) and ``simd`` (``csrc/simd_*.cpp``: 16-pixel
-tile rows as lane groups, float32, a polynomial exp within 2^-22 relative). ``scalar`` is the default:
-on an AVX2 CPU (AMD EPYC) ``simd`` measured 0.6-0.7x its speed (docs/results/rasterizer.md), so ``simd``
-is opt-in (``impl="simd"``) until it wins in ``benchmarks/rasterizer.py``.
+Two kernels share the binning rules, the per-row pixel spans and the per-pixel test: ``scalar``
+(``csrc/rasterize.cpp``: one pixel at a time, transmittance and colour in double; any float dtype, the
+reference) and ``simd`` (``csrc/simd_*.cpp``: lane groups of 8 pixels on AVX2, 16 on AVX-512, float32, a
+polynomial exp within 2^-22 relative). The default ``impl="auto"`` runs ``simd`` on float32 and
+``scalar`` on float64: ``simd`` is several times faster (docs/results/rasterizer.md).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ EXTENSION_NAME = "lightning_grendel_rasterize"
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCE = CSRC / "rasterize.cpp"
 SIMD_SOURCES = tuple(CSRC / f"simd_{part}.cpp" for part in ("bins", "forward", "backward", "glue"))
-IMPLS = ("scalar", "simd")
+IMPLS = ("auto", "scalar", "simd")
 
 
 def build_directory() -> Path:
@@ -117,16 +117,19 @@ def prepare_inputs(splats: Splats, background: Tensor) -> tuple[Tensor, ...]:
     return (*floats, depths, background.to(dtype).contiguous(), splats.radii.to(torch.float32).contiguous())
 
 
-def rasterize_cpp(splats: Splats, rows: PixelRows, impl: str = "scalar") -> Tensor:
+def rasterize_cpp(splats: Splats, rows: PixelRows, impl: str = "auto") -> Tensor:
     """Render ``rows`` of one image in C++; see :func:`~lightning_grendel.splatting.rasterize.rasterize`.
 
-    ``impl`` picks the kernel: ``"scalar"`` (any float dtype) or ``"simd"`` (float32 only).
+    ``impl`` picks the kernel: ``"scalar"`` (any float dtype), ``"simd"`` (float32 only) or ``"auto"``
+    (``simd`` for float32, ``scalar`` for float64).
     """
     if impl not in IMPLS:
         raise ValueError(f"rasterize_cpp: impl must be one of {IMPLS}, got {impl!r}")
     if load_extension() is None:
         return rasterize_torch(splats, rows)
     means2d, conics, colors, opacities, depths, background, radii = prepare_inputs(splats, rows.background)
+    if impl == "auto":
+        impl = "simd" if colors.dtype == torch.float32 else "scalar"
     if impl == "simd" and colors.dtype != torch.float32:
         raise ValueError(f"rasterize_cpp: impl='simd' computes in float32, got {colors.dtype}; use impl='scalar'")
     function = _RasterizeSimd if impl == "simd" else _RasterizeCpp

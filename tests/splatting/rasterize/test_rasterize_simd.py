@@ -60,13 +60,15 @@ def test_simd_matches_scalar_for_other_channel_counts(channels):
     assert_close(image_and_grads(scene, 40, 33, (0, 33), simd), image_and_grads(scene, 40, 33, (0, 33), scalar))
 
 
-def test_the_default_kernel_is_scalar_in_float32_and_float64():
+def test_the_default_kernel_is_simd_in_float32_and_scalar_in_float64():
     scene = mixed_scene(32, 32, seed=1)
-    for dtype in (torch.float32, torch.float64):
+    for dtype, kernel in ((torch.float32, simd), (torch.float64, scalar)):
         typed = {k: v.to(dtype) if v.is_floating_point() else v for k, v in scene.items()}
         default = image_and_grads(typed, 32, 32, (0, 32), cpp_backend.rasterize_cpp)
-        want = image_and_grads(typed, 32, 32, (0, 32), scalar)
+        want = image_and_grads(typed, 32, 32, (0, 32), kernel)
         assert default[0].dtype == dtype and torch.equal(default[0], want[0])
+        for key in PARAMS:
+            assert torch.equal(default[1][key], want[1][key]), key
 
 
 def test_simd_gradients_are_bit_identical_for_one_and_two_threads():
