@@ -2,6 +2,7 @@
 // radix sort instead of a comparison sort, plus the per-splat record slots that make the backward's
 // reduction contiguous and fixed-order.
 
+#include <algorithm>
 #include <array>
 #include <utility>
 
@@ -46,7 +47,7 @@ void radix_sort(std::vector<uint64_t>& keys, std::vector<int32_t>& ids) {
 }  // namespace
 
 Binner::Binner(const float* means, const float* radii, const double* depths, int64_t n, const Grid& g, int threads)
-    : grid_(g), boxes_(n), counts_(g.num_tiles(), 0) {
+    : grid_(g), boxes_(n), counts_(g.num_tiles(), 0), threads_(threads) {
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t i = 0; i < n; ++i) boxes_[i] = lgr_raster::tile_box(means[2 * i], means[2 * i + 1], radii[i], g);
   std::vector<uint64_t> keys;
@@ -56,12 +57,25 @@ Binner::Binner(const float* means, const float* radii, const double* depths, int
     keys.push_back(depth_key(depths[i]));
     order_.push_back(static_cast<int32_t>(i));
     total_ += static_cast<int64_t>(b.x1 - b.x0) * (b.y1 - b.y0);
-    for (int32_t y = b.y0; y < b.y1; ++y) {
-      int64_t* row = counts_.data() + (y - g.tile_row_start) * g.tiles_x;
-      for (int32_t x = b.x0; x < b.x1; ++x) ++row[x];
+  }
+  // Splats per tile: each thread counts a band of tile rows.
+#pragma omp parallel num_threads(threads)
+  {
+    const auto [lo, hi] = tile_row_band(omp_get_thread_num(), omp_get_num_threads());
+    for (const int32_t i : order_) {
+      const TileBox& b = boxes_[i];
+      for (int32_t y = std::max(b.y0, lo); y < std::min(b.y1, hi); ++y) {
+        int64_t* row = counts_.data() + (y - g.tile_row_start) * g.tiles_x;
+        for (int32_t x = b.x0; x < b.x1; ++x) ++row[x];
+      }
     }
   }
   radix_sort(keys, order_);
+}
+
+std::pair<int32_t, int32_t> Binner::tile_row_band(int thread, int threads) const {
+  const int64_t r0 = grid_.tile_row_start, rows = grid_.tile_row_end - r0;
+  return {static_cast<int32_t>(r0 + rows * thread / threads), static_cast<int32_t>(r0 + rows * (thread + 1) / threads)};
 }
 
 void Binner::fill(int64_t* offsets, int32_t* ids, int32_t* slots, int64_t* splat_offsets) const {
@@ -75,16 +89,23 @@ void Binner::fill(int64_t* offsets, int32_t* ids, int32_t* slots, int64_t* splat
     const bool hit = b.x1 > b.x0 && b.y1 > b.y0;
     splat_offsets[i + 1] = splat_offsets[i] + (hit ? static_cast<int64_t>(b.x1 - b.x0) * (b.y1 - b.y0) : 0);
   }
-  std::vector<int64_t> cursor(offsets, offsets + tiles);
-  for (const int32_t i : order_) {
-    const TileBox& b = boxes_[i];
-    int64_t slot = splat_offsets[i];
-    for (int32_t y = b.y0; y < b.y1; ++y) {
-      int64_t* row = cursor.data() + (y - g.tile_row_start) * g.tiles_x;
-      for (int32_t x = b.x0; x < b.x1; ++x) {
-        const int64_t e = row[x]++;
-        ids[e] = i;
-        slots[e] = static_cast<int32_t>(slot++);
+  // Each thread fills the lists of a band of tile rows, visiting the splats in depth order; a splat's
+  // slots run row-major over its box, so its slot at tile (x, y) follows from the box alone.
+#pragma omp parallel num_threads(threads_)
+  {
+    const auto [lo, hi] = tile_row_band(omp_get_thread_num(), omp_get_num_threads());
+    std::vector<int64_t> cursor(offsets + (lo - g.tile_row_start) * g.tiles_x, offsets + (hi - g.tile_row_start) * g.tiles_x);
+    for (const int32_t i : order_) {
+      const TileBox& b = boxes_[i];
+      const int32_t width = b.x1 - b.x0;
+      for (int32_t y = std::max(b.y0, lo); y < std::min(b.y1, hi); ++y) {
+        int64_t* row = cursor.data() + (y - lo) * g.tiles_x;
+        int64_t slot = splat_offsets[i] + static_cast<int64_t>(y - b.y0) * width;
+        for (int32_t x = b.x0; x < b.x1; ++x) {
+          const int64_t e = row[x]++;
+          ids[e] = i;
+          slots[e] = static_cast<int32_t>(slot++);
+        }
       }
     }
   }

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "common.h"
@@ -37,11 +38,14 @@ class Binner {
   void fill(int64_t* offsets, int32_t* ids, int32_t* slots, int64_t* splat_offsets) const;
 
  private:
+  std::pair<int32_t, int32_t> tile_row_band(int thread, int threads) const;  // tile rows [first, last) of a thread
+
   Grid grid_;
   std::vector<lgr_raster::TileBox> boxes_;
   std::vector<int32_t> order_;  // splats with a non-empty box, stable-sorted by depth
   std::vector<int64_t> counts_;
   int64_t total_ = 0;
+  int threads_;
 };
 
 // Lane groups per tile row. Group q of row ly is state index q * kTile + ly in the kernels.
