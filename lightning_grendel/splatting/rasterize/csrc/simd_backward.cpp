@@ -37,7 +37,7 @@ void backward_tiles(const Grid& g, const Bins& bins, const std::vector<Splat<flo
 #pragma omp parallel num_threads(threads)
   {
     // Channel d of group j at [d * J + j].
-    std::vector<VecF> trans(J), behind(J * D), upstream(J * D), g_col(D);
+    std::vector<VecF> trans(J), behind(J * D), upstream(J * D), g_col(D), sums(kSplatGrads + D);
     std::vector<VecI> last_k(J);
     std::pair<int32_t, int> rows_by_last[kTile];  // (deepest last contributor, row), deepest first
     lgr_raster::SplatWindow<float> window(D);
@@ -125,9 +125,9 @@ void backward_tiles(const Grid& g, const Bins& bins, const std::vector<Splat<flo
         const int64_t slot = bins.slots[begin + k];
         float* rec = records + slot * K;
         written[slot] = 1;
-        const VecF head[kSplatGrads] = {g_mx, g_my, g_a, g_b, g_c, g_o};
-        for (int i = 0; i < kSplatGrads; ++i) rec[i] = hsum(head[i]);
-        for (int64_t d = 0; d < D; ++d) rec[kSplatGrads + d] = hsum(g_col[d]);
+        sums[0] = g_mx, sums[1] = g_my, sums[2] = g_a, sums[3] = g_b, sums[4] = g_c, sums[5] = g_o;
+        std::copy(g_col.begin(), g_col.end(), sums.begin() + kSplatGrads);
+        hsums(sums.data(), static_cast<int>(K), rec);
       }
     }
   }
