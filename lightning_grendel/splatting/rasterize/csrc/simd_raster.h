@@ -54,8 +54,9 @@ constexpr int kGroups = lgr_raster::kTile / lgr_simd::kLanes;
 // The per-row pixel spans of for_each_span for all rows of a tile, kLanes rows at a time, in float:
 // spans[ly] gets the bits x - ox of row ly's pixels that may lie inside the ellipse sigma <= cut and are
 // set in live[ly]; dy[ly] the row's centre minus the splat's mean. Returns bit q * kTile + ly for each
-// lane group q of row ly that a span reaches. Float rounding moves a span's ends by far less than cut's
-// margin (1% of sigma, more for ill-conditioned conics), so no pixel the per-pixel test accepts is lost.
+// lane group q of row ly that a span reaches; spans and dy are only written for the rows of those bits.
+// Float rounding moves a span's ends by far less than cut's margin (1% of sigma, more for
+// ill-conditioned conics), so no pixel the per-pixel test accepts is lost.
 inline uint32_t row_spans(const lgr_raster::Splat<float>& s, const lgr_raster::TileRect& r, const int32_t* live,
                           float* dy, int32_t* spans) {
   using namespace lgr_simd;
@@ -63,6 +64,12 @@ inline uint32_t row_spans(const lgr_raster::Splat<float>& s, const lgr_raster::T
   const int32_t full = static_cast<int32_t>(lgr_raster::span_bits(r.x0, r.x1, r.ox));
   uint32_t groups = 0;
   for (int h = 0; h < lgr_raster::kTile; h += kLanes) {
+    const VecI live_h = load_i(live + h);
+    if (!bits(live_h != 0)) continue;
+    if (s.bounded) {  // skip kLanes rows the ellipse's height misses (|dy| <= half_y, with a margin)
+      const double top = static_cast<double>(r.oy + h) + 0.5 - static_cast<double>(s.my), bottom = top + (kLanes - 1);
+      if (bottom < -s.half_y - 1e-3 || top > s.half_y + 1e-3) continue;
+    }
     const VecF d = lane_centres(static_cast<float>(r.oy + h) + 0.5f) - s.my;
     store(dy + h, d);
     VecI bits_h = splat_i(full);
@@ -76,7 +83,7 @@ inline uint32_t row_spans(const lgr_raster::Splat<float>& s, const lgr_raster::T
       const VecI one = splat_i(1);
       bits_h = q >= 0.0f ? ((one << xb) - 1) & ~((one << xa) - 1) : splat_i(0);
     }
-    bits_h &= load_i(live + h);
+    bits_h &= live_h;
     store_i(spans + h, bits_h);
     for (int g = 0; g < kGroups; ++g) {
       const int32_t group = static_cast<int32_t>(kLaneBits << (g * kLanes));
