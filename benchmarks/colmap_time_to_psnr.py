@@ -38,6 +38,7 @@ from unittest import mock
 import lightning as L
 import torch
 import yaml
+from opensplat import step_parts
 from training_backends import PSNRProbe, first_reaching
 
 from lightning_grendel.splatting import losses, rasterize
@@ -95,7 +96,8 @@ def counting_calls() -> Iterator[Counter[str]]:
         yield counts
 
 
-def train(name: str, data: GaussianSplattingDataModule, views: dict, args: argparse.Namespace) -> LastStepProbe:
+def train(name: str, data: GaussianSplattingDataModule, views: dict,
+          args: argparse.Namespace) -> tuple[LastStepProbe, GaussianSplattingModule]:
     """One run of the recipe; ``before`` under :func:`issue_15_code`. Exits if it ran other kernels than expected."""
     recipe = yaml.safe_load(RECIPE.read_text())
     model_args = recipe["model"]["init_args"]
@@ -114,7 +116,7 @@ def train(name: str, data: GaussianSplattingDataModule, views: dict, args: argpa
     if wrong:
         raise SystemExit(f"{name} run: expected calls of {EXPECTED[name]} only, got {dict(counts)} "
                          f"(a patch that missed, or no C++ extension: see lightning_grendel/splatting/cpp_build.py)")
-    return probe
+    return probe, module
 
 
 def main() -> None:
@@ -143,7 +145,8 @@ def main() -> None:
     test = data.test_dataloader().dataset
     views = torch.utils.data.default_collate([test[i] for i in range(min(test_views or len(test), len(test)))])
 
-    runs = {name: train(name, data, views, args) for name in ("before", "after")}
+    trained = {name: train(name, data, views, args) for name in ("before", "after")}
+    runs = {name: probe for name, (probe, _) in trained.items()}
 
     height = views["image"].shape[1]
     print(f"\ncolmap recipe at {width}x{height}, {args.threads} threads, target test PSNR {args.target} dB "
@@ -170,6 +173,21 @@ def main() -> None:
         print(f"RESULT colmap.time_to_target_speedup={before / max(after, 1e-9):.2f}")
     else:
         print("RESULT colmap.time_to_target_speedup=not_reached")
+    step_breakdown(runs["after"], trained["after"][1], data)
+
+
+def step_breakdown(probe: LastStepProbe, module: GaussianSplattingModule, data: GaussianSplattingDataModule) -> None:
+    """The after run's last step time (between its last two probes) and its stages on its final model."""
+    (first_step, first_s, _) = probe.history[-2] if len(probe.history) > 1 else (0, 0.0, 0.0)
+    (last_step, last_s, _) = probe.history[-1]
+    step_s = (last_s - first_s) / max(last_step - first_step, 1)
+    parts = step_parts(module, data, "cpp")
+    gaussians = module.gaussians["means"].shape[0]
+    print(f"after, at the end ({gaussians} Gaussians, SH degree {module.active_sh_degree}): "
+          f"{step_s * 1e3:.0f} ms per step (steps {first_step}-{last_step}); stages, forward + backward, one view:")
+    for stage, seconds in parts.items():
+        print(f"  {stage:14s} {seconds * 1e3:7.1f} ms  {seconds / step_s:6.1%}")
+    print(f"RESULT colmap.projection_sh_fraction={parts['projection_sh'] / step_s:.3f}")
 
 
 if __name__ == "__main__":

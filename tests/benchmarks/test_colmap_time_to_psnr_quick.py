@@ -26,7 +26,7 @@ def test_colmap_time_to_psnr_quick_reports_both_runs_on_their_kernels(shared_dat
     assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-3000:]
     values = dict(line.split(" ", 1)[1].split("=") for line in result.stdout.splitlines() if line.startswith("RESULT "))
     assert set(values) == {"colmap.before_seconds_to_target", "colmap.after_seconds_to_target",
-                           "colmap.time_to_target_speedup"}
+                           "colmap.time_to_target_speedup", "colmap.projection_sh_fraction"}
     for value in values.values():
         assert value == "not_reached" or float(value) > 0
     before, after = calls(result.stdout, "before"), calls(result.stdout, "after")
