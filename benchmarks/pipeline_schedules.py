@@ -20,15 +20,17 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import statistics
 import tempfile
 import time
+from collections.abc import Mapping
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from _pipeline_timing import median_step_seconds
 from torch import nn
 
+from lightning_grendel.pipeline import PipelineRuntime
 from lightning_grendel.pipeline.schedules import clock_table, makespan
 from lightning_grendel.pipeline.stages import Pipeline, PipelineStage
 from lightning_grendel.resharding.mesh import Mesh
@@ -74,6 +76,29 @@ class EmulatedChunk(nn.Module):
         return _Sleep.apply(x, forward_s, input_grad_s) + _Sleep.apply(self.weight, 0.0, weight_grad_s)
 
 
+def median_step_seconds(runtimes: Mapping[str, PipelineRuntime], inputs: torch.Tensor, targets: torch.Tensor,
+                        steps: int) -> dict[str, float]:
+    """Median over ``steps`` timed steps of each runtime's slowest rank; runtimes take turns every step.
+
+    Also used by ``resharding.py``.
+
+    Step 0 builds plans and process groups and is not timed. Every runtime is closed afterwards.
+    """
+    times: dict[str, list[float]] = {name: [] for name in runtimes}
+    for step in range(steps + 1):
+        for name, runtime in runtimes.items():
+            dist.barrier()
+            start = time.perf_counter()
+            runtime.step(inputs, targets)
+            elapsed = torch.tensor(time.perf_counter() - start, dtype=torch.float64)
+            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+            if step > 0:
+                times[name].append(float(elapsed))
+    for runtime in runtimes.values():
+        runtime.close()
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def _loss(y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (y * target).sum(dim=1).mean()
 
@@ -86,8 +111,6 @@ def _pipeline(virtual: int, costs: tuple[float, float, float]) -> Pipeline:
 
 def _rank(rank: int, world: int, init: str, costs: tuple[float, float, float], latency_s: float,
           microbatches: int, steps: int, out: dict) -> None:
-    from lightning_grendel.pipeline.runtime import PipelineRuntime
-
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world,

@@ -24,7 +24,7 @@ import time
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from _pipeline_timing import median_step_seconds
+from pipeline_schedules import median_step_seconds
 
 from lightning_grendel.resharding import Mesh, make_plan
 from lightning_grendel.resharding.costmodel import Topology, plan_makespan, traffic

@@ -2,7 +2,6 @@
 // radix sort instead of a comparison sort, plus the per-splat record slots that make the backward's
 // reduction contiguous and fixed-order.
 
-#include <algorithm>
 #include <array>
 #include <utility>
 
@@ -59,23 +58,11 @@ Binner::Binner(const float* means, const float* radii, const double* depths, int
     total_ += static_cast<int64_t>(b.x1 - b.x0) * (b.y1 - b.y0);
   }
   // Splats per tile: each thread counts a band of tile rows.
-#pragma omp parallel num_threads(threads)
-  {
-    const auto [lo, hi] = tile_row_band(omp_get_thread_num(), omp_get_num_threads());
-    for (const int32_t i : order_) {
-      const TileBox& b = boxes_[i];
-      for (int32_t y = std::max(b.y0, lo); y < std::min(b.y1, hi); ++y) {
-        int64_t* row = counts_.data() + (y - g.tile_row_start) * g.tiles_x;
-        for (int32_t x = b.x0; x < b.x1; ++x) ++row[x];
-      }
-    }
-  }
+  for_each_box_row_in_bands([&](int32_t, const TileBox& b, int32_t y) {
+    int64_t* row = counts_.data() + (y - g.tile_row_start) * g.tiles_x;
+    for (int32_t x = b.x0; x < b.x1; ++x) ++row[x];
+  });
   radix_sort(keys, order_);
-}
-
-std::pair<int32_t, int32_t> Binner::tile_row_band(int thread, int threads) const {
-  const int64_t r0 = grid_.tile_row_start, rows = grid_.tile_row_end - r0;
-  return {static_cast<int32_t>(r0 + rows * thread / threads), static_cast<int32_t>(r0 + rows * (thread + 1) / threads)};
 }
 
 void Binner::fill(int64_t* offsets, int32_t* ids, int32_t* slots, int64_t* splat_offsets) const {
@@ -91,24 +78,16 @@ void Binner::fill(int64_t* offsets, int32_t* ids, int32_t* slots, int64_t* splat
   }
   // Each thread fills the lists of a band of tile rows, visiting the splats in depth order; a splat's
   // slots run row-major over its box, so its slot at tile (x, y) follows from the box alone.
-#pragma omp parallel num_threads(threads_)
-  {
-    const auto [lo, hi] = tile_row_band(omp_get_thread_num(), omp_get_num_threads());
-    std::vector<int64_t> cursor(offsets + (lo - g.tile_row_start) * g.tiles_x, offsets + (hi - g.tile_row_start) * g.tiles_x);
-    for (const int32_t i : order_) {
-      const TileBox& b = boxes_[i];
-      const int32_t width = b.x1 - b.x0;
-      for (int32_t y = std::max(b.y0, lo); y < std::min(b.y1, hi); ++y) {
-        int64_t* row = cursor.data() + (y - lo) * g.tiles_x;
-        int64_t slot = splat_offsets[i] + static_cast<int64_t>(y - b.y0) * width;
-        for (int32_t x = b.x0; x < b.x1; ++x) {
-          const int64_t e = row[x]++;
-          ids[e] = i;
-          slots[e] = static_cast<int32_t>(slot++);
-        }
-      }
+  std::vector<int64_t> cursor(offsets, offsets + tiles);  // the bands keep to their own tile rows
+  for_each_box_row_in_bands([&](int32_t i, const TileBox& b, int32_t y) {
+    int64_t* row = cursor.data() + (y - g.tile_row_start) * g.tiles_x;
+    int64_t slot = splat_offsets[i] + static_cast<int64_t>(y - b.y0) * (b.x1 - b.x0);
+    for (int32_t x = b.x0; x < b.x1; ++x) {
+      const int64_t e = row[x]++;
+      ids[e] = i;
+      slots[e] = static_cast<int32_t>(slot++);
     }
-  }
+  });
 }
 
 }  // namespace lgr_simd_raster

@@ -4,8 +4,8 @@
 // pixels reach are computed.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
-#include <utility>
 #include <vector>
 
 #include "common.h"
@@ -38,7 +38,22 @@ class Binner {
   void fill(int64_t* offsets, int32_t* ids, int32_t* slots, int64_t* splat_offsets) const;
 
  private:
-  std::pair<int32_t, int32_t> tile_row_band(int thread, int threads) const;  // tile rows [first, last) of a thread
+  // visit(i, box, y) for every splat i in depth order and every tile row y of its box, in parallel: each
+  // thread takes one band of tile rows, so per-tile state written from visit needs no locking and each
+  // tile sees its splats in depth order.
+  template <typename Visit>
+  void for_each_box_row_in_bands(Visit&& visit) const {
+#pragma omp parallel num_threads(threads_)
+    {
+      const int64_t r0 = grid_.tile_row_start, rows = grid_.tile_row_end - r0;
+      const int64_t me = omp_get_thread_num(), team = omp_get_num_threads();
+      const auto lo = static_cast<int32_t>(r0 + rows * me / team), hi = static_cast<int32_t>(r0 + rows * (me + 1) / team);
+      for (const int32_t i : order_) {
+        const lgr_raster::TileBox& b = boxes_[i];
+        for (int32_t y = std::max(b.y0, lo); y < std::min(b.y1, hi); ++y) visit(i, b, y);
+      }
+    }
+  }
 
   Grid grid_;
   std::vector<lgr_raster::TileBox> boxes_;
