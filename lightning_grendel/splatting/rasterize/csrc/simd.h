@@ -82,6 +82,13 @@ inline VecI lanes(uint32_t mask) {
   return (one_hot & static_cast<int32_t>(mask)) != 0;
 }
 
+// -1 in lane i where bit q * kLanes + i of a tile row's 16-pixel mask is set: lane group q's pixels.
+inline VecI span_lanes(int32_t row_bits, int q) {
+  VecI one_hot;
+  for (int i = 0; i < kLanes; ++i) one_hot[i] = 1 << i;
+  return (splat_i(row_bits >> (q * kLanes)) & one_hot) != 0;
+}
+
 inline VecF select(VecI m, VecF a, VecF b) { return m ? a : b; }
 
 // Square root of each lane (all >= 0).

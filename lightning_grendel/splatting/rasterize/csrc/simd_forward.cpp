@@ -55,6 +55,7 @@ int64_t forward_tiles(const Grid& g, const Bins& bins, const std::vector<Splat<f
       VecF xc[kGroups];
       for (int q = 0; q < kGroups; ++q) xc[q] = lane_centres(static_cast<float>(r.ox + q * kLanes) + 0.5f);
       const int64_t begin = bins.offsets[tile], count = bins.offsets[tile + 1] - begin;
+      VecI blended_lanes = splat_i(0);
       for (int64_t k = 0; k < count && rows_live > 0; ++k) {
         if (k % kWindow == 0) window.load(bins.ids + begin, k, std::min(count, k + kWindow), splats, in.colors);
         const Splat<float>& s = window.splat(k);
@@ -65,31 +66,29 @@ int64_t forward_tiles(const Grid& g, const Bins& bins, const std::vector<Splat<f
         const VecI step = splat_i(static_cast<int32_t>(k));
         for (; groups; groups &= groups - 1) {
           const int j = __builtin_ctz(groups), ly = j % kTile, q = j / kTile;
-          uint32_t mask = (static_cast<uint32_t>(spans[ly]) >> (q * kLanes)) & kLaneBits;
           const float dyl = dy[ly], cdy = (s.c * dyl) * dyl;
           const VecF dx = xc[q] - s.mx;
           const VecF sigma = 0.5f * ((s.a * dx) * dx + cdy) + (s.b * dx) * dyl;
           const VecF raw = s.o * fast_exp(-sigma);
           const VecF alpha = raw > kMaxAlpha ? splat(kMaxAlpha) : raw;
-          mask &= bits((sigma >= 0.0f) & (alpha >= kMinAlpha));
-          if (!mask) continue;
           VecF& t = trans[j];
           const VecF next = t * (1.0f - alpha);
-          const uint32_t done = bits(next < kMinT) & mask;
-          if (done) {
-            live[ly] &= ~static_cast<int32_t>(done << (q * kLanes));
-            rows_live -= live[ly] == 0;
-            mask &= ~done;
-            if (!mask) continue;
-          }
-          const VecI use = lanes(mask);
+          // Straight-line: the lanes that blend and the lanes that terminate here as vector masks, so no
+          // branch waits on the exp.
+          const VecI hit = span_lanes(spans[ly], q) & (sigma >= 0.0f) & (alpha >= kMinAlpha);
+          const VecI done = hit & (next < kMinT);
+          const VecI use = hit & ~done;
+          const int32_t before = live[ly];
+          live[ly] = before & ~static_cast<int32_t>(bits(done) << (q * kLanes));
+          rows_live -= (before != 0) & (live[ly] == 0);
           const VecF weight = select(use, alpha * t, splat(0.0f));
           for (int64_t d = 0; d < D; ++d) color[d * J + j] += weight * col[d];
           t = select(use, next, t);
           last_k[j] = use ? step : last_k[j];
-          blended += __builtin_popcount(mask);
+          blended_lanes -= use;
         }
       }
+      for (int i = 0; i < kLanes; ++i) blended += blended_lanes[i];
       const int64_t nx = r.x1 - r.x0;
       for (int64_t y = r.y0; y < r.y1; ++y) {
         const int64_t ly = y - r.oy, row = (y - g.row_start) * g.width + r.ox;
