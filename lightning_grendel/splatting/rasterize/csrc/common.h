@@ -64,18 +64,21 @@ struct TileBox {
   int32_t x0, x1, y0, y1;
 };
 
-inline TileBox tile_box(float mx, float my, float r, const Grid& g) {
+// rx, ry: the box's half width and height (both the radius for the scalar kernel).
+inline TileBox tile_box(float mx, float my, float rx, float ry, const Grid& g) {
   TileBox box{0, 0, 0, 0};
-  if (!(r > 0.0f)) return box;
+  if (!(rx > 0.0f && ry > 0.0f)) return box;
   const float tx = static_cast<float>(g.tiles_x), ty = static_cast<float>(g.tiles_y);
   const int32_t r0 = static_cast<int32_t>(g.tile_row_start), r1 = static_cast<int32_t>(g.tile_row_end);
   const float tile = static_cast<float>(kTile);
-  box.x0 = static_cast<int32_t>(clamp_index(std::floor((mx - r) / tile), tx));
-  box.x1 = static_cast<int32_t>(clamp_index(std::ceil((mx + r) / tile), tx));
-  box.y0 = std::clamp(static_cast<int32_t>(clamp_index(std::floor((my - r) / tile), ty)), r0, r1);
-  box.y1 = std::clamp(static_cast<int32_t>(clamp_index(std::ceil((my + r) / tile), ty)), r0, r1);
+  box.x0 = static_cast<int32_t>(clamp_index(std::floor((mx - rx) / tile), tx));
+  box.x1 = static_cast<int32_t>(clamp_index(std::ceil((mx + rx) / tile), tx));
+  box.y0 = std::clamp(static_cast<int32_t>(clamp_index(std::floor((my - ry) / tile), ty)), r0, r1);
+  box.y1 = std::clamp(static_cast<int32_t>(clamp_index(std::ceil((my + ry) / tile), ty)), r0, r1);
   return box;
 }
+
+inline TileBox tile_box(float mx, float my, float r, const Grid& g) { return tile_box(mx, my, r, r, g); }
 
 // First integer >= v and last integer <= v, clamped to [lo, hi]. Casts instead of std::ceil/floor,
 // which are library calls on baseline x86-64 (no SSE4.1) and sit in the per-row setup.

@@ -90,7 +90,6 @@ void backward_tiles(const Grid& g, const Bins& bins, const std::vector<Splat<flo
         for (int64_t d = 0; d < D; ++d) g_col[d] = splat(0.0f);
         for (; groups; groups &= groups - 1) {
           const int j = __builtin_ctz(groups), ly = j % kTile, q = j / kTile;
-          const uint32_t group = (static_cast<uint32_t>(spans[ly]) >> (q * kLanes)) & kLaneBits;
           const float dyl = dy[ly], cdy = (s.c * dyl) * dyl;
           const VecF dx = xc[q] - s.mx;
           const VecF adx = s.a * dx, bdx = s.b * dx;
@@ -98,9 +97,8 @@ void backward_tiles(const Grid& g, const Bins& bins, const std::vector<Splat<flo
           const VecF vis = fast_exp(-sigma);
           const VecF raw = s.o * vis;
           const VecF alpha = raw > kMaxAlpha ? splat(kMaxAlpha) : raw;
-          const uint32_t mask = group & bits((sigma >= 0.0f) & (alpha >= kMinAlpha) & (last_k[j] >= step));
-          if (!mask) continue;
-          const VecI use = lanes(mask);
+          // Straight-line, as in the forward: lanes outside `use` add zeros.
+          const VecI use = span_lanes(spans[ly], q) & (sigma >= 0.0f) & (alpha >= kMinAlpha) & (last_k[j] >= step);
           const VecF inv = 1.0f / (1.0f - alpha);
           const VecF t = trans[j] * inv;  // transmittance in front of this splat
           const VecF weight = select(use, alpha * t, splat(0.0f));  // 0 in the lanes that skip this splat

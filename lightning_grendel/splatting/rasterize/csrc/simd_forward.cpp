@@ -107,9 +107,8 @@ int64_t forward_tiles(const Grid& g, const Bins& bins, const std::vector<Splat<f
 
 }  // namespace
 
-int64_t forward(const Grid& g, const Bins& bins, const Inputs& in, float* image, float* final_t, int32_t* last,
-                int threads) {
-  const auto splats = lgr_raster::prepare_splats<float>(in.means, in.conics, in.opacities, in.n, threads);
+int64_t forward(const Grid& g, const Bins& bins, const std::vector<Splat<float>>& splats, const Inputs& in,
+                float* image, float* final_t, int32_t* last, int threads) {
   if (in.channels == 3) return forward_tiles<3>(g, bins, splats, in, image, final_t, last, threads);
   return forward_tiles<0>(g, bins, splats, in, image, final_t, last, threads);
 }

@@ -41,8 +41,8 @@ std::vector<torch::Tensor> forward_simd(const torch::Tensor& means2d, const torc
               "radii must be [N] float32");
   const int threads = at::get_num_threads();
   const Grid g(width, height, row_start, row_end);
-  const lgr_simd_raster::Binner binner(in.means, radii.data_ptr<float>(), depths.data_ptr<double>(), in.n, g,
-                                       threads);
+  const auto splats = lgr_raster::prepare_splats<float>(in.means, in.conics, in.opacities, in.n, threads);
+  const lgr_simd_raster::Binner binner(splats, radii.data_ptr<float>(), depths.data_ptr<double>(), g, threads);
   const int64_t m = binner.intersections();
   TORCH_CHECK(m < std::numeric_limits<int32_t>::max(), "rasterize_cpp (simd): too many splat-tile pairs");
   const auto i64 = torch::TensorOptions().dtype(torch::kInt64), i32 = torch::TensorOptions().dtype(torch::kInt32);
@@ -55,7 +55,7 @@ std::vector<torch::Tensor> forward_simd(const torch::Tensor& means2d, const torc
   auto last = torch::empty({g.rows(), width}, i32);
   const Bins bins{offsets.data_ptr<int64_t>(), ids.data_ptr<int32_t>(), slots.data_ptr<int32_t>(),
                   splat_offsets.data_ptr<int64_t>()};
-  const int64_t blended = lgr_simd_raster::forward(g, bins, in, image.data_ptr<float>(), final_t.data_ptr<float>(),
+  const int64_t blended = lgr_simd_raster::forward(g, bins, splats, in, image.data_ptr<float>(), final_t.data_ptr<float>(),
                                                    last.data_ptr<int32_t>(), threads);
   return {image, final_t, last, offsets, ids, slots, splat_offsets, torch::tensor(blended, torch::kInt64)};
 }

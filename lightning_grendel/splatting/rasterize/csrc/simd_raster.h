@@ -33,7 +33,8 @@ struct Bins {
 // Binning in two steps so the caller can allocate the outputs in between.
 class Binner {
  public:
-  Binner(const float* means, const float* radii, const double* depths, int64_t n, const Grid& g, int threads);
+  Binner(const std::vector<lgr_raster::Splat<float>>& splats, const float* radii, const double* depths, const Grid& g,
+         int threads);
   int64_t intersections() const { return total_; }
   void fill(int64_t* offsets, int32_t* ids, int32_t* slots, int64_t* splat_offsets) const;
 
@@ -109,7 +110,9 @@ inline uint32_t row_spans(const lgr_raster::Splat<float>& s, const lgr_raster::T
 }
 
 // Writes image [rows, W, D], final transmittance and last contributor [rows, W]; returns blended pairs.
-int64_t forward(const Grid& g, const Bins& bins, const Inputs& in, float* image, float* final_t, int32_t* last,
+// splats: prepare_splats of the inputs, as given to the Binner.
+int64_t forward(const Grid& g, const Bins& bins, const std::vector<lgr_raster::Splat<float>>& splats, const Inputs& in,
+                float* image, float* final_t, int32_t* last,
                 int threads);
 
 // Writes grads [N, 2], [N, 3], [N, D], [N]; records is scratch of intersections * (6 + D) floats.
