@@ -20,6 +20,9 @@
 #include <optional>
 #include <vector>
 
+// The per-pair helpers are inlined into the loops over Gaussians (GCC keeps them out of line otherwise).
+#define ALWAYS_INLINE inline __attribute__((always_inline))
+
 namespace {
 
 constexpr double kNearPlane = 0.01;
@@ -94,7 +97,7 @@ struct Shape {
 };
 
 template <typename T>
-Shape<T> make_shape(const T* quat, const T* scale) {
+ALWAYS_INLINE Shape<T> make_shape(const T* quat, const T* scale) {
   Shape<T> s;
   const T norm = std::sqrt(quat[0] * quat[0] + quat[1] * quat[1] + quat[2] * quat[2] + quat[3] * quat[3]);
   s.qnorm = norm;
@@ -135,7 +138,7 @@ inline T clamp_range_slope(T x, T lo, T hi) {
 }
 
 template <typename T>
-Pair<T> project_pair(const Camera<T>& cam, const T* mean, const Shape<T>& shape) {
+ALWAYS_INLINE Pair<T> project_pair(const Camera<T>& cam, const T* mean, const Shape<T>& shape) {
   Pair<T> q;
   for (int r = 0; r < 3; ++r) {
     q.p[r] = cam.rot[3 * r] * mean[0] + cam.rot[3 * r + 1] * mean[1] + cam.rot[3 * r + 2] * mean[2] + cam.trans[r];
@@ -243,7 +246,7 @@ struct Direction {
 };
 
 template <typename T>
-Direction<T> view_direction(const Camera<T>& cam, const T* mean) {
+ALWAYS_INLINE Direction<T> view_direction(const Camera<T>& cam, const T* mean) {
   Direction<T> r;
   for (int i = 0; i < 3; ++i) r.d[i] = mean[i] - cam.center[i];
   r.norm = std::sqrt(r.d[0] * r.d[0] + r.d[1] * r.d[1] + r.d[2] * r.d[2]);
