@@ -6,8 +6,10 @@ process, on ``colmap_blocks``:
 
 - ``before``: the code as it was when the issue was filed, emulated for that run only: the C++
   rasterizer's ``scalar`` kernel (``rasterize_cpp(..., impl="scalar")`` in ``BACKENDS["cpp"]``) and the
-  PyTorch SSIM loss (``losses.fused_loss_available`` answers False);
-- ``after``: today's defaults (``impl="auto"``, the vectorised kernel on float32, and the fused C++ loss).
+  PyTorch SSIM loss (``losses.fused_loss_available`` answers False) and the PyTorch projection + SH
+  colour (``render.fused_projection_available`` answers False, i.e. ``projection="torch"``);
+- ``after``: today's defaults (``impl="auto"``, the vectorised kernel on float32, the fused C++ loss and
+  the fused C++ projection + SH colour).
 
 Which kernels ran is counted in each run (autograd Function calls of either rasterizer kernel, calls of
 either loss) and checked: a run that used the wrong ones stops the script. The training clock is
@@ -41,7 +43,7 @@ import yaml
 from opensplat import step_parts
 from training_backends import PSNRProbe, first_reaching
 
-from lightning_grendel.splatting import losses, rasterize
+from lightning_grendel.splatting import fused_projection, losses, rasterize, render
 from lightning_grendel.splatting.data.datamodule import GaussianSplattingDataModule
 from lightning_grendel.splatting.densify import DensifyConfig
 from lightning_grendel.splatting.module import GaussianSplattingModule
@@ -57,8 +59,11 @@ COUNTED = (
     (cpp_backend._RasterizeSimd, "apply", "simd_rasterizer"),
     (losses, "torch_strip_loss", "torch_ssim_loss"),
     (losses, "fused_strip_loss", "fused_ssim_loss"),
+    (render, "project_gaussians", "torch_projection"),
+    (fused_projection._FusedProjection, "apply", "fused_projection"),
 )
-EXPECTED = {"before": ("scalar_rasterizer", "torch_ssim_loss"), "after": ("simd_rasterizer", "fused_ssim_loss")}
+EXPECTED = {"before": ("scalar_rasterizer", "torch_ssim_loss", "torch_projection"),
+            "after": ("simd_rasterizer", "fused_ssim_loss", "fused_projection")}
 
 
 class LastStepProbe(PSNRProbe):
@@ -72,10 +77,11 @@ class LastStepProbe(PSNRProbe):
 
 @contextlib.contextmanager
 def issue_15_code() -> Iterator[None]:
-    """The scalar rasterizer kernel and the PyTorch SSIM loss in place of today's defaults, undone on exit."""
+    """The scalar rasterizer kernel, the PyTorch SSIM loss and the PyTorch projection, undone on exit."""
     scalar = functools.partial(cpp_backend.rasterize_cpp, impl="scalar")
     with mock.patch.dict(rasterize.BACKENDS, {"cpp": scalar}), \
-            mock.patch.object(losses, "fused_loss_available", lambda image, target: False):
+            mock.patch.object(losses, "fused_loss_available", lambda image, target: False), \
+            mock.patch.object(render, "fused_projection_available", lambda *tensors: False):
         yield
 
 
@@ -151,15 +157,16 @@ def main() -> None:
     height = views["image"].shape[1]
     print(f"\ncolmap recipe at {width}x{height}, {args.threads} threads, target test PSNR {args.target} dB "
           f"(mean of {len(views['image'])} test views); steps and seconds are after the first step, without probes")
-    print("| run | rasterizer | SSIM loss | steps | training s | test PSNR reached | s / step | reached target at |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| run | rasterizer | SSIM loss | projection + SH | steps | training s | test PSNR reached | s / step "
+          "| reached target at |")
+    print("|---|---|---|---|---|---|---|---|---|")
     seconds_to_target: dict[str, float | None] = {}
     for name, probe in runs.items():
         steps, seconds, _ = probe.history[-1]
         hit = first_reaching(probe.history, args.target)
         seconds_to_target[name] = hit[1] if hit else None
         when = f"step {hit[0]}, {hit[1]:.1f} s" if hit else f"not reached in {seconds:.1f} s"
-        kernels = "scalar | torch" if name == "before" else "simd (auto) | fused C++"
+        kernels = "scalar | torch | torch" if name == "before" else "simd (auto) | fused C++ | fused C++"
         print(f"| {name} | {kernels} | {steps} | {seconds:.1f} | {max(v for *_, v in probe.history):.2f} | "
               f"{seconds / max(steps, 1):.3f} | {when} |")
     for name, seconds in seconds_to_target.items():

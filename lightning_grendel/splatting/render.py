@@ -9,11 +9,13 @@ renders only this rank's pixel partition, and the same ``training_step`` works w
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 from lightning_grendel.splatting.cameras import Cameras
+from lightning_grendel.splatting.fused_projection import fused_projection_available, project_and_shade
 from lightning_grendel.splatting.gaussians import activated_opacities, activated_scales, sh_coefficients
 from lightning_grendel.splatting.projection import RasterizeMode, project_gaussians
 from lightning_grendel.splatting.rasterize import Splats, rasterize
@@ -22,18 +24,37 @@ from lightning_grendel.splatting.sh import sh_to_rgb
 
 def splat_gaussians(
     params: dict[str, Tensor], cameras: Cameras, sh_degree: int, rasterize_mode: RasterizeMode = "classic",
-    absgrad: bool = False,
+    absgrad: bool = False, projection: Literal["auto", "torch", "cpp"] = "auto",
 ) -> Splats:
     """Project Gaussians onto every camera and evaluate their view-dependent colour: splats [C, N, ...].
 
     In ``antialiased`` mode the opacities carry the 2-D filter's compensation, so every backend (and
     Grendel's exchange) gets anti-aliased splats without a change of its own. ``absgrad`` adds a zero
     ``absgrad_probe`` [C, N, 2] leaf for the per-pixel absolute gradients of the means (AbsGS).
+
+    Args:
+        params: raw Gaussian parameters (means, log-scales, quats, opacity logits, sh0, shN).
+        cameras: the C cameras to project onto.
+        sh_degree: SH degree 0..3 of the colours.
+        rasterize_mode: ``"classic"`` or ``"antialiased"``.
+        absgrad: whether to add the ``absgrad_probe`` leaf.
+        projection: ``"cpp"`` the fused C++ projection + SH colour (an error where it does not apply),
+            ``"torch"`` the reference ``project_gaussians`` + ``sh_to_rgb``, ``"auto"`` the first where
+            :func:`~.fused_projection.fused_projection_available` holds, else the second.
     """
+    if projection not in ("auto", "torch", "cpp"):
+        raise ValueError(f"projection must be 'auto', 'torch' or 'cpp', got {projection!r}")
     means, quats = params["means"], params["quats"]
-    projected = project_gaussians(means, quats, activated_scales(params), cameras, rasterize_mode)
-    directions = params["means"][None] - cameras.centers.to(params["means"].dtype)[:, None]
-    colors = sh_to_rgb(sh_degree, sh_coefficients(params)[None], directions)
+    scales, coefficients = activated_scales(params), sh_coefficients(params)
+    use_cpp = projection != "torch" and fused_projection_available(means, quats, scales, coefficients, cameras)
+    if projection == "cpp" and not use_cpp:
+        raise ValueError("projection='cpp' needs CPU float32/float64 inputs, constant cameras and the built extension")
+    if use_cpp:
+        projected, colors = project_and_shade(means, quats, scales, coefficients, cameras, sh_degree, rasterize_mode)
+    else:
+        projected = project_gaussians(means, quats, scales, cameras, rasterize_mode)
+        directions = means[None] - cameras.centers.to(means.dtype)[:, None]
+        colors = sh_to_rgb(sh_degree, coefficients[None], directions)
     opacities = activated_opacities(params)[None].expand(len(cameras), -1)
     if projected.compensations is not None:
         opacities = opacities * projected.compensations
