@@ -209,7 +209,12 @@ struct SplatWindow {
     for (int64_t k = k0; k < k1; ++k) {
       splats[k - k0] = all[ids[k]];
       const scalar_t* src = all_colors + static_cast<int64_t>(ids[k]) * channels;
-      std::copy(src, src + channels, colors.data() + (k - k0) * channels);
+      scalar_t* dst = colors.data() + (k - k0) * channels;
+      if (channels == 3) {  // RGB without a call to memmove per splat
+        dst[0] = src[0], dst[1] = src[1], dst[2] = src[2];
+      } else {
+        std::copy(src, src + channels, dst);
+      }
     }
   }
   const Splat<scalar_t>& splat(int64_t k) const { return splats[k - first]; }
