@@ -115,6 +115,23 @@ def test_gradients_match_autograd_float64(degree, mode):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
+def test_gradients_at_exact_clamp_ties_match_autograd():
+    """Where an input sits exactly on a clamp, torch's clamp_min passes no gradient; the C++ must agree."""
+    gaussians, cameras = scene(20, torch.float64)
+    gaussians["sh0"][:4, 0, 0] = -1.772453850905516  # SH_C0 * c + 0.5 == 0 exactly: colour on its clamp
+    gaussians["means"][4] = cameras.centers[0]  # a direction of length 0 from camera 0: the norm's clamp
+    grads = []
+    for run in (reference, fused):
+        leaves = leaf_inputs(gaussians)
+        projected, colors = run(leaves, cameras, 0, "classic")
+        assert (colors[:, :4, 0] == 0).all()
+        weighted_sum(projected, colors, seed=2).backward()
+        grads.append([leaves[k].grad for k in ("means", "sh0")])
+    assert (grads[0][1][:4, 0, 0] == 0).all(), "the reference passes no gradient on the tie"
+    for got, want in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
 def test_gradcheck_small_scene():
     gaussians, cameras = scene(6, torch.float64, seed=3, spread=0.5)
     coefficients = sh_coefficients(gaussians)

@@ -3,7 +3,7 @@
 // Follows lightning_grendel/splatting/projection.py (project_gaussians) and sh.py (sh_to_rgb), which stay the
 // reference: the same near plane, safe depth, FOV clamp, low-pass filter, clamps and culling, with the
 // products taken in the reference's order. The backward is the chain rule of those formulas with torch's
-// conventions at the kinks: clamp_min passes the gradient where its input >= the minimum, torch.where passes
+// conventions at the kinks: clamp_min passes the gradient only where its input > the minimum, torch.where passes
 // it to the chosen branch, and maximum/minimum split it in half on ties. Culled pairs get gradients too, as
 // under autograd. The backward recomputes the per-pair intermediates instead of saving them.
 //
@@ -258,7 +258,7 @@ ALWAYS_INLINE Direction<T> view_direction(const Camera<T>& cam, const T* mean) {
 // Gradient of v / max(|v|, eps) with respect to v, given the gradient g of the unit vector û.
 template <int D, typename T>
 inline void normalize_backward(const T* unit, T norm, const T* g, T* out) {
-  if (norm < T(kMinNorm)) {  // the clamp is active: only the division by eps remains
+  if (norm <= T(kMinNorm)) {  // the clamp is active (torch passes no gradient on its tie either)
     for (int i = 0; i < D; ++i) out[i] = g[i] / T(kMinNorm);
     return;
   }
@@ -395,7 +395,7 @@ std::vector<torch::Tensor> backward_impl(const torch::Tensor& means, const torch
         sh_bases(z.degree, d.dir[0], d.dir[1], d.dir[2], bases);
         T raw[3], g_rgb[3];
         shade_raw(bases, coef, count, raw);
-        for (int ch = 0; ch < 3; ++ch) g_rgb[ch] = raw[ch] >= T(0) ? g_colors[3 * at + ch] : T(0);
+        for (int ch = 0; ch < 3; ++ch) g_rgb[ch] = raw[ch] > T(0) ? g_colors[3 * at + ch] : T(0);
         T g_bases[16];
         for (int k = 0; k < count; ++k) {
           g_bases[k] = T(0);
@@ -431,7 +431,7 @@ std::vector<torch::Tensor> backward_impl(const torch::Tensor& means, const torch
         g_a += g2 / q.det;
         g_det -= (g0 * q.c - g1 * q.cov_b + g2 * q.a) / (q.det * q.det);
       }
-      if (g_comps && q.ratio >= T(0)) {
+      if (g_comps && q.ratio > T(0)) {
         const T g_ratio = g_comps[at] / (T(2) * std::sqrt(q.ratio));
         const T g_unfiltered = g_ratio / q.det;
         g_det -= g_ratio * q.ratio / q.det;
@@ -439,7 +439,7 @@ std::vector<torch::Tensor> backward_impl(const torch::Tensor& means, const torch
         g_cov_c += g_unfiltered * q.cov_a;
         g_b -= T(2) * q.cov_b * g_unfiltered;
       }
-      if (q.det_raw >= T(kMinDet)) {
+      if (q.det_raw > T(kMinDet)) {
         g_a += g_det * q.c;
         g_c += g_det * q.a;
         g_b -= T(2) * q.cov_b * g_det;
