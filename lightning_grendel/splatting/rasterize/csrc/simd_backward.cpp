@@ -88,37 +88,53 @@ void backward_tiles(const Grid& g, const Bins& bins, const std::vector<Splat<flo
         const VecI step = splat_i(static_cast<int32_t>(k));
         VecF g_mx{}, g_my{}, g_a{}, g_b{}, g_c{}, g_o{};
         for (int64_t d = 0; d < D; ++d) g_col[d] = splat(0.0f);
-        for (; groups; groups &= groups - 1) {
-          const int j = __builtin_ctz(groups), ly = j % kTile, q = j / kTile;
-          const float dyl = dy[ly], cdy = (s.c * dyl) * dyl;
-          const VecF dx = xc[q] - s.mx;
-          const VecF adx = s.a * dx, bdx = s.b * dx;
-          const VecF sigma = 0.5f * (adx * dx + cdy) + bdx * dyl;
-          const VecF vis = fast_exp(-sigma);
-          const VecF raw = s.o * vis;
-          const VecF alpha = raw > kMaxAlpha ? splat(kMaxAlpha) : raw;
-          // Straight-line, as in the forward: lanes outside `use` add zeros.
-          const VecI use = span_lanes(spans[ly], q) & (sigma >= 0.0f) & (alpha >= kMinAlpha) & (last_k[j] >= step);
-          const VecF inv = 1.0f / (1.0f - alpha);
-          const VecF t = trans[j] * inv;  // transmittance in front of this splat
-          const VecF weight = select(use, alpha * t, splat(0.0f));  // 0 in the lanes that skip this splat
-          VecF grad_alpha{};
-          for (int64_t d = 0; d < D; ++d) {
-            VecF& b = behind[d * J + j];
-            const VecF up = upstream[d * J + j];
-            grad_alpha += up * (col[d] * t - b * inv);
-            b += col[d] * weight;
-            g_col[d] += up * weight;
+        // Two lane groups per step: both exp and division chains are computed first, then added to the
+        // sums in group order (the same order, and so the same bits, as one group at a time). Without a
+        // second group the first is done again with no lane in use, which adds zeros.
+        while (groups) {
+          const int first = __builtin_ctz(groups);
+          groups &= groups - 1;
+          const bool two = groups != 0;
+          const int js[2] = {first, two ? __builtin_ctz(groups) : first};
+          if (two) groups &= groups - 1;
+          VecF dx[2], vis[2], raw[2], alpha[2], inv[2], t[2];
+          VecI use[2];
+          for (int u = 0; u < 2; ++u) {
+            const int j = js[u], ly = j % kTile, q = j / kTile;
+            const float dyl = dy[ly], cdy = (s.c * dyl) * dyl;
+            dx[u] = xc[q] - s.mx;
+            const VecF sigma = 0.5f * ((s.a * dx[u]) * dx[u] + cdy) + (s.b * dx[u]) * dyl;
+            vis[u] = fast_exp(-sigma);
+            raw[u] = s.o * vis[u];
+            alpha[u] = raw[u] > kMaxAlpha ? splat(kMaxAlpha) : raw[u];
+            // Straight-line, as in the forward: lanes outside `use` add zeros.
+            use[u] = span_lanes(spans[ly], q) & (sigma >= 0.0f) & (alpha[u] >= kMinAlpha) & (last_k[j] >= step);
+            inv[u] = 1.0f / (1.0f - alpha[u]);
+            t[u] = trans[j] * inv[u];  // transmittance in front of this splat
           }
-          trans[j] = select(use, t, trans[j]);
-          const VecI pass = use & (raw <= kMaxAlpha);  // the 0.99 clamp passes no gradient where it clamps
-          const VecF grad_sigma = select(pass, -(s.o * vis) * grad_alpha, splat(0.0f));
-          g_mx -= grad_sigma * (adx + s.b * dyl);
-          g_my -= grad_sigma * (bdx + s.c * dyl);
-          g_a += grad_sigma * (0.5f * (dx * dx));
-          g_b += grad_sigma * (dx * dyl);
-          g_c += grad_sigma * (0.5f * (dyl * dyl));
-          g_o += select(pass, grad_alpha * vis, splat(0.0f));
+          use[1] &= splat_i(two ? -1 : 0);
+          for (int u = 0; u < 2; ++u) {
+            const int j = js[u], ly = j % kTile;
+            const float dyl = dy[ly];
+            const VecF weight = select(use[u], alpha[u] * t[u], splat(0.0f));  // 0 in the lanes that skip it
+            VecF grad_alpha{};
+            for (int64_t d = 0; d < D; ++d) {
+              VecF& b = behind[d * J + j];
+              const VecF up = upstream[d * J + j];
+              grad_alpha += up * (col[d] * t[u] - b * inv[u]);
+              b += col[d] * weight;
+              g_col[d] += up * weight;
+            }
+            trans[j] = select(use[u], t[u], trans[j]);
+            const VecI pass = use[u] & (raw[u] <= kMaxAlpha);  // the 0.99 clamp passes no gradient where it clamps
+            const VecF grad_sigma = select(pass, -(s.o * vis[u]) * grad_alpha, splat(0.0f));
+            g_mx -= grad_sigma * (s.a * dx[u] + s.b * dyl);
+            g_my -= grad_sigma * (s.b * dx[u] + s.c * dyl);
+            g_a += grad_sigma * (0.5f * (dx[u] * dx[u]));
+            g_b += grad_sigma * (dx[u] * dyl);
+            g_c += grad_sigma * (0.5f * (dyl * dyl));
+            g_o += select(pass, grad_alpha * vis[u], splat(0.0f));
+          }
         }
         const int64_t slot = bins.slots[begin + k];
         float* rec = records + slot * K;
