@@ -58,6 +58,16 @@ class PSNRProbe(L.Callback):
             return
         self._next = clock + self.every_s
         self.mark_s = -1.0 if passed_mark else self.mark_s
+        self._probe(trainer, module, clock)
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        """A last probe where training ended between probes (e.g. at ``max_steps``), so no run has none."""
+        if self._began is None:
+            return
+        if not self.history or self.history[-1][0] != trainer.global_step - self._first_step:
+            self._probe(trainer, module, time.perf_counter() - self._began - self._paused)
+
+    def _probe(self, trainer: L.Trainer, module: L.LightningModule, clock: float) -> None:
         probe_start = time.perf_counter()
         renders = module.render_views(cameras_from_batch(self.views))
         value = float(torch.stack([psnr(r, t) for r, t in zip(renders, self.views["image"], strict=True)]).mean())

@@ -75,13 +75,6 @@ inline uint32_t bits(VecI m) {
 #endif
 }
 
-// The inverse of bits(): -1 in lanes whose bit is set.
-inline VecI lanes(uint32_t mask) {
-  VecI one_hot;
-  for (int i = 0; i < kLanes; ++i) one_hot[i] = 1 << i;
-  return (one_hot & static_cast<int32_t>(mask)) != 0;
-}
-
 // -1 in lane i where bit q * kLanes + i of a tile row's 16-pixel mask is set: lane group q's pixels.
 inline VecI span_lanes(int32_t row_bits, int q) {
   VecI one_hot;
