@@ -72,16 +72,14 @@ class _RasterizeCpp(torch.autograd.Function):
 
 
 class _RasterizeSimd(torch.autograd.Function):
-    """The vectorised kernel; forward also saves the record slots that make backward's sums fixed-order."""
+    """The vectorised kernel; forward also saves its tile lists, record slots and prepared splats for backward."""
 
     @staticmethod
     def forward(ctx, means2d, conics, colors, opacities, background, depths, radii, width, height, row_start, row_end):
-        image, final_t, last, offsets, ids, slots, splat_offsets, _ = load_extension().forward_simd(
+        image, final_t, last, *lists, _ = load_extension().forward_simd(
             means2d, conics, colors, opacities, depths, radii, width, height, background, row_start, row_end
         )
-        ctx.save_for_backward(
-            means2d, conics, colors, opacities, background, offsets, ids, slots, splat_offsets, final_t, last
-        )
+        ctx.save_for_backward(means2d, conics, colors, opacities, background, *lists, final_t, last)
         ctx.frame = (width, height, row_start, row_end)
         return image
 

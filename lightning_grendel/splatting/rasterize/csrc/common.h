@@ -123,43 +123,47 @@ constexpr scalar_t kMaxAlpha = static_cast<scalar_t>(0.99);
 template <typename scalar_t>
 constexpr scalar_t kMinTransmittance = static_cast<scalar_t>(1e-4);
 
+// Splat i's constants from the raw inputs.
+template <typename scalar_t>
+Splat<scalar_t> prepare_splat(const scalar_t* means, const scalar_t* conics, const scalar_t* opacities, int64_t i) {
+  const double eps = std::numeric_limits<scalar_t>::epsilon();
+  Splat<scalar_t> s;
+  s.mx = means[2 * i];
+  s.my = means[2 * i + 1];
+  s.a = conics[3 * i];
+  s.b = conics[3 * i + 1];
+  s.c = conics[3 * i + 2];
+  s.o = opacities[i];
+  const double a = s.a, b = s.b, c = s.c;
+  s.det = a * c - b * b;
+  s.bounded = std::isfinite(s.det) && a > 0.0 && s.det > 0.0 && std::isfinite(static_cast<double>(s.mx)) &&
+              std::isfinite(static_cast<double>(s.my));
+  s.half_y = s.slope = s.q0 = s.q1 = 0.0;
+  if (!(s.o >= kMinAlpha<scalar_t>)) {
+    s.cut = -1.0;  // alpha = o * exp(-sigma) <= o < 1/255 everywhere
+  } else if (!s.bounded) {
+    s.cut = std::numeric_limits<double>::infinity();
+  } else {
+    // sigma is computed in scalar_t; its rounding error grows with the conic's condition number.
+    const double mid = 0.5 * (a + c);
+    const double big = mid + std::sqrt(std::max(mid * mid - s.det, 0.0));
+    const double condition = big * big / s.det;
+    const double exact = std::log(static_cast<double>(s.o) / static_cast<double>(kMinAlpha<scalar_t>));
+    s.cut = exact * (1.01 + 64.0 * eps * condition) + 0.01;
+    s.half_y = std::sqrt(2.0 * s.cut * a / s.det);
+    s.slope = s.b / s.a;
+    s.q0 = 2.0 * s.cut / s.a;
+    s.q1 = s.det / (s.a * s.a);
+  }
+  return s;
+}
+
 template <typename scalar_t>
 std::vector<Splat<scalar_t>> prepare_splats(const scalar_t* means, const scalar_t* conics, const scalar_t* opacities,
                                             int64_t n, int threads) {
   std::vector<Splat<scalar_t>> splats(n);
-  const double eps = std::numeric_limits<scalar_t>::epsilon();
 #pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t i = 0; i < n; ++i) {
-    Splat<scalar_t> s;
-    s.mx = means[2 * i];
-    s.my = means[2 * i + 1];
-    s.a = conics[3 * i];
-    s.b = conics[3 * i + 1];
-    s.c = conics[3 * i + 2];
-    s.o = opacities[i];
-    const double a = s.a, b = s.b, c = s.c;
-    s.det = a * c - b * b;
-    s.bounded = std::isfinite(s.det) && a > 0.0 && s.det > 0.0 && std::isfinite(static_cast<double>(s.mx)) &&
-                std::isfinite(static_cast<double>(s.my));
-    s.half_y = s.slope = s.q0 = s.q1 = 0.0;
-    if (!(s.o >= kMinAlpha<scalar_t>)) {
-      s.cut = -1.0;  // alpha = o * exp(-sigma) <= o < 1/255 everywhere
-    } else if (!s.bounded) {
-      s.cut = std::numeric_limits<double>::infinity();
-    } else {
-      // sigma is computed in scalar_t; its rounding error grows with the conic's condition number.
-      const double mid = 0.5 * (a + c);
-      const double big = mid + std::sqrt(std::max(mid * mid - s.det, 0.0));
-      const double condition = big * big / s.det;
-      const double exact = std::log(static_cast<double>(s.o) / static_cast<double>(kMinAlpha<scalar_t>));
-      s.cut = exact * (1.01 + 64.0 * eps * condition) + 0.01;
-      s.half_y = std::sqrt(2.0 * s.cut * a / s.det);
-      s.slope = s.b / s.a;
-      s.q0 = 2.0 * s.cut / s.a;
-      s.q1 = s.det / (s.a * s.a);
-    }
-    splats[i] = s;
-  }
+  for (int64_t i = 0; i < n; ++i) splats[i] = prepare_splat(means, conics, opacities, i);
   return splats;
 }
 
@@ -203,8 +207,7 @@ struct SplatWindow {
 
   explicit SplatWindow(int64_t D) : splats(kWindow), colors(kWindow * D), channels(D) {}
 
-  void load(const int32_t* ids, int64_t k0, int64_t k1, const std::vector<Splat<scalar_t>>& all,
-            const scalar_t* all_colors) {
+  void load(const int32_t* ids, int64_t k0, int64_t k1, const Splat<scalar_t>* all, const scalar_t* all_colors) {
     first = k0;
     for (int64_t k = k0; k < k1; ++k) {
       splats[k - k0] = all[ids[k]];

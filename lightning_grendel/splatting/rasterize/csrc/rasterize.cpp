@@ -166,7 +166,7 @@ void forward_tiles(const Grid& g, const TileLists& lists, const std::vector<Spla
       int64_t finished = 0;
       const int64_t begin = lists.offsets[tile], count = lists.offsets[tile + 1] - begin;
       for (int64_t k = 0; k < count && finished < active; ++k) {
-        if (k % kWindow == 0) window.load(lists.ids + begin, k, std::min(count, k + kWindow), splats, colors);
+        if (k % kWindow == 0) window.load(lists.ids + begin, k, std::min(count, k + kWindow), splats.data(), colors);
         const Splat<scalar_t>& s = window.splat(k);
         if (s.cut < 0.0) continue;
         const scalar_t* col = window.color(k);
@@ -250,7 +250,7 @@ void backward_tiles(const Grid& g, const TileLists& lists, const std::vector<Spl
           live[p / kTile] |= uint32_t{1} << (p % kTile);
         }
         if (k == deepest || k + 1 == window.first) {
-          window.load(lists.ids + begin, std::max<int64_t>(0, k + 1 - kWindow), k + 1, splats, colors);
+          window.load(lists.ids + begin, std::max<int64_t>(0, k + 1 - kWindow), k + 1, splats.data(), colors);
         }
         const Splat<scalar_t>& s = window.splat(k);
         if (s.cut < 0.0) continue;

@@ -27,7 +27,7 @@ constexpr float kMaxAlpha = 0.99f;
 constexpr float kMinAlpha = static_cast<float>(1.0 / 255.0);
 
 template <int StaticD>
-void backward_tiles(const Grid& g, const Bins& bins, const std::vector<Splat<float>>& splats, const Inputs& in,
+void backward_tiles(const Grid& g, const Bins& bins, const Splat<float>* splats, const Inputs& in,
                     const float* final_t, const int32_t* last, const float* grad_image, float* records, uint8_t* written,
                     int threads) {
   const int64_t D = StaticD > 0 ? StaticD : in.channels;
@@ -147,20 +147,22 @@ void backward_tiles(const Grid& g, const Bins& bins, const std::vector<Splat<flo
   }
 }
 
-// Per-splat sums of its written records in slot (= tile) order, in double.
-void reduce(const Bins& bins, const float* records, const uint8_t* written, int64_t n, int64_t D, float* grad_means,
+// Per-splat sums of its written records in slot (= tile) order, in double; one rank per splat, so the
+// threads write disjoint gradients.
+void reduce(const Bins& bins, const float* records, const uint8_t* written, int64_t D, float* grad_means,
             float* grad_conics, float* grad_colors, float* grad_opacities, int threads) {
   const int64_t K = kSplatGrads + D;
 #pragma omp parallel num_threads(threads)
   {
     std::vector<double> sums(K);
 #pragma omp for schedule(static)
-    for (int64_t i = 0; i < n; ++i) {
+    for (int64_t k = 0; k < bins.ranked; ++k) {
       std::fill(sums.begin(), sums.end(), 0.0);
-      for (int64_t e = bins.splat_offsets[i]; e < bins.splat_offsets[i + 1]; ++e) {
+      for (int64_t e = bins.rank_offsets[k]; e < bins.rank_offsets[k + 1]; ++e) {
         if (!written[e]) continue;
         for (int64_t j = 0; j < K; ++j) sums[j] += static_cast<double>(records[e * K + j]);
       }
+      const int64_t i = bins.order[k];
       grad_means[2 * i] = static_cast<float>(sums[0]);
       grad_means[2 * i + 1] = static_cast<float>(sums[1]);
       for (int j = 0; j < 3; ++j) grad_conics[3 * i + j] = static_cast<float>(sums[2 + j]);
@@ -172,17 +174,16 @@ void reduce(const Bins& bins, const float* records, const uint8_t* written, int6
 
 }  // namespace
 
-void backward(const Grid& g, const Bins& bins, const Inputs& in, const float* final_t, const int32_t* last,
-              const float* grad_image, float* records, float* grad_means, float* grad_conics, float* grad_colors,
-              float* grad_opacities, int threads) {
-  const auto splats = lgr_raster::prepare_splats<float>(in.means, in.conics, in.opacities, in.n, threads);
+void backward(const Grid& g, const Bins& bins, const Splat<float>* splats, const Inputs& in, const float* final_t,
+              const int32_t* last, const float* grad_image, float* records, float* grad_means, float* grad_conics,
+              float* grad_colors, float* grad_opacities, int threads) {
   std::vector<uint8_t> written(bins.offsets[g.num_tiles()], 0);  // records never written are left out of the sums
   if (in.channels == 3) {
     backward_tiles<3>(g, bins, splats, in, final_t, last, grad_image, records, written.data(), threads);
   } else {
     backward_tiles<0>(g, bins, splats, in, final_t, last, grad_image, records, written.data(), threads);
   }
-  reduce(bins, records, written.data(), in.n, in.channels, grad_means, grad_conics, grad_colors, grad_opacities, threads);
+  reduce(bins, records, written.data(), in.channels, grad_means, grad_conics, grad_colors, grad_opacities, threads);
 }
 
 }  // namespace lgr_simd_raster

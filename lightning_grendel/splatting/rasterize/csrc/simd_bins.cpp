@@ -58,48 +58,54 @@ TileBox blending_box(const lgr_raster::Splat<float>& s, float radius, const Grid
 
 }  // namespace
 
-Binner::Binner(const std::vector<lgr_raster::Splat<float>>& splats, const float* radii, const double* depths,
+Binner::Binner(const lgr_raster::Splat<float>* splats, int64_t n, const float* radii, const double* depths,
                const Grid& g, int threads)
-    : grid_(g), boxes_(splats.size()), counts_(g.num_tiles(), 0), threads_(threads) {
-  const auto n = static_cast<int64_t>(splats.size());
+    : grid_(g), counts_(g.num_tiles(), 0), threads_(threads) {
+  std::vector<TileBox> boxes(n);
 #pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t i = 0; i < n; ++i) boxes_[i] = blending_box(splats[i], radii[i], g);
+  for (int64_t i = 0; i < n; ++i) boxes[i] = blending_box(splats[i], radii[i], g);
   std::vector<uint64_t> keys;
   for (int64_t i = 0; i < n; ++i) {
-    const TileBox& b = boxes_[i];
+    const TileBox& b = boxes[i];
     if (b.x1 <= b.x0 || b.y1 <= b.y0) continue;
     keys.push_back(depth_key(depths[i]));
     order_.push_back(static_cast<int32_t>(i));
     total_ += static_cast<int64_t>(b.x1 - b.x0) * (b.y1 - b.y0);
   }
+  radix_sort(keys, order_);
+  // The boxes in rank order, so the passes below read them front to back instead of at random.
+  const auto ranks = static_cast<int64_t>(order_.size());
+  boxes_.resize(ranks);
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t k = 0; k < ranks; ++k) boxes_[k] = boxes[order_[k]];
   // Splats per tile: each thread counts a band of tile rows.
-  for_each_box_row_in_bands([&](int32_t, const TileBox& b, int32_t y) {
+  for_each_box_row_in_bands([&](int64_t, const TileBox& b, int32_t y) {
     int64_t* row = counts_.data() + (y - g.tile_row_start) * g.tiles_x;
     for (int32_t x = b.x0; x < b.x1; ++x) ++row[x];
   });
-  radix_sort(keys, order_);
 }
 
-void Binner::fill(int64_t* offsets, int32_t* ids, int32_t* slots, int64_t* splat_offsets) const {
+void Binner::fill(int64_t* offsets, int32_t* ids, int32_t* slots, int32_t* order, int64_t* rank_offsets) const {
   const Grid& g = grid_;
-  const int64_t tiles = g.num_tiles(), n = static_cast<int64_t>(boxes_.size());
+  const int64_t tiles = g.num_tiles(), ranks = ranked();
   offsets[0] = 0;
   for (int64_t t = 0; t < tiles; ++t) offsets[t + 1] = offsets[t] + counts_[t];
-  splat_offsets[0] = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const TileBox& b = boxes_[i];
-    const bool hit = b.x1 > b.x0 && b.y1 > b.y0;
-    splat_offsets[i + 1] = splat_offsets[i] + (hit ? static_cast<int64_t>(b.x1 - b.x0) * (b.y1 - b.y0) : 0);
+  rank_offsets[0] = 0;
+  for (int64_t k = 0; k < ranks; ++k) {
+    const TileBox& b = boxes_[k];
+    rank_offsets[k + 1] = rank_offsets[k] + static_cast<int64_t>(b.x1 - b.x0) * (b.y1 - b.y0);
   }
+  std::copy(order_.begin(), order_.end(), order);
   // Each thread fills the lists of a band of tile rows, visiting the splats in depth order; a splat's
   // slots run row-major over its box, so its slot at tile (x, y) follows from the box alone.
   std::vector<int64_t> cursor(offsets, offsets + tiles);  // the bands keep to their own tile rows
-  for_each_box_row_in_bands([&](int32_t i, const TileBox& b, int32_t y) {
+  for_each_box_row_in_bands([&](int64_t k, const TileBox& b, int32_t y) {
     int64_t* row = cursor.data() + (y - g.tile_row_start) * g.tiles_x;
-    int64_t slot = splat_offsets[i] + static_cast<int64_t>(y - b.y0) * (b.x1 - b.x0);
+    int64_t slot = rank_offsets[k] + static_cast<int64_t>(y - b.y0) * (b.x1 - b.x0);
+    const int32_t id = order_[k];
     for (int32_t x = b.x0; x < b.x1; ++x) {
       const int64_t e = row[x]++;
-      ids[e] = i;
+      ids[e] = id;
       slots[e] = static_cast<int32_t>(slot++);
     }
   });

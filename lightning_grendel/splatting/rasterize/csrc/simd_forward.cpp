@@ -25,7 +25,7 @@ constexpr float kMaxAlpha = 0.99f;
 constexpr float kMinT = 1e-4f;
 
 template <int StaticD>
-int64_t forward_tiles(const Grid& g, const Bins& bins, const std::vector<Splat<float>>& splats, const Inputs& in,
+int64_t forward_tiles(const Grid& g, const Bins& bins, const Splat<float>* splats, const Inputs& in,
                       float* image, float* final_t, int32_t* last, int threads) {
   const int64_t D = StaticD > 0 ? StaticD : in.channels;
   constexpr int64_t J = kTile * kGroups;
@@ -107,7 +107,7 @@ int64_t forward_tiles(const Grid& g, const Bins& bins, const std::vector<Splat<f
 
 }  // namespace
 
-int64_t forward(const Grid& g, const Bins& bins, const std::vector<Splat<float>>& splats, const Inputs& in,
+int64_t forward(const Grid& g, const Bins& bins, const Splat<float>* splats, const Inputs& in,
                 float* image, float* final_t, int32_t* last, int threads) {
   if (in.channels == 3) return forward_tiles<3>(g, bins, splats, in, image, final_t, last, threads);
   return forward_tiles<0>(g, bins, splats, in, image, final_t, last, threads);

@@ -21,27 +21,31 @@ struct Inputs {
 };
 
 // Tile lists shared by forward and backward: ids[offsets[t], offsets[t + 1]) is tile t's depth-sorted
-// list; the backward record of entry e goes to slots[e]; splat i's records are
-// [splat_offsets[i], splat_offsets[i + 1]) in tile order, so the sum per splat has one fixed order.
+// list; the backward record of entry e goes to slots[e]. order[k] is the splat of depth rank k (splats
+// that reach no tile have no rank) and its records are [rank_offsets[k], rank_offsets[k + 1]) in tile
+// order, so the sum per splat has one fixed order.
 struct Bins {
   const int64_t* offsets;
   const int32_t* ids;
   const int32_t* slots;
-  const int64_t* splat_offsets;
+  const int32_t* order;
+  const int64_t* rank_offsets;
+  int64_t ranked;
 };
 
 // Binning in two steps so the caller can allocate the outputs in between.
 class Binner {
  public:
-  Binner(const std::vector<lgr_raster::Splat<float>>& splats, const float* radii, const double* depths, const Grid& g,
+  Binner(const lgr_raster::Splat<float>* splats, int64_t n, const float* radii, const double* depths, const Grid& g,
          int threads);
   int64_t intersections() const { return total_; }
-  void fill(int64_t* offsets, int32_t* ids, int32_t* slots, int64_t* splat_offsets) const;
+  int64_t ranked() const { return static_cast<int64_t>(order_.size()); }
+  void fill(int64_t* offsets, int32_t* ids, int32_t* slots, int32_t* order, int64_t* rank_offsets) const;
 
  private:
-  // visit(i, box, y) for every splat i in depth order and every tile row y of its box, in parallel: each
-  // thread takes one band of tile rows, so per-tile state written from visit needs no locking and each
-  // tile sees its splats in depth order.
+  // visit(k, box, y) for every depth rank k and every tile row y of its box, in parallel: each thread
+  // takes one band of tile rows, so per-tile state written from visit needs no locking and each tile
+  // sees its splats in depth order.
   template <typename Visit>
   void for_each_box_row_in_bands(Visit&& visit) const {
 #pragma omp parallel num_threads(threads_)
@@ -49,16 +53,17 @@ class Binner {
       const int64_t r0 = grid_.tile_row_start, rows = grid_.tile_row_end - r0;
       const int64_t me = omp_get_thread_num(), team = omp_get_num_threads();
       const auto lo = static_cast<int32_t>(r0 + rows * me / team), hi = static_cast<int32_t>(r0 + rows * (me + 1) / team);
-      for (const int32_t i : order_) {
-        const lgr_raster::TileBox& b = boxes_[i];
-        for (int32_t y = std::max(b.y0, lo); y < std::min(b.y1, hi); ++y) visit(i, b, y);
+      const auto ranks = static_cast<int64_t>(order_.size());
+      for (int64_t k = 0; k < ranks; ++k) {
+        const lgr_raster::TileBox& b = boxes_[k];
+        for (int32_t y = std::max(b.y0, lo); y < std::min(b.y1, hi); ++y) visit(k, b, y);
       }
     }
   }
 
   Grid grid_;
-  std::vector<lgr_raster::TileBox> boxes_;
-  std::vector<int32_t> order_;  // splats with a non-empty box, stable-sorted by depth
+  std::vector<int32_t> order_;              // splats with a non-empty box, stable-sorted by depth
+  std::vector<lgr_raster::TileBox> boxes_;  // boxes_[k]: the box of order_[k], read in rank order
   std::vector<int64_t> counts_;
   int64_t total_ = 0;
   int threads_;
@@ -110,15 +115,15 @@ inline uint32_t row_spans(const lgr_raster::Splat<float>& s, const lgr_raster::T
 }
 
 // Writes image [rows, W, D], final transmittance and last contributor [rows, W]; returns blended pairs.
-// splats: prepare_splats of the inputs, as given to the Binner.
-int64_t forward(const Grid& g, const Bins& bins, const std::vector<lgr_raster::Splat<float>>& splats, const Inputs& in,
-                float* image, float* final_t, int32_t* last,
-                int threads);
+// splats: prepare_splat of each input, as given to the Binner.
+int64_t forward(const Grid& g, const Bins& bins, const lgr_raster::Splat<float>* splats, const Inputs& in, float* image,
+                float* final_t, int32_t* last, int threads);
 
-// Writes grads [N, 2], [N, 3], [N, D], [N]; records is scratch of intersections * (6 + D) floats.
-void backward(const Grid& g, const Bins& bins, const Inputs& in, const float* final_t, const int32_t* last,
-              const float* grad_image, float* records, float* grad_means, float* grad_conics, float* grad_colors,
-              float* grad_opacities, int threads);
+// Writes grads [N, 2], [N, 3], [N, D], [N] (zero for splats without a rank); records is scratch of
+// intersections * (6 + D) floats; splats as given to the forward.
+void backward(const Grid& g, const Bins& bins, const lgr_raster::Splat<float>* splats, const Inputs& in,
+              const float* final_t, const int32_t* last, const float* grad_image, float* records, float* grad_means,
+              float* grad_conics, float* grad_colors, float* grad_opacities, int threads);
 
 // Pairs per second of a minimal exp + blend loop (one tile, no culling): the machine's ceiling.
 double exp_blend_ceiling(int64_t pairs_per_thread, int threads);
