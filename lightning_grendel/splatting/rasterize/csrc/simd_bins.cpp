@@ -3,7 +3,7 @@
 // hold (the splat adds nothing to the other tiles: about a fifth fewer tile entries on a typical scene),
 // and the per-splat record slots that make the backward's reduction contiguous and fixed-order.
 
-#include <array>
+#include <memory>
 #include <utility>
 
 #include "simd_raster.h"
@@ -17,32 +17,14 @@ namespace {
 
 constexpr int kDigitBits = 11;
 constexpr int kDigits = (64 + kDigitBits - 1) / kDigitBits;
-constexpr uint64_t kDigitMask = (uint64_t{1} << kDigitBits) - 1;
+constexpr int64_t kBuckets = int64_t{1} << kDigitBits;
+constexpr uint64_t kDigitMask = kBuckets - 1;
 
-// Stable LSD radix sort of ids by key; digits on which all keys agree are skipped (a float32 depth
-// widened to double leaves the low 29 bits zero), so equal keys keep their index order.
-void radix_sort(std::vector<uint64_t>& keys, std::vector<int32_t>& ids) {
-  const size_t m = keys.size();
-  std::vector<std::array<int64_t, kDigitMask + 1>> counts(kDigits);
-  for (auto& c : counts) c.fill(0);
-  for (uint64_t key : keys)
-    for (int d = 0; d < kDigits; ++d) ++counts[d][(key >> (d * kDigitBits)) & kDigitMask];
-  std::vector<uint64_t> keys_out(m);
-  std::vector<int32_t> ids_out(m);
-  for (int d = 0; d < kDigits; ++d) {
-    auto& c = counts[d];
-    if (m == 0 || c[(keys[0] >> (d * kDigitBits)) & kDigitMask] == static_cast<int64_t>(m)) continue;
-    int64_t sum = 0;
-    for (auto& v : c) sum += std::exchange(v, sum);
-    for (size_t i = 0; i < m; ++i) {
-      const int64_t at = c[(keys[i] >> (d * kDigitBits)) & kDigitMask]++;
-      keys_out[at] = keys[i];
-      ids_out[at] = ids[i];
-    }
-    keys.swap(keys_out);
-    ids.swap(ids_out);
-  }
-}
+// The start of part c of [0, n) cut into `parts` equal parts.
+inline int64_t part_start(int64_t n, int64_t c, int64_t parts) { return n * c / parts; }
+
+inline bool is_empty(const TileBox& b) { return b.x1 <= b.x0 || b.y1 <= b.y0; }
+inline int64_t area(const TileBox& b) { return static_cast<int64_t>(b.x1 - b.x0) * (b.y1 - b.y0); }
 
 // The radius box, narrowed to the box of the ellipse sigma <= cut (half sizes sqrt(2 cut c / det) and
 // half_y) where that ellipse is bounded; empty for a splat that never blends.
@@ -56,59 +38,139 @@ TileBox blending_box(const lgr_raster::Splat<float>& s, float radius, const Grid
   return lgr_raster::tile_box(s.mx, s.my, rx, ry, g);
 }
 
+// Stable LSD radix sort of ids by key in `parts` parts, called by every thread of a parallel region:
+// each pass counts the digits of each part, then scatters each part behind the parts before it, so
+// equal keys keep their order. Digits on which all keys agree (`varying` has none of their bits: a
+// float32 depth widened to double leaves the low 29 bits zero) are skipped.
+void radix_sort(std::vector<uint64_t>& keys, std::vector<int32_t>& ids, std::vector<uint64_t>& keys_out,
+                std::vector<int32_t>& ids_out, uint64_t varying, int64_t parts, std::vector<int64_t>& counts) {
+  const auto m = static_cast<int64_t>(keys.size());
+  for (int d = 0; d < kDigits; ++d) {
+    const int shift = d * kDigitBits;
+    if (((varying >> shift) & kDigitMask) == 0) continue;
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < parts; ++c) {
+      int64_t* count = counts.data() + c * kBuckets;
+      std::fill(count, count + kBuckets, 0);
+      for (int64_t k = part_start(m, c, parts); k < part_start(m, c + 1, parts); ++k) ++count[(keys[k] >> shift) & kDigitMask];
+    }
+#pragma omp single
+    {
+      int64_t sum = 0;  // bucket by bucket, part by part: each part's cursor in each bucket
+      for (int64_t bucket = 0; bucket < kBuckets; ++bucket) {
+        for (int64_t c = 0; c < parts; ++c) sum += std::exchange(counts[c * kBuckets + bucket], sum);
+      }
+    }
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < parts; ++c) {
+      int64_t* cursor = counts.data() + c * kBuckets;
+      for (int64_t k = part_start(m, c, parts); k < part_start(m, c + 1, parts); ++k) {
+        const int64_t at = cursor[(keys[k] >> shift) & kDigitMask]++;
+        keys_out[at] = keys[k];
+        ids_out[at] = ids[k];
+      }
+    }
+#pragma omp single
+    {
+      keys.swap(keys_out);
+      ids.swap(ids_out);
+    }
+  }
+}
+
 }  // namespace
 
-Binner::Binner(const lgr_raster::Splat<float>* splats, int64_t n, const float* radii, const double* depths,
-               const Grid& g, int threads)
-    : grid_(g), counts_(g.num_tiles(), 0), threads_(threads) {
-  std::vector<TileBox> boxes(n);
-#pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t i = 0; i < n; ++i) boxes[i] = blending_box(splats[i], radii[i], g);
-  std::vector<uint64_t> keys;
-  for (int64_t i = 0; i < n; ++i) {
-    const TileBox& b = boxes[i];
-    if (b.x1 <= b.x0 || b.y1 <= b.y0) continue;
-    keys.push_back(depth_key(depths[i]));
-    order_.push_back(static_cast<int32_t>(i));
-    total_ += static_cast<int64_t>(b.x1 - b.x0) * (b.y1 - b.y0);
+Binner::Binner(const Inputs& in, const float* radii, const double* depths, const Grid& g, int threads,
+               lgr_raster::Splat<float>* splats)
+    : chunks_(std::max(threads, 1)), grid_(g), chunk_counts_(chunks_ * g.num_tiles()), threads_(threads) {
+  const int64_t n = in.n, parts = chunks_, tiles = g.num_tiles();
+  std::unique_ptr<TileBox[]> boxes(new TileBox[n]);
+  std::vector<int64_t> kept(parts + 1, 0), areas(parts, 0), radix_counts(parts * kBuckets);
+  std::vector<uint64_t> varying(parts, 0), keys, keys_out;
+  std::vector<int32_t> ids_out;
+  const uint64_t first = n > 0 ? depth_key(depths[0]) : 0;  // any key: bits where keys differ differ from it
+#pragma omp parallel num_threads(threads)
+  {
+    // Prepare and box each part; count its splats that reach a tile.
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < parts; ++c) {
+      for (int64_t i = part_start(n, c, parts); i < part_start(n, c + 1, parts); ++i) {
+        splats[i] = lgr_raster::prepare_splat(in.means, in.conics, in.opacities, i);
+        boxes[i] = blending_box(splats[i], radii[i], g);
+        if (is_empty(boxes[i])) continue;
+        ++kept[c + 1];
+        areas[c] += area(boxes[i]);
+      }
+    }
+#pragma omp single
+    {
+      for (int64_t c = 0; c < parts; ++c) kept[c + 1] += kept[c], total_ += areas[c];
+      keys.resize(kept[parts]), order_.resize(kept[parts]), keys_out.resize(kept[parts]), ids_out.resize(kept[parts]);
+    }
+    // Their depth keys in index order, and the key bits that vary.
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < parts; ++c) {
+      int64_t at = kept[c];
+      for (int64_t i = part_start(n, c, parts); i < part_start(n, c + 1, parts); ++i) {
+        if (is_empty(boxes[i])) continue;
+        keys[at] = depth_key(depths[i]);
+        varying[c] |= keys[at] ^ first;
+        order_[at++] = static_cast<int32_t>(i);
+      }
+    }
+    uint64_t all_varying = 0;
+    for (const uint64_t v : varying) all_varying |= v;
+    radix_sort(keys, order_, keys_out, ids_out, all_varying, parts, radix_counts);
+    // The boxes in rank order (so later passes read them front to back) and each part's entries per tile.
+#pragma omp single
+    boxes_.resize(order_.size());
+    const auto ranks = static_cast<int64_t>(order_.size());
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < parts; ++c) {
+      int64_t* counts = chunk_counts_.data() + c * tiles;
+      for (int64_t k = part_start(ranks, c, parts); k < part_start(ranks, c + 1, parts); ++k) {
+        const TileBox& b = boxes_[k] = boxes[order_[k]];
+        for (int32_t y = b.y0; y < b.y1; ++y) {
+          int64_t* row = counts + (y - g.tile_row_start) * g.tiles_x;
+          for (int32_t x = b.x0; x < b.x1; ++x) ++row[x];
+        }
+      }
+    }
   }
-  radix_sort(keys, order_);
-  // The boxes in rank order, so the passes below read them front to back instead of at random.
-  const auto ranks = static_cast<int64_t>(order_.size());
-  boxes_.resize(ranks);
-#pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t k = 0; k < ranks; ++k) boxes_[k] = boxes[order_[k]];
-  // Splats per tile: each thread counts a band of tile rows.
-  for_each_box_row_in_bands([&](int64_t, const TileBox& b, int32_t y) {
-    int64_t* row = counts_.data() + (y - g.tile_row_start) * g.tiles_x;
-    for (int32_t x = b.x0; x < b.x1; ++x) ++row[x];
-  });
 }
 
 void Binner::fill(int64_t* offsets, int32_t* ids, int32_t* slots, int32_t* order, int64_t* rank_offsets) const {
   const Grid& g = grid_;
-  const int64_t tiles = g.num_tiles(), ranks = ranked();
+  const int64_t tiles = g.num_tiles(), ranks = ranked(), parts = chunks_;
+  // Each part's first entry in each tile, behind the earlier (shallower) parts.
+  std::vector<int64_t> cursors(parts * tiles);
   offsets[0] = 0;
-  for (int64_t t = 0; t < tiles; ++t) offsets[t + 1] = offsets[t] + counts_[t];
-  rank_offsets[0] = 0;
-  for (int64_t k = 0; k < ranks; ++k) {
-    const TileBox& b = boxes_[k];
-    rank_offsets[k + 1] = rank_offsets[k] + static_cast<int64_t>(b.x1 - b.x0) * (b.y1 - b.y0);
+  for (int64_t t = 0; t < tiles; ++t) {
+    int64_t at = offsets[t];
+    for (int64_t c = 0; c < parts; ++c) cursors[c * tiles + t] = at, at += chunk_counts_[c * tiles + t];
+    offsets[t + 1] = at;
   }
+  rank_offsets[0] = 0;
+  for (int64_t k = 0; k < ranks; ++k) rank_offsets[k + 1] = rank_offsets[k] + area(boxes_[k]);
   std::copy(order_.begin(), order_.end(), order);
-  // Each thread fills the lists of a band of tile rows, visiting the splats in depth order; a splat's
-  // slots run row-major over its box, so its slot at tile (x, y) follows from the box alone.
-  std::vector<int64_t> cursor(offsets, offsets + tiles);  // the bands keep to their own tile rows
-  for_each_box_row_in_bands([&](int64_t k, const TileBox& b, int32_t y) {
-    int64_t* row = cursor.data() + (y - g.tile_row_start) * g.tiles_x;
-    int64_t slot = rank_offsets[k] + static_cast<int64_t>(y - b.y0) * (b.x1 - b.x0);
-    const int32_t id = order_[k];
-    for (int32_t x = b.x0; x < b.x1; ++x) {
-      const int64_t e = row[x]++;
-      ids[e] = id;
-      slots[e] = static_cast<int32_t>(slot++);
+  // A splat's slots run row-major over its box, so its slot at tile (x, y) follows from the box alone.
+#pragma omp parallel for schedule(static) num_threads(threads_)
+  for (int64_t c = 0; c < parts; ++c) {
+    int64_t* cursor = cursors.data() + c * tiles;
+    for (int64_t k = part_start(ranks, c, parts); k < part_start(ranks, c + 1, parts); ++k) {
+      const TileBox& b = boxes_[k];
+      const int32_t id = order_[k];
+      int64_t slot = rank_offsets[k];
+      for (int32_t y = b.y0; y < b.y1; ++y) {
+        int64_t* row = cursor + (y - g.tile_row_start) * g.tiles_x;
+        for (int32_t x = b.x0; x < b.x1; ++x) {
+          const int64_t e = row[x]++;
+          ids[e] = id;
+          slots[e] = static_cast<int32_t>(slot++);
+        }
+      }
     }
-  });
+  }
 }
 
 }  // namespace lgr_simd_raster

@@ -46,9 +46,7 @@ std::vector<torch::Tensor> forward_simd(const torch::Tensor& means2d, const torc
   const Grid g(width, height, row_start, row_end);
   auto prepared = torch::empty({in.n * static_cast<int64_t>(sizeof(Splat))}, torch::TensorOptions().dtype(torch::kUInt8));
   auto* splats = reinterpret_cast<Splat*>(prepared.data_ptr<uint8_t>());
-#pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t i = 0; i < in.n; ++i) splats[i] = lgr_raster::prepare_splat(in.means, in.conics, in.opacities, i);
-  const lgr_simd_raster::Binner binner(splats, in.n, radii.data_ptr<float>(), depths.data_ptr<double>(), g, threads);
+  const lgr_simd_raster::Binner binner(in, radii.data_ptr<float>(), depths.data_ptr<double>(), g, threads, splats);
   const int64_t m = binner.intersections();
   TORCH_CHECK(m < std::numeric_limits<int32_t>::max(), "rasterize_cpp (simd): too many splat-tile pairs");
   const auto i64 = torch::TensorOptions().dtype(torch::kInt64), i32 = torch::TensorOptions().dtype(torch::kInt32);

@@ -33,38 +33,24 @@ struct Bins {
   int64_t ranked;
 };
 
-// Binning in two steps so the caller can allocate the outputs in between.
+// Preparation and binning in one pass plus a fill, so the caller can allocate the outputs in between.
+// Every step runs over `chunks` fixed parts of the splats (or of the depth ranks), one thread each, and
+// merges the parts in chunk order: the result is the same for any thread count.
 class Binner {
  public:
-  Binner(const lgr_raster::Splat<float>* splats, int64_t n, const float* radii, const double* depths, const Grid& g,
-         int threads);
+  // Writes prepare_splat of each input to splats[0, in.n).
+  Binner(const Inputs& in, const float* radii, const double* depths, const Grid& g, int threads,
+         lgr_raster::Splat<float>* splats);
   int64_t intersections() const { return total_; }
   int64_t ranked() const { return static_cast<int64_t>(order_.size()); }
   void fill(int64_t* offsets, int32_t* ids, int32_t* slots, int32_t* order, int64_t* rank_offsets) const;
 
  private:
-  // visit(k, box, y) for every depth rank k and every tile row y of its box, in parallel: each thread
-  // takes one band of tile rows, so per-tile state written from visit needs no locking and each tile
-  // sees its splats in depth order.
-  template <typename Visit>
-  void for_each_box_row_in_bands(Visit&& visit) const {
-#pragma omp parallel num_threads(threads_)
-    {
-      const int64_t r0 = grid_.tile_row_start, rows = grid_.tile_row_end - r0;
-      const int64_t me = omp_get_thread_num(), team = omp_get_num_threads();
-      const auto lo = static_cast<int32_t>(r0 + rows * me / team), hi = static_cast<int32_t>(r0 + rows * (me + 1) / team);
-      const auto ranks = static_cast<int64_t>(order_.size());
-      for (int64_t k = 0; k < ranks; ++k) {
-        const lgr_raster::TileBox& b = boxes_[k];
-        for (int32_t y = std::max(b.y0, lo); y < std::min(b.y1, hi); ++y) visit(k, b, y);
-      }
-    }
-  }
-
+  int64_t chunks_;
   Grid grid_;
   std::vector<int32_t> order_;              // splats with a non-empty box, stable-sorted by depth
-  std::vector<lgr_raster::TileBox> boxes_;  // boxes_[k]: the box of order_[k], read in rank order
-  std::vector<int64_t> counts_;
+  std::vector<lgr_raster::TileBox> boxes_;  // boxes_[k]: the box of order_[k]
+  std::vector<int64_t> chunk_counts_;       // [chunk][tile]: entries of the chunk's ranks in the tile
   int64_t total_ = 0;
   int threads_;
 };
