@@ -58,6 +58,7 @@ int64_t forward_tiles(const Grid& g, const Bins& bins, const Splat<float>* splat
       VecI blended_lanes = splat_i(0);
       for (int64_t k = 0; k < count && rows_live > 0; ++k) {
         if (k % kWindow == 0) window.load(bins.ids + begin, k, std::min(count, k + kWindow), splats, in.colors);
+        if (k + kWindow < count) prefetch_splat(splats, in.colors, D, bins.ids[begin + k + kWindow]);
         const Splat<float>& s = window.splat(k);
         if (s.cut < 0.0) continue;
         uint32_t groups = row_spans(s, r, live, dy, spans);

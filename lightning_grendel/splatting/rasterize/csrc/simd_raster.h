@@ -55,6 +55,15 @@ class Binner {
   int threads_;
 };
 
+// Asks for splat id's constants and colour ahead of the window that will copy them: the window's loads
+// miss the cache (the splats are read in each tile's depth order, scattered over the whole array).
+inline void prefetch_splat(const lgr_raster::Splat<float>* splats, const float* colors, int64_t channels, int32_t id) {
+  const char* s = reinterpret_cast<const char*>(splats + id);
+  __builtin_prefetch(s);
+  __builtin_prefetch(s + sizeof(lgr_raster::Splat<float>) - 1);
+  __builtin_prefetch(colors + id * channels);
+}
+
 // Lane groups per tile row. Group q of row ly is state index q * kTile + ly in the kernels.
 constexpr int kGroups = lgr_raster::kTile / lgr_simd::kLanes;
 
