@@ -1,11 +1,12 @@
 // Vectorised backward: each tile's list back to front from the saved final transmittance and last
 // contributor, over the same row spans and lane groups as the forward; a row joins once k reaches the
 // deepest last contributor in it, a lane once k reaches its own. Each (tile, splat) entry's
-// gradient sums over its lanes and groups in a fixed order go to the entry's slot; the per-splat sums
-// over slots then run in tile order, so gradients are bit-identical for any thread count.
+// gradient sums over its lanes and groups in a fixed order go to a record of the entry; the per-splat
+// sums over records then run in tile order, so gradients are bit-identical for any thread count.
 
 #include <algorithm>
 #include <functional>
+#include <memory>
 #include <utility>
 
 #include "simd.h"
@@ -28,16 +29,18 @@ constexpr float kMinAlpha = static_cast<float>(1.0 / 255.0);
 
 template <int StaticD>
 void backward_tiles(const Grid& g, const Bins& bins, const Splat<float>* splats, const Inputs& in,
-                    const float* final_t, const int32_t* last, const float* grad_image, float* records, uint8_t* written,
-                    int threads) {
+                    const float* final_t, const int32_t* last, const float* grad_image, const int64_t* record_base,
+                    float* records, int32_t* record_of_slot, int threads) {
   const int64_t D = StaticD > 0 ? StaticD : in.channels;
   constexpr int64_t J = kTile * kGroups;
   const int64_t K = kSplatGrads + D;
   const int64_t num_tiles = g.num_tiles();
 #pragma omp parallel num_threads(threads)
   {
-    // Channel d of group j at [d * J + j].
-    std::vector<VecF> trans(J), behind(J * D), upstream(J * D), g_col(D), sums(kSplatGrads + D);
+    // upstream: channel d of group j at [d * J + j]; behind[j]: the sum over channels of upstream times
+    // the colour composited behind the current splat, all the alpha gradient needs of it.
+    std::vector<VecF> trans(J), behind(J), upstream(J * D), sums(kSplatGrads + D);
+    VecF* const g_col = sums.data() + kSplatGrads;  // the colour gradients accumulate in place
     std::vector<VecI> last_k(J);
     std::pair<int32_t, int> rows_by_last[kTile];  // (deepest last contributor, row), deepest first
     lgr_raster::SplatWindow<float> window(D);
@@ -61,10 +64,13 @@ void backward_tiles(const Grid& g, const Bins& bins, const Splat<float>* splats,
           trans[j][lane] = t;
           last_k[j][lane] = last[row + i];
           rows_by_last[ly].first = std::max(rows_by_last[ly].first, last[row + i]);
+          float up_background = 0.0f;
           for (int64_t d = 0; d < D; ++d) {
-            behind[d * J + j][lane] = t * in.background[d];
-            upstream[d * J + j][lane] = grad_image[(row + i) * D + d];
+            const float up = grad_image[(row + i) * D + d];
+            upstream[d * J + j][lane] = up;
+            up_background += up * in.background[d];
           }
+          behind[j][lane] = t * up_background;
         }
       }
       std::sort(rows_by_last, rows_by_last + kTile, std::greater<>());
@@ -86,7 +92,9 @@ void backward_tiles(const Grid& g, const Bins& bins, const Splat<float>* splats,
         if (!groups) continue;
         const float* col = window.color(k);
         const VecI step = splat_i(static_cast<int32_t>(k));
-        VecF g_mx{}, g_my{}, g_a{}, g_b{}, g_c{}, g_o{};
+        // Sums of grad_sigma times dx, dy, dx^2, dx dy, dy^2: the mean and conic gradients follow from
+        // them once per entry.
+        VecF m_x{}, m_y{}, m_xx{}, m_xy{}, m_yy{}, g_o{};
         for (int64_t d = 0; d < D; ++d) g_col[d] = splat(0.0f);
         // Two lane groups per step: both exp and division chains are computed first, then added to the
         // sums in group order (the same order, and so the same bits, as one group at a time). Without a
@@ -117,39 +125,38 @@ void backward_tiles(const Grid& g, const Bins& bins, const Splat<float>* splats,
             const int j = js[u], ly = j % kTile;
             const float dyl = dy[ly];
             const VecF weight = select(use[u], alpha[u] * t[u], splat(0.0f));  // 0 in the lanes that skip it
-            VecF grad_alpha{};
+            VecF up_col{};  // sum over channels of upstream times this splat's colour
             for (int64_t d = 0; d < D; ++d) {
-              VecF& b = behind[d * J + j];
               const VecF up = upstream[d * J + j];
-              grad_alpha += up * (col[d] * t[u] - b * inv[u]);
-              b += col[d] * weight;
+              up_col += up * col[d];
               g_col[d] += up * weight;
             }
+            const VecF grad_alpha = up_col * t[u] - behind[j] * inv[u];
+            behind[j] += up_col * weight;
             trans[j] = select(use[u], t[u], trans[j]);
             const VecI pass = use[u] & (raw[u] <= kMaxAlpha);  // the 0.99 clamp passes no gradient where it clamps
             const VecF grad_sigma = select(pass, -(s.o * vis[u]) * grad_alpha, splat(0.0f));
-            g_mx -= grad_sigma * (s.a * dx[u] + s.b * dyl);
-            g_my -= grad_sigma * (s.b * dx[u] + s.c * dyl);
-            g_a += grad_sigma * (0.5f * (dx[u] * dx[u]));
-            g_b += grad_sigma * (dx[u] * dyl);
-            g_c += grad_sigma * (0.5f * (dyl * dyl));
+            const VecF gx = grad_sigma * dx[u], gy = grad_sigma * dyl;
+            m_x += gx, m_y += gy, m_xx += gx * dx[u], m_xy += gx * dyl, m_yy += gy * dyl;
             g_o += select(pass, grad_alpha * vis[u], splat(0.0f));
           }
         }
         const int64_t slot = bins.slots[begin + k];
-        float* rec = records + slot * K;
-        written[slot] = 1;
-        sums[0] = g_mx, sums[1] = g_my, sums[2] = g_a, sums[3] = g_b, sums[4] = g_c, sums[5] = g_o;
-        std::copy(g_col.begin(), g_col.end(), sums.begin() + kSplatGrads);
+        const int64_t at = record_base[tile] + k;
+        float* rec = records + at * K;
+        record_of_slot[slot] = static_cast<int32_t>(at);
+        // sigma = a dx^2 / 2 + b dx dy + c dy^2 / 2 with dx = x - mean x, dy = y - mean y.
+        sums[0] = -(s.a * m_x + s.b * m_y), sums[1] = -(s.b * m_x + s.c * m_y);
+        sums[2] = 0.5f * m_xx, sums[3] = m_xy, sums[4] = 0.5f * m_yy, sums[5] = g_o;
         hsums(sums.data(), static_cast<int>(K), rec);
       }
     }
   }
 }
 
-// Per-splat sums of its written records in slot (= tile) order, in double; one rank per splat, so the
-// threads write disjoint gradients.
-void reduce(const Bins& bins, const float* records, const uint8_t* written, int64_t D, float* grad_means,
+// Per-splat sums of its records in slot (= tile) order, in double; one rank per splat, so the threads
+// write disjoint gradients.
+void reduce(const Bins& bins, const float* records, const int32_t* record_of_slot, int64_t D, float* grad_means,
             float* grad_conics, float* grad_colors, float* grad_opacities, int threads) {
   const int64_t K = kSplatGrads + D;
 #pragma omp parallel num_threads(threads)
@@ -158,9 +165,10 @@ void reduce(const Bins& bins, const float* records, const uint8_t* written, int6
 #pragma omp for schedule(static)
     for (int64_t k = 0; k < bins.ranked; ++k) {
       std::fill(sums.begin(), sums.end(), 0.0);
-      for (int64_t e = bins.rank_offsets[k]; e < bins.rank_offsets[k + 1]; ++e) {
-        if (!written[e]) continue;
-        for (int64_t j = 0; j < K; ++j) sums[j] += static_cast<double>(records[e * K + j]);
+      for (int64_t slot = bins.rank_offsets[k]; slot < bins.rank_offsets[k + 1]; ++slot) {
+        const int32_t at = record_of_slot[slot];
+        if (at < 0) continue;
+        for (int64_t j = 0; j < K; ++j) sums[j] += static_cast<double>(records[at * K + j]);
       }
       const int64_t i = bins.order[k];
       grad_means[2 * i] = static_cast<float>(sums[0]);
@@ -172,18 +180,43 @@ void reduce(const Bins& bins, const float* records, const uint8_t* written, int6
   }
 }
 
+// record_base[t] = the first record of tile t: each tile gets one per entry up to its deepest last
+// contributor, the only entries the backward visits (in a dense scene about a quarter of the list).
+std::vector<int64_t> record_bases(const Grid& g, const int32_t* last, int threads) {
+  const int64_t tiles = g.num_tiles();
+  std::vector<int64_t> base(tiles + 1, 0);
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t tile = 0; tile < tiles; ++tile) {
+    const TileRect r(g, tile);
+    int32_t deepest = -1;
+    for (int64_t y = r.y0; y < r.y1; ++y) {
+      const int32_t* row = last + (y - g.row_start) * g.width;
+      for (int64_t x = r.x0; x < r.x1; ++x) deepest = std::max(deepest, row[x]);
+    }
+    base[tile + 1] = deepest + 1;
+  }
+  for (int64_t t = 0; t < tiles; ++t) base[t + 1] += base[t];
+  return base;
+}
+
 }  // namespace
 
 void backward(const Grid& g, const Bins& bins, const Splat<float>* splats, const Inputs& in, const float* final_t,
-              const int32_t* last, const float* grad_image, float* records, float* grad_means, float* grad_conics,
-              float* grad_colors, float* grad_opacities, int threads) {
-  std::vector<uint8_t> written(bins.offsets[g.num_tiles()], 0);  // records never written are left out of the sums
+              const int32_t* last, const float* grad_image, float* grad_means, float* grad_conics, float* grad_colors,
+              float* grad_opacities, int threads) {
+  const std::vector<int64_t> record_base = record_bases(g, last, threads);
+  const int64_t K = kSplatGrads + in.channels;
+  std::unique_ptr<float[]> records(new float[record_base.back() * K]);
+  std::vector<int32_t> record_of_slot(bins.offsets[g.num_tiles()], -1);  // -1: no record, left out of the sums
   if (in.channels == 3) {
-    backward_tiles<3>(g, bins, splats, in, final_t, last, grad_image, records, written.data(), threads);
+    backward_tiles<3>(g, bins, splats, in, final_t, last, grad_image, record_base.data(), records.get(),
+                      record_of_slot.data(), threads);
   } else {
-    backward_tiles<0>(g, bins, splats, in, final_t, last, grad_image, records, written.data(), threads);
+    backward_tiles<0>(g, bins, splats, in, final_t, last, grad_image, record_base.data(), records.get(),
+                      record_of_slot.data(), threads);
   }
-  reduce(bins, records, written.data(), in.channels, grad_means, grad_conics, grad_colors, grad_opacities, threads);
+  reduce(bins, records.get(), record_of_slot.data(), in.channels, grad_means, grad_conics, grad_colors, grad_opacities,
+         threads);
 }
 
 }  // namespace lgr_simd_raster

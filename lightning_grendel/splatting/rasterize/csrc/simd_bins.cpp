@@ -94,13 +94,15 @@ Binner::Binner(const Inputs& in, const float* radii, const double* depths, const
     // Prepare and box each part; count its splats that reach a tile.
 #pragma omp for schedule(static)
     for (int64_t c = 0; c < parts; ++c) {
+      int64_t count = 0, entries = 0;  // locals: the parts' totals share cache lines
       for (int64_t i = part_start(n, c, parts); i < part_start(n, c + 1, parts); ++i) {
         splats[i] = lgr_raster::prepare_splat(in.means, in.conics, in.opacities, i);
         boxes[i] = blending_box(splats[i], radii[i], g);
         if (is_empty(boxes[i])) continue;
-        ++kept[c + 1];
-        areas[c] += area(boxes[i]);
+        ++count;
+        entries += area(boxes[i]);
       }
+      kept[c + 1] = count, areas[c] = entries;
     }
 #pragma omp single
     {
@@ -111,12 +113,14 @@ Binner::Binner(const Inputs& in, const float* radii, const double* depths, const
 #pragma omp for schedule(static)
     for (int64_t c = 0; c < parts; ++c) {
       int64_t at = kept[c];
+      uint64_t bits = 0;
       for (int64_t i = part_start(n, c, parts); i < part_start(n, c + 1, parts); ++i) {
         if (is_empty(boxes[i])) continue;
         keys[at] = depth_key(depths[i]);
-        varying[c] |= keys[at] ^ first;
+        bits |= keys[at] ^ first;
         order_[at++] = static_cast<int32_t>(i);
       }
+      varying[c] = bits;
     }
     uint64_t all_varying = 0;
     for (const uint64_t v : varying) all_varying |= v;

@@ -91,12 +91,11 @@ std::vector<torch::Tensor> backward_simd(const torch::Tensor& means2d, const tor
               "grad_image must be [rows, W, D] float32");
   const Bins bins{offsets.data_ptr<int64_t>(), ids.data_ptr<int32_t>(), slots.data_ptr<int32_t>(),
                   order.data_ptr<int32_t>(), rank_offsets.data_ptr<int64_t>(), order.numel()};
-  auto records = torch::empty({ids.numel(), 6 + in.channels}, colors.options());
   auto grad_means = torch::zeros_like(means2d), grad_conics = torch::zeros_like(conics);
   auto grad_colors = torch::zeros_like(colors), grad_opacities = torch::zeros_like(opacities);
   lgr_simd_raster::backward(g, bins, reinterpret_cast<const Splat*>(prepared.data_ptr<uint8_t>()), in,
                             final_t.contiguous().data_ptr<float>(), last.contiguous().data_ptr<int32_t>(),
-                            grad_image.data_ptr<float>(), records.data_ptr<float>(), grad_means.data_ptr<float>(),
+                            grad_image.data_ptr<float>(), grad_means.data_ptr<float>(),
                             grad_conics.data_ptr<float>(), grad_colors.data_ptr<float>(),
                             grad_opacities.data_ptr<float>(), at::get_num_threads());
   return {grad_means, grad_conics, grad_colors, grad_opacities};

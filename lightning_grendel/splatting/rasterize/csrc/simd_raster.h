@@ -114,11 +114,10 @@ inline uint32_t row_spans(const lgr_raster::Splat<float>& s, const lgr_raster::T
 int64_t forward(const Grid& g, const Bins& bins, const lgr_raster::Splat<float>* splats, const Inputs& in, float* image,
                 float* final_t, int32_t* last, int threads);
 
-// Writes grads [N, 2], [N, 3], [N, D], [N] (zero for splats without a rank); records is scratch of
-// intersections * (6 + D) floats; splats as given to the forward.
+// Writes grads [N, 2], [N, 3], [N, D], [N] (zero for splats without a rank); splats as given to the forward.
 void backward(const Grid& g, const Bins& bins, const lgr_raster::Splat<float>* splats, const Inputs& in,
-              const float* final_t, const int32_t* last, const float* grad_image, float* records, float* grad_means,
-              float* grad_conics, float* grad_colors, float* grad_opacities, int threads);
+              const float* final_t, const int32_t* last, const float* grad_image, float* grad_means, float* grad_conics,
+              float* grad_colors, float* grad_opacities, int threads);
 
 // Pairs per second of a minimal exp + blend loop (one tile, no culling): the machine's ceiling.
 double exp_blend_ceiling(int64_t pairs_per_thread, int threads);
