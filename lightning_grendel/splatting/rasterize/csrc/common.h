@@ -199,15 +199,15 @@ inline void for_each_span(const Splat<scalar_t>& s, const TileRect& r, const uin
 // that the CPU overlaps, instead of a cache miss per splat in the middle of the pixel loops.
 constexpr int64_t kWindow = 64;
 
-template <typename scalar_t>
+template <typename scalar_t, typename SplatT = Splat<scalar_t>>
 struct SplatWindow {
-  std::vector<Splat<scalar_t>> splats;
+  std::vector<SplatT> splats;
   std::vector<scalar_t> colors;
   int64_t first = 0, channels;
 
   explicit SplatWindow(int64_t D) : splats(kWindow), colors(kWindow * D), channels(D) {}
 
-  void load(const int32_t* ids, int64_t k0, int64_t k1, const Splat<scalar_t>* all, const scalar_t* all_colors) {
+  void load(const int32_t* ids, int64_t k0, int64_t k1, const SplatT* all, const scalar_t* all_colors) {
     first = k0;
     for (int64_t k = k0; k < k1; ++k) {
       splats[k - k0] = all[ids[k]];
@@ -220,7 +220,7 @@ struct SplatWindow {
       }
     }
   }
-  const Splat<scalar_t>& splat(int64_t k) const { return splats[k - first]; }
+  const SplatT& splat(int64_t k) const { return splats[k - first]; }
   const scalar_t* color(int64_t k) const { return colors.data() + (k - first) * channels; }
 };
 

@@ -18,7 +18,6 @@ using namespace lgr_simd;
 using lgr_raster::kTile;
 using lgr_raster::kWindow;
 using lgr_raster::span_bits;
-using lgr_raster::Splat;
 using lgr_raster::TileRect;
 
 namespace {
@@ -28,7 +27,7 @@ constexpr float kMaxAlpha = 0.99f;
 constexpr float kMinAlpha = static_cast<float>(1.0 / 255.0);
 
 template <int StaticD>
-void backward_tiles(const Grid& g, const Bins& bins, const Splat<float>* splats, const Inputs& in,
+void backward_tiles(const Grid& g, const Bins& bins, const SimdSplat* splats, const Inputs& in,
                     const float* final_t, const int32_t* last, const float* grad_image, const int64_t* record_base,
                     float* records, int32_t* record_of_slot, int threads) {
   const int64_t D = StaticD > 0 ? StaticD : in.channels;
@@ -43,7 +42,7 @@ void backward_tiles(const Grid& g, const Bins& bins, const Splat<float>* splats,
     VecF* const g_col = sums.data() + kSplatGrads;  // the colour gradients accumulate in place
     std::vector<VecI> last_k(J);
     std::pair<int32_t, int> rows_by_last[kTile];  // (deepest last contributor, row), deepest first
-    lgr_raster::SplatWindow<float> window(D);
+    lgr_raster::SplatWindow<float, SimdSplat> window(D);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t tile = 0; tile < num_tiles; ++tile) {
       const TileRect r(g, tile);
@@ -87,8 +86,8 @@ void backward_tiles(const Grid& g, const Bins& bins, const Splat<float>* splats,
         if (k == deepest || k + 1 == window.first) {
           window.load(bins.ids + begin, std::max<int64_t>(0, k + 1 - kWindow), k + 1, splats, in.colors);
         }
-        const Splat<float>& s = window.splat(k);
-        uint32_t groups = s.cut < 0.0 ? 0u : row_spans(s, r, live, dy, spans);
+        const SimdSplat& s = window.splat(k);
+        uint32_t groups = !s.blends ? 0u : row_spans(s, r, live, dy, spans);
         if (!groups) continue;
         const float* col = window.color(k);
         const VecI step = splat_i(static_cast<int32_t>(k));
@@ -201,7 +200,7 @@ std::vector<int64_t> record_bases(const Grid& g, const int32_t* last, int thread
 
 }  // namespace
 
-void backward(const Grid& g, const Bins& bins, const Splat<float>* splats, const Inputs& in, const float* final_t,
+void backward(const Grid& g, const Bins& bins, const SimdSplat* splats, const Inputs& in, const float* final_t,
               const int32_t* last, const float* grad_image, float* grad_means, float* grad_conics, float* grad_colors,
               float* grad_opacities, int threads) {
   const std::vector<int64_t> record_base = record_bases(g, last, threads);

@@ -38,6 +38,11 @@ TileBox blending_box(const lgr_raster::Splat<float>& s, float radius, const Grid
   return lgr_raster::tile_box(s.mx, s.my, rx, ry, g);
 }
 
+SimdSplat compact(const lgr_raster::Splat<float>& s) {
+  return SimdSplat{s.mx, s.my, s.a, s.b, s.c, s.o, static_cast<float>(s.slope), static_cast<float>(s.q0),
+                   static_cast<float>(s.q1), s.cut >= 0.0, s.bounded, s.half_y};
+}
+
 // Stable LSD radix sort of ids by key in `parts` parts, called by every thread of a parallel region:
 // each pass counts the digits of each part, then scatters each part behind the parts before it, so
 // equal keys keep their order. Digits on which all keys agree (`varying` has none of their bits: a
@@ -81,7 +86,7 @@ void radix_sort(std::vector<uint64_t>& keys, std::vector<int32_t>& ids, std::vec
 }  // namespace
 
 Binner::Binner(const Inputs& in, const float* radii, const double* depths, const Grid& g, int threads,
-               lgr_raster::Splat<float>* splats)
+               SimdSplat* splats)
     : chunks_(std::max(threads, 1)), grid_(g), chunk_counts_(chunks_ * g.num_tiles()), threads_(threads) {
   const int64_t n = in.n, parts = chunks_, tiles = g.num_tiles();
   std::unique_ptr<TileBox[]> boxes(new TileBox[n]);
@@ -96,8 +101,9 @@ Binner::Binner(const Inputs& in, const float* radii, const double* depths, const
     for (int64_t c = 0; c < parts; ++c) {
       int64_t count = 0, entries = 0;  // locals: the parts' totals share cache lines
       for (int64_t i = part_start(n, c, parts); i < part_start(n, c + 1, parts); ++i) {
-        splats[i] = lgr_raster::prepare_splat(in.means, in.conics, in.opacities, i);
-        boxes[i] = blending_box(splats[i], radii[i], g);
+        const auto s = lgr_raster::prepare_splat(in.means, in.conics, in.opacities, i);
+        splats[i] = compact(s);
+        boxes[i] = blending_box(s, radii[i], g);
         if (is_empty(boxes[i])) continue;
         ++count;
         entries += area(boxes[i]);

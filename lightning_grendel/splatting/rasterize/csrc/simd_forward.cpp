@@ -15,7 +15,6 @@ using namespace lgr_simd;
 using lgr_raster::kTile;
 using lgr_raster::kWindow;
 using lgr_raster::span_bits;
-using lgr_raster::Splat;
 using lgr_raster::TileRect;
 
 namespace {
@@ -25,7 +24,7 @@ constexpr float kMaxAlpha = 0.99f;
 constexpr float kMinT = 1e-4f;
 
 template <int StaticD>
-int64_t forward_tiles(const Grid& g, const Bins& bins, const Splat<float>* splats, const Inputs& in,
+int64_t forward_tiles(const Grid& g, const Bins& bins, const SimdSplat* splats, const Inputs& in,
                       float* image, float* final_t, int32_t* last, int threads) {
   const int64_t D = StaticD > 0 ? StaticD : in.channels;
   constexpr int64_t J = kTile * kGroups;
@@ -36,7 +35,7 @@ int64_t forward_tiles(const Grid& g, const Bins& bins, const Splat<float>* splat
     // Channel d of group j at color[d * J + j].
     std::vector<VecF> trans(J), color(J * D);
     std::vector<VecI> last_k(J);
-    lgr_raster::SplatWindow<float> window(D);
+    lgr_raster::SplatWindow<float, SimdSplat> window(D);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t tile = 0; tile < num_tiles; ++tile) {
       const TileRect r(g, tile);
@@ -59,8 +58,8 @@ int64_t forward_tiles(const Grid& g, const Bins& bins, const Splat<float>* splat
       for (int64_t k = 0; k < count && rows_live > 0; ++k) {
         if (k % kWindow == 0) window.load(bins.ids + begin, k, std::min(count, k + kWindow), splats, in.colors);
         if (k + kWindow < count) prefetch_splat(splats, in.colors, D, bins.ids[begin + k + kWindow]);
-        const Splat<float>& s = window.splat(k);
-        if (s.cut < 0.0) continue;
+        const SimdSplat& s = window.splat(k);
+        if (!s.blends) continue;
         uint32_t groups = row_spans(s, r, live, dy, spans);
         if (!groups) continue;
         const float* col = window.color(k);
@@ -108,7 +107,7 @@ int64_t forward_tiles(const Grid& g, const Bins& bins, const Splat<float>* splat
 
 }  // namespace
 
-int64_t forward(const Grid& g, const Bins& bins, const Splat<float>* splats, const Inputs& in,
+int64_t forward(const Grid& g, const Bins& bins, const SimdSplat* splats, const Inputs& in,
                 float* image, float* final_t, int32_t* last, int threads) {
   if (in.channels == 3) return forward_tiles<3>(g, bins, splats, in, image, final_t, last, threads);
   return forward_tiles<0>(g, bins, splats, in, image, final_t, last, threads);

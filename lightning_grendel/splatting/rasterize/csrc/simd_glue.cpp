@@ -27,7 +27,7 @@ Inputs float_inputs(const torch::Tensor& means2d, const torch::Tensor& conics, c
                 opacities.data_ptr<float>(), background.data_ptr<float>(), n, colors.size(1)};
 }
 
-using Splat = lgr_raster::Splat<float>;
+using lgr_simd_raster::SimdSplat;
 
 // Returns image [rows, W, D], final transmittance [rows, W], last contributor [rows, W], tile offsets
 // [tiles + 1], tile splat ids [M], record slots [M], the splats in depth order [R], their record offsets
@@ -44,8 +44,8 @@ std::vector<torch::Tensor> forward_simd(const torch::Tensor& means2d, const torc
               "radii must be [N] float32");
   const int threads = at::get_num_threads();
   const Grid g(width, height, row_start, row_end);
-  auto prepared = torch::empty({in.n * static_cast<int64_t>(sizeof(Splat))}, torch::TensorOptions().dtype(torch::kUInt8));
-  auto* splats = reinterpret_cast<Splat*>(prepared.data_ptr<uint8_t>());
+  auto prepared = torch::empty({in.n * static_cast<int64_t>(sizeof(SimdSplat))}, torch::TensorOptions().dtype(torch::kUInt8));
+  auto* splats = reinterpret_cast<SimdSplat*>(prepared.data_ptr<uint8_t>());
   const lgr_simd_raster::Binner binner(in, radii.data_ptr<float>(), depths.data_ptr<double>(), g, threads, splats);
   const int64_t m = binner.intersections();
   TORCH_CHECK(m < std::numeric_limits<int32_t>::max(), "rasterize_cpp (simd): too many splat-tile pairs");
@@ -76,7 +76,7 @@ std::vector<torch::Tensor> backward_simd(const torch::Tensor& means2d, const tor
   const Inputs in = float_inputs(means2d, conics, colors, opacities, background);
   const Grid g(width, height, row_start, row_end);
   TORCH_CHECK(offsets.numel() == g.num_tiles() + 1 && order.numel() + 1 == rank_offsets.numel() &&
-                  order.numel() <= in.n && prepared.numel() == in.n * static_cast<int64_t>(sizeof(Splat)),
+                  order.numel() <= in.n && prepared.numel() == in.n * static_cast<int64_t>(sizeof(SimdSplat)),
               "tile lists do not match the image or the splats");
   TORCH_CHECK(ids.numel() == slots.numel() && ids.scalar_type() == torch::kInt32 &&
                   slots.scalar_type() == torch::kInt32 && offsets.scalar_type() == torch::kInt64 &&
@@ -93,7 +93,7 @@ std::vector<torch::Tensor> backward_simd(const torch::Tensor& means2d, const tor
                   order.data_ptr<int32_t>(), rank_offsets.data_ptr<int64_t>(), order.numel()};
   auto grad_means = torch::zeros_like(means2d), grad_conics = torch::zeros_like(conics);
   auto grad_colors = torch::zeros_like(colors), grad_opacities = torch::zeros_like(opacities);
-  lgr_simd_raster::backward(g, bins, reinterpret_cast<const Splat*>(prepared.data_ptr<uint8_t>()), in,
+  lgr_simd_raster::backward(g, bins, reinterpret_cast<const SimdSplat*>(prepared.data_ptr<uint8_t>()), in,
                             final_t.contiguous().data_ptr<float>(), last.contiguous().data_ptr<int32_t>(),
                             grad_image.data_ptr<float>(), grad_means.data_ptr<float>(),
                             grad_conics.data_ptr<float>(), grad_colors.data_ptr<float>(),

@@ -15,6 +15,17 @@ namespace lgr_simd_raster {
 
 using lgr_raster::Grid;
 
+// What the kernels read of a splat: lgr_raster::Splat<float>'s pixel-test inputs, its row-span constants
+// already in float (row_spans converts them anyway) and half_y in double; 48 bytes instead of 80, so the
+// per-tile copies of the splats in depth order touch fewer cache lines.
+struct SimdSplat {
+  float mx, my, a, b, c, o;
+  float slope, q0, q1;
+  bool blends;   // cut >= 0: alpha >= 1/255 somewhere
+  bool bounded;  // the ellipse is bounded; otherwise every pixel of the splat's tiles is tested
+  double half_y;
+};
+
 struct Inputs {
   const float *means, *conics, *colors, *opacities, *background;
   int64_t n, channels;
@@ -40,7 +51,7 @@ class Binner {
  public:
   // Writes prepare_splat of each input to splats[0, in.n).
   Binner(const Inputs& in, const float* radii, const double* depths, const Grid& g, int threads,
-         lgr_raster::Splat<float>* splats);
+         SimdSplat* splats);
   int64_t intersections() const { return total_; }
   int64_t ranked() const { return static_cast<int64_t>(order_.size()); }
   void fill(int64_t* offsets, int32_t* ids, int32_t* slots, int32_t* order, int64_t* rank_offsets) const;
@@ -57,10 +68,10 @@ class Binner {
 
 // Asks for splat id's constants and colour ahead of the window that will copy them: the window's loads
 // miss the cache (the splats are read in each tile's depth order, scattered over the whole array).
-inline void prefetch_splat(const lgr_raster::Splat<float>* splats, const float* colors, int64_t channels, int32_t id) {
+inline void prefetch_splat(const SimdSplat* splats, const float* colors, int64_t channels, int32_t id) {
   const char* s = reinterpret_cast<const char*>(splats + id);
   __builtin_prefetch(s);
-  __builtin_prefetch(s + sizeof(lgr_raster::Splat<float>) - 1);
+  __builtin_prefetch(s + sizeof(SimdSplat) - 1);
   __builtin_prefetch(colors + id * channels);
 }
 
@@ -73,7 +84,7 @@ constexpr int kGroups = lgr_raster::kTile / lgr_simd::kLanes;
 // lane group q of row ly that a span reaches; spans and dy are only written for the rows of those bits.
 // Float rounding moves a span's ends by far less than cut's margin (1% of sigma, more for
 // ill-conditioned conics), so no pixel the per-pixel test accepts is lost.
-inline uint32_t row_spans(const lgr_raster::Splat<float>& s, const lgr_raster::TileRect& r, const int32_t* live,
+inline uint32_t row_spans(const SimdSplat& s, const lgr_raster::TileRect& r, const int32_t* live,
                           float* dy, int32_t* spans) {
   using namespace lgr_simd;
   const float lo = static_cast<float>(r.x0 - r.ox), hi = static_cast<float>(r.x1 - r.ox);
@@ -90,9 +101,9 @@ inline uint32_t row_spans(const lgr_raster::Splat<float>& s, const lgr_raster::T
     store(dy + h, d);
     VecI bits_h = splat_i(full);
     if (s.bounded) {
-      const VecF q = static_cast<float>(s.q0) - static_cast<float>(s.q1) * (d * d);
+      const VecF q = s.q0 - s.q1 * (d * d);
       const VecF half = sqrt(q > 0.0f ? q : splat(0.0f));
-      const VecF centre = (s.mx - 0.5f - static_cast<float>(r.ox)) - static_cast<float>(s.slope) * d;
+      const VecF centre = (s.mx - 0.5f - static_cast<float>(r.ox)) - s.slope * d;
       // Clamped to the tile before converting, so far-away (or huge) splats stay inside int32.
       const VecI xa = ceil_i(clamp(centre - half, lo, hi));
       const VecI xb = floor_i(clamp(centre + half, lo - 1.0f, hi - 1.0f)) + 1;
@@ -111,11 +122,11 @@ inline uint32_t row_spans(const lgr_raster::Splat<float>& s, const lgr_raster::T
 
 // Writes image [rows, W, D], final transmittance and last contributor [rows, W]; returns blended pairs.
 // splats: prepare_splat of each input, as given to the Binner.
-int64_t forward(const Grid& g, const Bins& bins, const lgr_raster::Splat<float>* splats, const Inputs& in, float* image,
+int64_t forward(const Grid& g, const Bins& bins, const SimdSplat* splats, const Inputs& in, float* image,
                 float* final_t, int32_t* last, int threads);
 
 // Writes grads [N, 2], [N, 3], [N, D], [N] (zero for splats without a rank); splats as given to the forward.
-void backward(const Grid& g, const Bins& bins, const lgr_raster::Splat<float>* splats, const Inputs& in,
+void backward(const Grid& g, const Bins& bins, const SimdSplat* splats, const Inputs& in,
               const float* final_t, const int32_t* last, const float* grad_image, float* grad_means, float* grad_conics,
               float* grad_colors, float* grad_opacities, int threads);
 
