@@ -28,8 +28,8 @@ constexpr float kMinAlpha = static_cast<float>(1.0 / 255.0);
 
 template <int StaticD>
 void backward_tiles(const Grid& g, const Bins& bins, const SimdSplat* splats, const Inputs& in,
-                    const float* final_t, const int32_t* last, const float* grad_image, const int64_t* record_base,
-                    float* records, int32_t* record_of_slot, int threads) {
+                    const float* final_t, const int32_t* last, const float* grad_image, const int32_t* record_of_slot,
+                    float* records, int threads) {
   const int64_t D = StaticD > 0 ? StaticD : in.channels;
   constexpr int64_t J = kTile * kGroups;
   const int64_t K = kSplatGrads + D;
@@ -88,7 +88,11 @@ void backward_tiles(const Grid& g, const Bins& bins, const SimdSplat* splats, co
         }
         const SimdSplat& s = window.splat(k);
         uint32_t groups = !s.blends ? 0u : row_spans(s, r, live, dy, spans);
-        if (!groups) continue;
+        float* rec = records + record_of_slot[bins.slots[begin + k]] * K;
+        if (!groups) {
+          std::fill(rec, rec + K, 0.0f);
+          continue;
+        }
         const float* col = window.color(k);
         const VecI step = splat_i(static_cast<int32_t>(k));
         // Sums of grad_sigma times dx, dy, dx^2, dx dy, dy^2: the mean and conic gradients follow from
@@ -140,10 +144,6 @@ void backward_tiles(const Grid& g, const Bins& bins, const SimdSplat* splats, co
             g_o += select(pass, grad_alpha * vis[u], splat(0.0f));
           }
         }
-        const int64_t slot = bins.slots[begin + k];
-        const int64_t at = record_base[tile] + k;
-        float* rec = records + at * K;
-        record_of_slot[slot] = static_cast<int32_t>(at);
         // sigma = a dx^2 / 2 + b dx dy + c dy^2 / 2 with dx = x - mean x, dy = y - mean y.
         sums[0] = -(s.a * m_x + s.b * m_y), sums[1] = -(s.b * m_x + s.c * m_y);
         sums[2] = 0.5f * m_xx, sums[3] = m_xy, sums[4] = 0.5f * m_yy, sums[5] = g_o;
@@ -153,23 +153,21 @@ void backward_tiles(const Grid& g, const Bins& bins, const SimdSplat* splats, co
   }
 }
 
-// Per-splat sums of its records in slot (= tile) order, in double; one rank per splat, so the threads
-// write disjoint gradients.
-void reduce(const Bins& bins, const float* records, const int32_t* record_of_slot, int64_t D, float* grad_means,
-            float* grad_conics, float* grad_colors, float* grad_opacities, int threads) {
+// Per-splat sums of its records in slot (= tile) order, in double.
+void reduce(const Bins& bins, const float* records, const int32_t* record_of_slot, int64_t n, int64_t D,
+            float* grad_means, float* grad_conics, float* grad_colors, float* grad_opacities, int threads) {
   const int64_t K = kSplatGrads + D;
 #pragma omp parallel num_threads(threads)
   {
     std::vector<double> sums(K);
 #pragma omp for schedule(static)
-    for (int64_t k = 0; k < bins.ranked; ++k) {
+    for (int64_t i = 0; i < n; ++i) {
       std::fill(sums.begin(), sums.end(), 0.0);
-      for (int64_t slot = bins.rank_offsets[k]; slot < bins.rank_offsets[k + 1]; ++slot) {
+      for (int64_t slot = bins.splat_offsets[i]; slot < bins.splat_offsets[i + 1]; ++slot) {
         const int32_t at = record_of_slot[slot];
         if (at < 0) continue;
         for (int64_t j = 0; j < K; ++j) sums[j] += static_cast<double>(records[at * K + j]);
       }
-      const int64_t i = bins.order[k];
       grad_means[2 * i] = static_cast<float>(sums[0]);
       grad_means[2 * i + 1] = static_cast<float>(sums[1]);
       for (int j = 0; j < 3; ++j) grad_conics[3 * i + j] = static_cast<float>(sums[2 + j]);
@@ -179,11 +177,12 @@ void reduce(const Bins& bins, const float* records, const int32_t* record_of_slo
   }
 }
 
-// record_base[t] = the first record of tile t: each tile gets one per entry up to its deepest last
-// contributor, the only entries the backward visits (in a dense scene about a quarter of the list).
-std::vector<int64_t> record_bases(const Grid& g, const int32_t* last, int threads) {
-  const int64_t tiles = g.num_tiles();
-  std::vector<int64_t> base(tiles + 1, 0);
+// The record of each entry the backward visits (each tile's list down to its deepest last contributor:
+// in a dense scene about a quarter of the entries), numbered in slot order, i.e. by splat and then tile,
+// so the reduce reads the records front to back; -1 for the entries it skips. Sets `count`.
+std::vector<int32_t> record_numbers(const Grid& g, const Bins& bins, const int32_t* last, int threads, int64_t& count) {
+  const int64_t tiles = g.num_tiles(), slots = bins.offsets[tiles];
+  std::vector<int32_t> number(slots, 0);
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t tile = 0; tile < tiles; ++tile) {
     const TileRect r(g, tile);
@@ -192,10 +191,29 @@ std::vector<int64_t> record_bases(const Grid& g, const int32_t* last, int thread
       const int32_t* row = last + (y - g.row_start) * g.width;
       for (int64_t x = r.x0; x < r.x1; ++x) deepest = std::max(deepest, row[x]);
     }
-    base[tile + 1] = deepest + 1;
+    for (int64_t k = 0; k <= deepest; ++k) number[bins.slots[bins.offsets[tile] + k]] = 1;
   }
-  for (int64_t t = 0; t < tiles; ++t) base[t + 1] += base[t];
-  return base;
+  // Exclusive prefix over the marks, in `parts` parts: counts, their prefix, then the numbers.
+  const int64_t parts = std::max(threads, 1);
+  std::vector<int64_t> start(parts + 1, 0);
+#pragma omp parallel num_threads(threads)
+  {
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < parts; ++c) {
+      int64_t marked = 0;
+      for (int64_t e = slots * c / parts; e < slots * (c + 1) / parts; ++e) marked += number[e];
+      start[c + 1] = marked;
+    }
+#pragma omp single
+    for (int64_t c = 0; c < parts; ++c) start[c + 1] += start[c];
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < parts; ++c) {
+      auto next = static_cast<int32_t>(start[c]);
+      for (int64_t e = slots * c / parts; e < slots * (c + 1) / parts; ++e) number[e] = number[e] ? next++ : -1;
+    }
+  }
+  count = start[parts];
+  return number;
 }
 
 }  // namespace
@@ -203,18 +221,15 @@ std::vector<int64_t> record_bases(const Grid& g, const int32_t* last, int thread
 void backward(const Grid& g, const Bins& bins, const SimdSplat* splats, const Inputs& in, const float* final_t,
               const int32_t* last, const float* grad_image, float* grad_means, float* grad_conics, float* grad_colors,
               float* grad_opacities, int threads) {
-  const std::vector<int64_t> record_base = record_bases(g, last, threads);
-  const int64_t K = kSplatGrads + in.channels;
-  std::unique_ptr<float[]> records(new float[record_base.back() * K]);
-  std::vector<int32_t> record_of_slot(bins.offsets[g.num_tiles()], -1);  // -1: no record, left out of the sums
+  int64_t count = 0;
+  const std::vector<int32_t> record_of_slot = record_numbers(g, bins, last, threads, count);
+  std::unique_ptr<float[]> records(new float[count * (kSplatGrads + in.channels)]);
   if (in.channels == 3) {
-    backward_tiles<3>(g, bins, splats, in, final_t, last, grad_image, record_base.data(), records.get(),
-                      record_of_slot.data(), threads);
+    backward_tiles<3>(g, bins, splats, in, final_t, last, grad_image, record_of_slot.data(), records.get(), threads);
   } else {
-    backward_tiles<0>(g, bins, splats, in, final_t, last, grad_image, record_base.data(), records.get(),
-                      record_of_slot.data(), threads);
+    backward_tiles<0>(g, bins, splats, in, final_t, last, grad_image, record_of_slot.data(), records.get(), threads);
   }
-  reduce(bins, records.get(), record_of_slot.data(), in.channels, grad_means, grad_conics, grad_colors, grad_opacities,
+  reduce(bins, records.get(), record_of_slot.data(), in.n, in.channels, grad_means, grad_conics, grad_colors, grad_opacities,
          threads);
 }
 

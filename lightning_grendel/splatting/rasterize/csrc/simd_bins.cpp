@@ -86,11 +86,11 @@ void radix_sort(std::vector<uint64_t>& keys, std::vector<int32_t>& ids, std::vec
 }  // namespace
 
 Binner::Binner(const Inputs& in, const float* radii, const double* depths, const Grid& g, int threads,
-               SimdSplat* splats)
+               SimdSplat* splats, int64_t* splat_offsets)
     : chunks_(std::max(threads, 1)), grid_(g), chunk_counts_(chunks_ * g.num_tiles()), threads_(threads) {
   const int64_t n = in.n, parts = chunks_, tiles = g.num_tiles();
   std::unique_ptr<TileBox[]> boxes(new TileBox[n]);
-  std::vector<int64_t> kept(parts + 1, 0), areas(parts, 0), radix_counts(parts * kBuckets);
+  std::vector<int64_t> kept(parts + 1, 0), areas(parts + 1, 0), radix_counts(parts * kBuckets);
   std::vector<uint64_t> varying(parts, 0), keys, keys_out;
   std::vector<int32_t> ids_out;
   const uint64_t first = n > 0 ? depth_key(depths[0]) : 0;  // any key: bits where keys differ differ from it
@@ -108,19 +108,22 @@ Binner::Binner(const Inputs& in, const float* radii, const double* depths, const
         ++count;
         entries += area(boxes[i]);
       }
-      kept[c + 1] = count, areas[c] = entries;
+      kept[c + 1] = count, areas[c + 1] = entries;
     }
 #pragma omp single
     {
-      for (int64_t c = 0; c < parts; ++c) kept[c + 1] += kept[c], total_ += areas[c];
+      for (int64_t c = 0; c < parts; ++c) kept[c + 1] += kept[c], areas[c + 1] += areas[c];
+      total_ = areas[parts];
+      splat_offsets[0] = 0;
       keys.resize(kept[parts]), order_.resize(kept[parts]), keys_out.resize(kept[parts]), ids_out.resize(kept[parts]);
     }
-    // Their depth keys in index order, and the key bits that vary.
+    // Their slot offsets and depth keys in index order, and the key bits that vary.
 #pragma omp for schedule(static)
     for (int64_t c = 0; c < parts; ++c) {
-      int64_t at = kept[c];
+      int64_t at = kept[c], slot = areas[c];
       uint64_t bits = 0;
       for (int64_t i = part_start(n, c, parts); i < part_start(n, c + 1, parts); ++i) {
+        splat_offsets[i + 1] = slot += is_empty(boxes[i]) ? 0 : area(boxes[i]);
         if (is_empty(boxes[i])) continue;
         keys[at] = depth_key(depths[i]);
         bits |= keys[at] ^ first;
@@ -131,15 +134,17 @@ Binner::Binner(const Inputs& in, const float* radii, const double* depths, const
     uint64_t all_varying = 0;
     for (const uint64_t v : varying) all_varying |= v;
     radix_sort(keys, order_, keys_out, ids_out, all_varying, parts, radix_counts);
-    // The boxes in rank order (so later passes read them front to back) and each part's entries per tile.
+    // The boxes and first slots in rank order (so later passes read them front to back) and each part's
+    // entries per tile.
 #pragma omp single
-    boxes_.resize(order_.size());
+    boxes_.resize(order_.size()), first_slots_.resize(order_.size());
     const auto ranks = static_cast<int64_t>(order_.size());
 #pragma omp for schedule(static)
     for (int64_t c = 0; c < parts; ++c) {
       int64_t* counts = chunk_counts_.data() + c * tiles;
       for (int64_t k = part_start(ranks, c, parts); k < part_start(ranks, c + 1, parts); ++k) {
         const TileBox& b = boxes_[k] = boxes[order_[k]];
+        first_slots_[k] = splat_offsets[order_[k]];
         for (int32_t y = b.y0; y < b.y1; ++y) {
           int64_t* row = counts + (y - g.tile_row_start) * g.tiles_x;
           for (int32_t x = b.x0; x < b.x1; ++x) ++row[x];
@@ -149,9 +154,9 @@ Binner::Binner(const Inputs& in, const float* radii, const double* depths, const
   }
 }
 
-void Binner::fill(int64_t* offsets, int32_t* ids, int32_t* slots, int32_t* order, int64_t* rank_offsets) const {
+void Binner::fill(int64_t* offsets, int32_t* ids, int32_t* slots) const {
   const Grid& g = grid_;
-  const int64_t tiles = g.num_tiles(), ranks = ranked(), parts = chunks_;
+  const int64_t tiles = g.num_tiles(), ranks = static_cast<int64_t>(order_.size()), parts = chunks_;
   // Each part's first entry in each tile, behind the earlier (shallower) parts.
   std::vector<int64_t> cursors(parts * tiles);
   offsets[0] = 0;
@@ -160,9 +165,6 @@ void Binner::fill(int64_t* offsets, int32_t* ids, int32_t* slots, int32_t* order
     for (int64_t c = 0; c < parts; ++c) cursors[c * tiles + t] = at, at += chunk_counts_[c * tiles + t];
     offsets[t + 1] = at;
   }
-  rank_offsets[0] = 0;
-  for (int64_t k = 0; k < ranks; ++k) rank_offsets[k + 1] = rank_offsets[k] + area(boxes_[k]);
-  std::copy(order_.begin(), order_.end(), order);
   // A splat's slots run row-major over its box, so its slot at tile (x, y) follows from the box alone.
 #pragma omp parallel for schedule(static) num_threads(threads_)
   for (int64_t c = 0; c < parts; ++c) {
@@ -170,7 +172,7 @@ void Binner::fill(int64_t* offsets, int32_t* ids, int32_t* slots, int32_t* order
     for (int64_t k = part_start(ranks, c, parts); k < part_start(ranks, c + 1, parts); ++k) {
       const TileBox& b = boxes_[k];
       const int32_t id = order_[k];
-      int64_t slot = rank_offsets[k];
+      int64_t slot = first_slots_[k];
       for (int32_t y = b.y0; y < b.y1; ++y) {
         int64_t* row = cursor + (y - g.tile_row_start) * g.tiles_x;
         for (int32_t x = b.x0; x < b.x1; ++x) {

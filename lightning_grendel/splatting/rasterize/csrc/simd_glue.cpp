@@ -30,8 +30,8 @@ Inputs float_inputs(const torch::Tensor& means2d, const torch::Tensor& conics, c
 using lgr_simd_raster::SimdSplat;
 
 // Returns image [rows, W, D], final transmittance [rows, W], last contributor [rows, W], tile offsets
-// [tiles + 1], tile splat ids [M], record slots [M], the splats in depth order [R], their record offsets
-// [R + 1], the prepared splats (bytes, for backward), blended pairs.
+// [tiles + 1], tile splat ids [M], record slots [M], per-splat slot offsets [N + 1], the prepared splats
+// (bytes, for backward), blended pairs.
 std::vector<torch::Tensor> forward_simd(const torch::Tensor& means2d, const torch::Tensor& conics,
                                         const torch::Tensor& colors, const torch::Tensor& opacities,
                                         const torch::Tensor& depths, const torch::Tensor& radii, int64_t width,
@@ -46,22 +46,22 @@ std::vector<torch::Tensor> forward_simd(const torch::Tensor& means2d, const torc
   const Grid g(width, height, row_start, row_end);
   auto prepared = torch::empty({in.n * static_cast<int64_t>(sizeof(SimdSplat))}, torch::TensorOptions().dtype(torch::kUInt8));
   auto* splats = reinterpret_cast<SimdSplat*>(prepared.data_ptr<uint8_t>());
-  const lgr_simd_raster::Binner binner(in, radii.data_ptr<float>(), depths.data_ptr<double>(), g, threads, splats);
+  const auto i64 = torch::TensorOptions().dtype(torch::kInt64), i32 = torch::TensorOptions().dtype(torch::kInt32);
+  auto splat_offsets = torch::empty({in.n + 1}, i64);
+  const lgr_simd_raster::Binner binner(in, radii.data_ptr<float>(), depths.data_ptr<double>(), g, threads, splats,
+                                       splat_offsets.data_ptr<int64_t>());
   const int64_t m = binner.intersections();
   TORCH_CHECK(m < std::numeric_limits<int32_t>::max(), "rasterize_cpp (simd): too many splat-tile pairs");
-  const auto i64 = torch::TensorOptions().dtype(torch::kInt64), i32 = torch::TensorOptions().dtype(torch::kInt32);
-  auto offsets = torch::empty({g.num_tiles() + 1}, i64), rank_offsets = torch::empty({binner.ranked() + 1}, i64);
-  auto ids = torch::empty({m}, i32), slots = torch::empty({m}, i32), order = torch::empty({binner.ranked()}, i32);
-  binner.fill(offsets.data_ptr<int64_t>(), ids.data_ptr<int32_t>(), slots.data_ptr<int32_t>(), order.data_ptr<int32_t>(),
-              rank_offsets.data_ptr<int64_t>());
+  auto offsets = torch::empty({g.num_tiles() + 1}, i64), ids = torch::empty({m}, i32), slots = torch::empty({m}, i32);
+  binner.fill(offsets.data_ptr<int64_t>(), ids.data_ptr<int32_t>(), slots.data_ptr<int32_t>());
   auto image = torch::empty({g.rows(), width, in.channels}, colors.options());
   auto final_t = torch::empty({g.rows(), width}, colors.options());
   auto last = torch::empty({g.rows(), width}, i32);
   const Bins bins{offsets.data_ptr<int64_t>(), ids.data_ptr<int32_t>(), slots.data_ptr<int32_t>(),
-                  order.data_ptr<int32_t>(), rank_offsets.data_ptr<int64_t>(), binner.ranked()};
+                  splat_offsets.data_ptr<int64_t>()};
   const int64_t blended = lgr_simd_raster::forward(g, bins, splats, in, image.data_ptr<float>(), final_t.data_ptr<float>(),
                                                    last.data_ptr<int32_t>(), threads);
-  return {image, final_t, last, offsets, ids, slots, order, rank_offsets, prepared, torch::tensor(blended, torch::kInt64)};
+  return {image, final_t, last, offsets, ids, slots, splat_offsets, prepared, torch::tensor(blended, torch::kInt64)};
 }
 
 // Returns grads for means2d [N, 2], conics [N, 3], colors [N, D], opacities [N].
@@ -70,17 +70,16 @@ std::vector<torch::Tensor> backward_simd(const torch::Tensor& means2d, const tor
                                          const torch::Tensor& background, int64_t width, int64_t height,
                                          int64_t row_start, int64_t row_end, const torch::Tensor& offsets,
                                          const torch::Tensor& ids, const torch::Tensor& slots,
-                                         const torch::Tensor& order, const torch::Tensor& rank_offsets,
-                                         const torch::Tensor& prepared, const torch::Tensor& final_t,
+                                         const torch::Tensor& splat_offsets, const torch::Tensor& prepared, const torch::Tensor& final_t,
                                          const torch::Tensor& last, const torch::Tensor& grad_image) {
   const Inputs in = float_inputs(means2d, conics, colors, opacities, background);
   const Grid g(width, height, row_start, row_end);
-  TORCH_CHECK(offsets.numel() == g.num_tiles() + 1 && order.numel() + 1 == rank_offsets.numel() &&
-                  order.numel() <= in.n && prepared.numel() == in.n * static_cast<int64_t>(sizeof(SimdSplat)),
+  TORCH_CHECK(offsets.numel() == g.num_tiles() + 1 && splat_offsets.numel() == in.n + 1 &&
+                  prepared.numel() == in.n * static_cast<int64_t>(sizeof(SimdSplat)),
               "tile lists do not match the image or the splats");
   TORCH_CHECK(ids.numel() == slots.numel() && ids.scalar_type() == torch::kInt32 &&
                   slots.scalar_type() == torch::kInt32 && offsets.scalar_type() == torch::kInt64 &&
-                  order.scalar_type() == torch::kInt32 && rank_offsets.scalar_type() == torch::kInt64 &&
+                  splat_offsets.scalar_type() == torch::kInt64 &&
                   prepared.scalar_type() == torch::kUInt8 && prepared.is_contiguous(),
               "tile list dtypes");
   TORCH_CHECK(final_t.numel() == g.rows() * width && last.numel() == final_t.numel() &&
@@ -90,9 +89,9 @@ std::vector<torch::Tensor> backward_simd(const torch::Tensor& means2d, const tor
                   grad_image.numel() == g.rows() * width * in.channels,
               "grad_image must be [rows, W, D] float32");
   const Bins bins{offsets.data_ptr<int64_t>(), ids.data_ptr<int32_t>(), slots.data_ptr<int32_t>(),
-                  order.data_ptr<int32_t>(), rank_offsets.data_ptr<int64_t>(), order.numel()};
-  auto grad_means = torch::zeros_like(means2d), grad_conics = torch::zeros_like(conics);
-  auto grad_colors = torch::zeros_like(colors), grad_opacities = torch::zeros_like(opacities);
+                  splat_offsets.data_ptr<int64_t>()};
+  auto grad_means = torch::empty_like(means2d), grad_conics = torch::empty_like(conics);
+  auto grad_colors = torch::empty_like(colors), grad_opacities = torch::empty_like(opacities);
   lgr_simd_raster::backward(g, bins, reinterpret_cast<const SimdSplat*>(prepared.data_ptr<uint8_t>()), in,
                             final_t.contiguous().data_ptr<float>(), last.contiguous().data_ptr<int32_t>(),
                             grad_image.data_ptr<float>(), grad_means.data_ptr<float>(),

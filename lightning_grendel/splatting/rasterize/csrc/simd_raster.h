@@ -32,16 +32,13 @@ struct Inputs {
 };
 
 // Tile lists shared by forward and backward: ids[offsets[t], offsets[t + 1]) is tile t's depth-sorted
-// list; the backward record of entry e goes to slots[e]. order[k] is the splat of depth rank k (splats
-// that reach no tile have no rank) and its records are [rank_offsets[k], rank_offsets[k + 1]) in tile
-// order, so the sum per splat has one fixed order.
+// list and slots[e] the slot of entry e; splat i's slots are [splat_offsets[i], splat_offsets[i + 1])
+// in tile order, so the sum per splat has one fixed order.
 struct Bins {
   const int64_t* offsets;
   const int32_t* ids;
   const int32_t* slots;
-  const int32_t* order;
-  const int64_t* rank_offsets;
-  int64_t ranked;
+  const int64_t* splat_offsets;
 };
 
 // Preparation and binning in one pass plus a fill, so the caller can allocate the outputs in between.
@@ -49,18 +46,18 @@ struct Bins {
 // merges the parts in chunk order: the result is the same for any thread count.
 class Binner {
  public:
-  // Writes prepare_splat of each input to splats[0, in.n).
-  Binner(const Inputs& in, const float* radii, const double* depths, const Grid& g, int threads,
-         SimdSplat* splats);
+  // Writes the prepared splats to splats[0, in.n) and the slot offsets to splat_offsets[0, in.n].
+  Binner(const Inputs& in, const float* radii, const double* depths, const Grid& g, int threads, SimdSplat* splats,
+         int64_t* splat_offsets);
   int64_t intersections() const { return total_; }
-  int64_t ranked() const { return static_cast<int64_t>(order_.size()); }
-  void fill(int64_t* offsets, int32_t* ids, int32_t* slots, int32_t* order, int64_t* rank_offsets) const;
+  void fill(int64_t* offsets, int32_t* ids, int32_t* slots) const;
 
  private:
   int64_t chunks_;
   Grid grid_;
   std::vector<int32_t> order_;              // splats with a non-empty box, stable-sorted by depth
   std::vector<lgr_raster::TileBox> boxes_;  // boxes_[k]: the box of order_[k]
+  std::vector<int64_t> first_slots_;        // first_slots_[k]: the first slot of order_[k]
   std::vector<int64_t> chunk_counts_;       // [chunk][tile]: entries of the chunk's ranks in the tile
   int64_t total_ = 0;
   int threads_;
@@ -125,7 +122,7 @@ inline uint32_t row_spans(const SimdSplat& s, const lgr_raster::TileRect& r, con
 int64_t forward(const Grid& g, const Bins& bins, const SimdSplat* splats, const Inputs& in, float* image,
                 float* final_t, int32_t* last, int threads);
 
-// Writes grads [N, 2], [N, 3], [N, D], [N] (zero for splats without a rank); splats as given to the forward.
+// Writes grads [N, 2], [N, 3], [N, D], [N]; splats as given to the forward.
 void backward(const Grid& g, const Bins& bins, const SimdSplat* splats, const Inputs& in,
               const float* final_t, const int32_t* last, const float* grad_image, float* grad_means, float* grad_conics,
               float* grad_colors, float* grad_opacities, int threads);
