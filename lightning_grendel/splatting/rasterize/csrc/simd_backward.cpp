@@ -193,15 +193,15 @@ std::vector<int32_t> record_numbers(const Grid& g, const Bins& bins, const int32
     }
     for (int64_t k = 0; k <= deepest; ++k) number[bins.slots[bins.offsets[tile] + k]] = 1;
   }
-  // Exclusive prefix over the marks, in `parts` parts: counts, their prefix, then the numbers.
+  // Exclusive prefix over the marks, in one part per thread: counts, their prefix, then the numbers.
   const int64_t parts = std::max(threads, 1);
   std::vector<int64_t> start(parts + 1, 0);
-#pragma omp parallel num_threads(threads)
+#pragma omp parallel num_threads(parts)
   {
 #pragma omp for schedule(static)
     for (int64_t c = 0; c < parts; ++c) {
       int64_t marked = 0;
-      for (int64_t e = slots * c / parts; e < slots * (c + 1) / parts; ++e) marked += number[e];
+      for (int64_t e = part_start(slots, c, parts); e < part_start(slots, c + 1, parts); ++e) marked += number[e];
       start[c + 1] = marked;
     }
 #pragma omp single
@@ -209,7 +209,9 @@ std::vector<int32_t> record_numbers(const Grid& g, const Bins& bins, const int32
 #pragma omp for schedule(static)
     for (int64_t c = 0; c < parts; ++c) {
       auto next = static_cast<int32_t>(start[c]);
-      for (int64_t e = slots * c / parts; e < slots * (c + 1) / parts; ++e) number[e] = number[e] ? next++ : -1;
+      for (int64_t e = part_start(slots, c, parts); e < part_start(slots, c + 1, parts); ++e) {
+        number[e] = number[e] ? next++ : -1;
+      }
     }
   }
   count = start[parts];

@@ -20,9 +20,6 @@ constexpr int kDigits = (64 + kDigitBits - 1) / kDigitBits;
 constexpr int64_t kBuckets = int64_t{1} << kDigitBits;
 constexpr uint64_t kDigitMask = kBuckets - 1;
 
-// The start of part c of [0, n) cut into `parts` equal parts.
-inline int64_t part_start(int64_t n, int64_t c, int64_t parts) { return n * c / parts; }
-
 inline bool is_empty(const TileBox& b) { return b.x1 <= b.x0 || b.y1 <= b.y0; }
 inline int64_t area(const TileBox& b) { return static_cast<int64_t>(b.x1 - b.x0) * (b.y1 - b.y0); }
 
@@ -87,14 +84,14 @@ void radix_sort(std::vector<uint64_t>& keys, std::vector<int32_t>& ids, std::vec
 
 Binner::Binner(const Inputs& in, const float* radii, const double* depths, const Grid& g, int threads,
                SimdSplat* splats, int64_t* splat_offsets)
-    : chunks_(std::max(threads, 1)), grid_(g), chunk_counts_(chunks_ * g.num_tiles()), threads_(threads) {
-  const int64_t n = in.n, parts = chunks_, tiles = g.num_tiles();
+    : parts_(std::max(threads, 1)), grid_(g), part_counts_(parts_ * g.num_tiles()) {
+  const int64_t n = in.n, parts = parts_, tiles = g.num_tiles();
   std::unique_ptr<TileBox[]> boxes(new TileBox[n]);
   std::vector<int64_t> kept(parts + 1, 0), areas(parts + 1, 0), radix_counts(parts * kBuckets);
   std::vector<uint64_t> varying(parts, 0), keys, keys_out;
   std::vector<int32_t> ids_out;
   const uint64_t first = n > 0 ? depth_key(depths[0]) : 0;  // any key: bits where keys differ differ from it
-#pragma omp parallel num_threads(threads)
+#pragma omp parallel num_threads(parts)
   {
     // Prepare and box each part; count its splats that reach a tile.
 #pragma omp for schedule(static)
@@ -141,7 +138,7 @@ Binner::Binner(const Inputs& in, const float* radii, const double* depths, const
     const auto ranks = static_cast<int64_t>(order_.size());
 #pragma omp for schedule(static)
     for (int64_t c = 0; c < parts; ++c) {
-      int64_t* counts = chunk_counts_.data() + c * tiles;
+      int64_t* counts = part_counts_.data() + c * tiles;
       for (int64_t k = part_start(ranks, c, parts); k < part_start(ranks, c + 1, parts); ++k) {
         const TileBox& b = boxes_[k] = boxes[order_[k]];
         first_slots_[k] = splat_offsets[order_[k]];
@@ -156,17 +153,17 @@ Binner::Binner(const Inputs& in, const float* radii, const double* depths, const
 
 void Binner::fill(int64_t* offsets, int32_t* ids, int32_t* slots) const {
   const Grid& g = grid_;
-  const int64_t tiles = g.num_tiles(), ranks = static_cast<int64_t>(order_.size()), parts = chunks_;
+  const int64_t tiles = g.num_tiles(), ranks = static_cast<int64_t>(order_.size()), parts = parts_;
   // Each part's first entry in each tile, behind the earlier (shallower) parts.
   std::vector<int64_t> cursors(parts * tiles);
   offsets[0] = 0;
   for (int64_t t = 0; t < tiles; ++t) {
     int64_t at = offsets[t];
-    for (int64_t c = 0; c < parts; ++c) cursors[c * tiles + t] = at, at += chunk_counts_[c * tiles + t];
+    for (int64_t c = 0; c < parts; ++c) cursors[c * tiles + t] = at, at += part_counts_[c * tiles + t];
     offsets[t + 1] = at;
   }
   // A splat's slots run row-major over its box, so its slot at tile (x, y) follows from the box alone.
-#pragma omp parallel for schedule(static) num_threads(threads_)
+#pragma omp parallel for schedule(static) num_threads(parts)
   for (int64_t c = 0; c < parts; ++c) {
     int64_t* cursor = cursors.data() + c * tiles;
     for (int64_t k = part_start(ranks, c, parts); k < part_start(ranks, c + 1, parts); ++k) {

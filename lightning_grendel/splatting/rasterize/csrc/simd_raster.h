@@ -41,9 +41,13 @@ struct Bins {
   const int64_t* splat_offsets;
 };
 
+// The start of part c of [0, n) cut into `parts` equal parts: the fixed split of the steps below that must
+// give the same result for any thread count.
+inline int64_t part_start(int64_t n, int64_t c, int64_t parts) { return n * c / parts; }
+
 // Preparation and binning in one pass plus a fill, so the caller can allocate the outputs in between.
-// Every step runs over `chunks` fixed parts of the splats (or of the depth ranks), one thread each, and
-// merges the parts in chunk order: the result is the same for any thread count.
+// Every step runs over one fixed part of the splats (or of the depth ranks) per thread and merges the
+// parts in order: the result is the same for any thread count.
 class Binner {
  public:
   // Writes the prepared splats to splats[0, in.n) and the slot offsets to splat_offsets[0, in.n].
@@ -53,14 +57,13 @@ class Binner {
   void fill(int64_t* offsets, int32_t* ids, int32_t* slots) const;
 
  private:
-  int64_t chunks_;
+  int64_t parts_;  // one per thread
   Grid grid_;
   std::vector<int32_t> order_;              // splats with a non-empty box, stable-sorted by depth
   std::vector<lgr_raster::TileBox> boxes_;  // boxes_[k]: the box of order_[k]
   std::vector<int64_t> first_slots_;        // first_slots_[k]: the first slot of order_[k]
-  std::vector<int64_t> chunk_counts_;       // [chunk][tile]: entries of the chunk's ranks in the tile
+  std::vector<int64_t> part_counts_;        // [part][tile]: entries of the part's ranks in the tile
   int64_t total_ = 0;
-  int threads_;
 };
 
 // Asks for splat id's constants and colour ahead of the window that will copy them: the window's loads
@@ -118,7 +121,7 @@ inline uint32_t row_spans(const SimdSplat& s, const lgr_raster::TileRect& r, con
 }
 
 // Writes image [rows, W, D], final transmittance and last contributor [rows, W]; returns blended pairs.
-// splats: prepare_splat of each input, as given to the Binner.
+// splats: as the Binner wrote them.
 int64_t forward(const Grid& g, const Bins& bins, const SimdSplat* splats, const Inputs& in, float* image,
                 float* final_t, int32_t* last, int threads);
 
