@@ -9,10 +9,11 @@ median 7 px, 10% over 18 px), like a trained 3DGS scene; the same pixel sizes at
 Each configuration runs in a fresh process that loads the scene from a file; peak memory is the growth
 of that process's maximum resident set size (``ru_maxrss``) while rasterizing, i.e. what rendering
 adds on top of the inputs. Speedups compare against the torch backend with 2 threads, timed once;
-cpp is timed after one warm-up run (median of 3, 1 with ``--quick``). ``--quick`` (about a minute)
-keeps only 100k / 400x400 and estimates the torch time from every 5th tile row, one call per strip,
-so the estimate also pays torch's binning of all splats five times and overstates its time somewhat.
-Blended pairs are the (Gaussian, pixel) pairs the forward actually composites. ``cpp-scalar`` is the
+cpp is timed after two warm-up runs (median of 7, 3 with ``--quick``): training calls the kernels thousands
+of times, so the steady state is what a step costs, and a median of several runs damps a noisy host.
+``--quick`` (about a minute) keeps only 100k / 400x400 and estimates the torch time from every 5th tile
+row, one call per strip, so the estimate also pays torch's binning of all splats five times and overstates
+its time somewhat. Blended pairs are the (Gaussian, pixel) pairs the forward actually composites. ``cpp-scalar`` is the
 scalar kernel (``csrc/rasterize.cpp``, the fallback and reference), ``cpp-simd`` the vectorised one that
 ``backend="cpp"`` runs on float32. The ceiling is a minimal vectorised exp + blend loop (the simd
 kernel's own ``fast_exp``, no binning, no memory traffic, no backward) timed on the same machine.
@@ -48,6 +49,7 @@ QUICK_SIZES = [(100_000, 400)]
 QUICK_TORCH_STRIPS = 5
 CEILING_PAIRS_PER_THREAD = 400_000_000
 KERNELS = {"cpp-scalar": "scalar", "cpp-simd": "simd"}  # benchmark label -> rasterize_cpp(impl=...)
+CPP_WARMUP_RUNS = 2  # the first calls fault in the kernels' scratch memory
 TORCH_MAX_GAUSSIANS = 100_000  # torch's autograd memory grows with splat-tile pairs: ~7 GiB at 100k / 400x400
 
 
@@ -97,7 +99,7 @@ def render(params: dict, size: int, backend: str, row_start: int, row_end: int) 
 
 
 def time_backend(splats: dict, size: int, backend: str, repeats: int, strips: int = 1) -> float:
-    """Median seconds of one forward+backward; the cpp backend gets one untimed warm-up run first.
+    """Median seconds of one forward+backward; the cpp backend gets untimed warm-up runs first.
 
     With ``strips`` > 1 only the middle tile row of every ``strips`` 16-pixel tile rows is rendered (one
     call per row) and the sum is scaled by ``strips``: an estimate for a backend too slow to time on the whole image.
@@ -106,7 +108,7 @@ def time_backend(splats: dict, size: int, backend: str, repeats: int, strips: in
     first = 16 * (strips // 2)  # the middle tile row of each group of ``strips``
     ranges = [(row, min(row + 16, size)) for row in range(first, size, 16 * strips)] if strips > 1 else [(0, size)]
     times = []
-    warmup = 1 if backend in KERNELS else 0  # the torch backend takes minutes and has nothing to warm up
+    warmup = CPP_WARMUP_RUNS if backend in KERNELS else 0  # the torch backend takes minutes and has nothing to warm up
     for _ in range(repeats + warmup):
         start = time.perf_counter()
         for row_start, row_end in ranges:
@@ -151,7 +153,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="100k / 400x400 only, torch estimated from strips")
     args = parser.parse_args()
     sizes = QUICK_SIZES if args.quick else FULL_SIZES
-    repeats = 1 if args.quick else 3
+    repeats = 3 if args.quick else 7
     if load_extension() is None:
         raise SystemExit("the C++ rasterizer did not build; see the warning above")
 

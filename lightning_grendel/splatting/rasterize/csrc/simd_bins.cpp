@@ -139,9 +139,13 @@ Binner::Binner(const Inputs& in, const float* radii, const double* depths, const
 #pragma omp for schedule(static)
     for (int64_t c = 0; c < parts; ++c) {
       int64_t* counts = part_counts_.data() + c * tiles;
-      for (int64_t k = part_start(ranks, c, parts); k < part_start(ranks, c + 1, parts); ++k) {
-        const TileBox& b = boxes_[k] = boxes[order_[k]];
+      const int64_t k0 = part_start(ranks, c, parts), k1 = part_start(ranks, c + 1, parts);
+      for (int64_t k = k0; k < k1; ++k) {  // a gather on its own: its cache misses overlap
+        boxes_[k] = boxes[order_[k]];
         first_slots_[k] = splat_offsets[order_[k]];
+      }
+      for (int64_t k = k0; k < k1; ++k) {
+        const TileBox& b = boxes_[k];
         for (int32_t y = b.y0; y < b.y1; ++y) {
           int64_t* row = counts + (y - g.tile_row_start) * g.tiles_x;
           for (int32_t x = b.x0; x < b.x1; ++x) ++row[x];
