@@ -7,9 +7,10 @@
 #   grendel  the grendel_gpu.yaml recipe on one GPU (NCCL), a few steps with a validation pass
 #   train    blender.yaml at 800 px with the gsplat backend, 2000 steps (or what fits), then test
 # Prepare here first: bash benchmarks/prepare_gpu_carry.sh (fills the git-ignored gpu_carry/).
-# Logs and results.md land in $OUT (8 files: the device returns no more). Each step runs in its own
-# shell under a timeout cut to what is left of GPU_CHECK_BUDGET_S; a failed step does not stop the
-# later ones, and the script exits 1 naming every step that failed.
+# $OUT gets results.md, logs.txt (every step's log) and the gsplat wheel built there (the device returns
+# at most 8 files): put that wheel in gpu_carry/wheels and a later call installs it instead of building.
+# Each step runs in its own shell under a timeout cut to what is left of GPU_CHECK_BUDGET_S; a failed
+# step does not stop the later ones, and the script exits 1 naming every step that failed.
 # Local dry runs: GPU_CHECK_ONLY="bench train" and the GPU_CHECK_TRAIN_* / GPU_CHECK_BENCH_ARGS overrides.
 set -euo pipefail
 
@@ -19,7 +20,7 @@ CARRY=${GPU_CARRY:-$REPO/gpu_carry}
 WHEELS=$CARRY/wheels
 DATA=$CARRY/data/nerf_synthetic_blocks
 STATE=${GPU_CHECK_STATE:-/tmp/gpu_check_state}
-BUDGET_S=${GPU_CHECK_BUDGET_S:-540}
+BUDGET_S=${GPU_CHECK_BUDGET_S:-500}
 PY=${PYTHON:-python3}
 STEPS=(env install build pytest bench grendel train)
 
@@ -70,18 +71,25 @@ import lightning_grendel; print("imports ok; jsonargparse", jsonargparse.__versi
 }
 
 step_build() {
-  local src=/tmp/gsplat-src std began
-  rm -rf "$src" && mkdir -p "$src"
-  tar xzf "$WHEELS"/gsplat-*.tar.gz -C "$src"
-  src=$(echo "$src"/gsplat-*)
-  # gsplat 1.5.3 asks nvcc for C++17; torch headers that need C++20 (torch's own flag) fail under it.
-  std=$("$PY" -c 'import inspect, torch.utils.cpp_extension as c; print("c++20" if "-std=c++20" in inspect.getsource(c) else "c++17")')
-  if [[ $std == c++20 ]]; then sed -i 's/-std=c++17/-std=c++20/' "$src/setup.py"; note "gsplat built with -std=c++20 (torch needs it)"; fi
+  local src=/tmp/gsplat-src std began built=/tmp/gsplat-wheel
   "$PY" -m lightning_grendel.splatting.rasterize.build >"$STATE/cpp_build.log" 2>&1 &
   local cpp_pid=$!
-  began=$SECONDS
-  "$PY" -m pip install -v --no-index --no-deps --no-build-isolation "$src"
-  result gpu.gsplat_build_s $((SECONDS - began))
+  if compgen -G "$WHEELS/gsplat-*.whl" >/dev/null; then  # built by an earlier call and carried back
+    note "gsplat: carried wheel $(basename "$WHEELS"/gsplat-*.whl), not rebuilt"
+    "$PY" -m pip install --no-index --no-deps "$WHEELS"/gsplat-*.whl
+  else
+    rm -rf "$src" "$built" && mkdir -p "$src" "$built"
+    tar xzf "$WHEELS"/gsplat-*.tar.gz -C "$src"
+    src=$(echo "$src"/gsplat-*)
+    # gsplat 1.5.3 asks nvcc for C++17; torch headers that need C++20 (torch's own flag) fail under it.
+    std=$("$PY" -c 'import inspect, torch.utils.cpp_extension as c; print("c++20" if "-std=c++20" in inspect.getsource(c) else "c++17")')
+    if [[ $std == c++20 ]]; then sed -i 's/-std=c++17/-std=c++20/' "$src/setup.py"; note "gsplat built with -std=c++20 (torch needs it)"; fi
+    began=$SECONDS
+    "$PY" -m pip wheel -v --no-index --no-deps --no-build-isolation -w "$built" "$src"
+    result gpu.gsplat_build_s $((SECONDS - began))
+    "$PY" -m pip install --no-index --no-deps "$built"/gsplat-*.whl
+    cp "$built"/gsplat-*.whl "$OUT"/ && note "wheel to \$OUT: $(du -h "$built"/gsplat-*.whl | cut -f1)"
+  fi
   local cpp_rc=0
   wait "$cpp_pid" || cpp_rc=$?
   echo "--- C++ rasterizer build (beside it) ---"; cat "$STATE/cpp_build.log"
@@ -182,6 +190,7 @@ write_table() {
     cat "$STATE/results.txt" 2>/dev/null || true
     echo '```'
   } >"$table.tmp" && mv "$table.tmp" "$table"
+  for log in "$STATE"/logs/*.log; do echo "===== $(basename "$log")"; cat "$log"; done >"$OUT/logs.txt" 2>/dev/null || true
   cat "$table"
 }
 
@@ -189,7 +198,7 @@ run_step() {  # run_step NAME CAP_S RESERVE_S: at most CAP_S, leaving RESERVE_S 
   local name=$1 cap=$2 reserve=$3 index=$4 left limit rc began
   left=$((START + BUDGET_S - SECONDS - reserve))
   limit=$((cap < left ? cap : left))
-  local log=$OUT/${index}_${name}.log
+  local log=$STATE/logs/${index}_${name}.log
   if ((limit < 15)); then
     echo "SKIPPED (no time left)" >"$STATE/status_$name"; echo 0 >"$STATE/seconds_$name"; FAILED+=("$name"); return
   fi
@@ -215,12 +224,12 @@ fi
 
 START=$SECONDS
 FAILED=()
-rm -rf "$STATE" && mkdir -p "$STATE" "$OUT"
+rm -rf "$STATE" && mkdir -p "$STATE/logs" "$OUT"
 trap write_table EXIT
 only=" ${GPU_CHECK_ONLY:-${STEPS[*]}} "
 #        name     cap reserve
-plan=("env     30  480" "install 90  420" "build   330 200" "pytest  180 130"
-      "bench   90  90" "grendel 60  70" "train   420 5")
+plan=("env     30  460" "install 90  420" "build   300 180" "pytest  180 120"
+      "bench   120 90" "grendel 60  60" "train   420 5")
 index=1
 for entry in "${plan[@]}"; do
   read -r name cap reserve <<<"$entry"

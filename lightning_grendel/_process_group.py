@@ -29,6 +29,15 @@ from torch import Tensor
 StartMethod = Literal["popen", "spawn", "fork", "forkserver"]
 
 
+def init_backend(backend: str) -> str:
+    """The backend string the process group is made with: plain NCCL gets gloo beside it for CPU tensors.
+
+    Some small collectives carry CPU tensors (render counts, balancer timings, Gaussian counts), and an
+    NCCL-only group refuses those; ``"cpu:gloo,cuda:nccl"`` routes each tensor by its device.
+    """
+    return "cpu:gloo,cuda:nccl" if backend == "nccl" else backend
+
+
 def leave_process_group() -> None:
     """Wait for every rank, then destroy the default process group.
 
@@ -125,7 +134,7 @@ class ProcessGroupStrategy(ParallelStrategy):
         kwargs: dict[str, Any] = {"timeout": self._timeout}
         if self.root_device.type != "cpu":
             kwargs["device_id"] = self.root_device
-        _init_dist_connection(self.cluster_environment, self._process_group_backend, **kwargs)
+        _init_dist_connection(self.cluster_environment, init_backend(self._process_group_backend), **kwargs)
 
     def model_to_device(self) -> None:
         assert self.model is not None

@@ -7,7 +7,7 @@ from datetime import timedelta
 import pytest
 import torch.distributed as dist
 
-from lightning_grendel._process_group import _LeaveTogetherLauncher, leave_process_group
+from lightning_grendel._process_group import _LeaveTogetherLauncher, init_backend, leave_process_group
 from lightning_grendel.splatting.grendel import GrendelStrategy
 
 
@@ -26,3 +26,9 @@ def test_spawned_workers_use_the_launcher_that_leaves_together(start_method):
     strategy.cluster_environment = object()
     strategy._configure_launcher()
     assert isinstance(strategy.launcher, _LeaveTogetherLauncher)
+
+
+def test_nccl_groups_get_gloo_beside_them_for_cpu_tensors():
+    assert init_backend("nccl") == "cpu:gloo,cuda:nccl"  # an NCCL-only group refuses CPU collectives
+    assert init_backend("gloo") == "gloo"
+    assert init_backend("cpu:gloo,cuda:nccl") == "cpu:gloo,cuda:nccl"

@@ -141,7 +141,7 @@ def _receive_device(local: torch.Tensor | None) -> torch.device:
     """Where this rank's destination shard lives: NCCL moves only CUDA tensors, gloo CPU ones."""
     if local is not None:
         return local.device
-    if dist.get_backend() == "nccl":
+    if "nccl" in dist.get_backend():  # "nccl", or "cpu:gloo,cuda:nccl"
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 

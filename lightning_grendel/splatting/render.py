@@ -17,14 +17,18 @@ from torch import Tensor
 from lightning_grendel.splatting.cameras import Cameras
 from lightning_grendel.splatting.fused_projection import fused_projection_available, project_and_shade
 from lightning_grendel.splatting.gaussians import activated_opacities, activated_scales, sh_coefficients
+from lightning_grendel.splatting.gsplat_projection import gsplat_projection_available, project_and_shade_gsplat
 from lightning_grendel.splatting.projection import RasterizeMode, project_gaussians
 from lightning_grendel.splatting.rasterize import Splats, rasterize
 from lightning_grendel.splatting.sh import sh_to_rgb
 
+Projection = Literal["auto", "torch", "cpp", "gsplat"]
+PROJECTIONS = ("auto", "torch", "cpp", "gsplat")
+
 
 def splat_gaussians(
     params: dict[str, Tensor], cameras: Cameras, sh_degree: int, rasterize_mode: RasterizeMode = "classic",
-    absgrad: bool = False, projection: Literal["auto", "torch", "cpp"] = "auto",
+    absgrad: bool = False, projection: Projection = "auto",
 ) -> Splats:
     """Project Gaussians onto every camera and evaluate their view-dependent colour: splats [C, N, ...].
 
@@ -38,19 +42,27 @@ def splat_gaussians(
         sh_degree: SH degree 0..3 of the colours.
         rasterize_mode: ``"classic"`` or ``"antialiased"``.
         absgrad: whether to add the ``absgrad_probe`` leaf.
-        projection: ``"cpp"`` the fused C++ projection + SH colour (an error where it does not apply),
-            ``"torch"`` the reference ``project_gaussians`` + ``sh_to_rgb``, ``"auto"`` the first where
-            :func:`~.fused_projection.fused_projection_available` holds, else the second.
+        projection: ``"cpp"`` the fused C++ projection + SH colour on the CPU, ``"gsplat"`` gsplat's
+            fused CUDA kernels (:mod:`~.gsplat_projection`), ``"torch"`` the reference
+            ``project_gaussians`` + ``sh_to_rgb``; ``"auto"`` the fused one that applies to the
+            inputs, else the reference. Naming one that does not apply is an error.
     """
-    if projection not in ("auto", "torch", "cpp"):
-        raise ValueError(f"projection must be 'auto', 'torch' or 'cpp', got {projection!r}")
+    if projection not in PROJECTIONS:
+        raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
     means, quats = params["means"], params["quats"]
     scales, coefficients = activated_scales(params), sh_coefficients(params)
-    use_cpp = projection != "torch" and fused_projection_available(means, quats, scales, coefficients, cameras)
+    use_cpp = projection in ("auto", "cpp") and fused_projection_available(means, quats, scales, coefficients, cameras)
+    use_gsplat = projection in ("auto", "gsplat") and not use_cpp and gsplat_projection_available(means, cameras)
     if projection == "cpp" and not use_cpp:
         raise ValueError("projection='cpp' needs CPU float32/float64 inputs, constant cameras and the built extension")
+    if projection == "gsplat" and not use_gsplat:
+        raise ValueError("projection='gsplat' needs float32 CUDA inputs, constant cameras and gsplat installed")
     if use_cpp:
         projected, colors = project_and_shade(means, quats, scales, coefficients, cameras, sh_degree, rasterize_mode)
+    elif use_gsplat:
+        projected, colors = project_and_shade_gsplat(
+            means, quats, scales, coefficients, cameras, sh_degree, rasterize_mode
+        )
     else:
         projected = project_gaussians(means, quats, scales, cameras, rasterize_mode)
         directions = means[None] - cameras.centers.to(means.dtype)[:, None]
@@ -93,16 +105,18 @@ class RenderResult:
 class SingleProcessRenderer:
     """Renders every row of every view in this process (a :class:`~.protocols.Renderer`)."""
 
-    def __init__(self, backend: str = "auto", rasterize_mode: RasterizeMode = "classic") -> None:
+    def __init__(self, backend: str = "auto", rasterize_mode: RasterizeMode = "classic",
+                 projection: Projection = "auto") -> None:
         self.backend = backend
         self.rasterize_mode = rasterize_mode
+        self.projection = projection
         self.last_stats: dict[str, float] = {}
 
     def __call__(
         self, params: dict[str, Tensor], cameras: Cameras, sh_degree: int, background: Tensor, halo: int = 0,
         absgrad: bool = False,
     ) -> RenderResult:
-        splats = splat_gaussians(params, cameras, sh_degree, self.rasterize_mode, absgrad)
+        splats = splat_gaussians(params, cameras, sh_degree, self.rasterize_mode, absgrad, self.projection)
         if splats.means2d.requires_grad:
             splats.means2d.retain_grad()
         width, height = cameras.width, cameras.height

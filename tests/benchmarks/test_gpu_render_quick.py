@@ -20,9 +20,10 @@ def test_gpu_render_quick_on_cpu_reports_our_time_and_says_why_gsplat_is_skipped
     result = subprocess.run(command, capture_output=True, text=True, timeout=100, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     values = dict(line.split(" ", 1)[1].split("=") for line in result.stdout.splitlines() if line.startswith("RESULT "))
-    assert set(values) == {"gpu.ms_ours"} and float(values["gpu.ms_ours"]) > 0
+    assert set(values) == {"gpu.ms_ours", "gpu.ms_ours_torch_projection"}
+    assert all(float(value) > 0 for value in values.values())
     assert "gsplat comparison skipped: device is cpu" in result.stdout
-    assert "| ours (torch) |" in result.stdout
+    assert "| ours (torch) |" in result.stdout and "| ours (torch, torch projection) |" in result.stdout
 
 
 @pytest.mark.timeout(60)
