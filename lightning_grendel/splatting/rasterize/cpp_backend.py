@@ -9,7 +9,8 @@ Two kernels share the binning rules, the per-row pixel spans and the per-pixel t
 (``csrc/rasterize.cpp``: one pixel at a time, transmittance and colour in double; any float dtype, the
 reference) and ``simd`` (``csrc/simd_*.cpp``: lane groups of 8 pixels on AVX2, 16 on AVX-512, float32, a
 polynomial exp within 2^-22 relative). The default ``impl="auto"`` runs ``simd`` on float32 and
-``scalar`` on float64: ``simd`` is 3.5-4.3x faster at 100k Gaussians / 400x400 on 2 cores (docs/results/rasterizer.md).
+``scalar`` on float64: at 100k Gaussians / 400x400 on 2 cores ``simd`` is 4.4-4.9x faster with AVX-512 and
+3.5-4.3x with AVX2 (docs/results/rasterizer.md).
 """
 
 from __future__ import annotations
