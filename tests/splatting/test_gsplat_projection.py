@@ -4,6 +4,7 @@ The real kernels are checked against the reference in ``test_cuda_paths.py`` on 
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import types
 
@@ -13,6 +14,8 @@ import torch
 from lightning_grendel.splatting.gaussians import activated_scales, sh_coefficients
 from lightning_grendel.splatting.gsplat_projection import project_and_shade_gsplat
 from lightning_grendel.splatting.projection import project_gaussians
+from lightning_grendel.splatting.rasterize import rasterize
+from lightning_grendel.splatting.render import splat_gaussians
 from lightning_grendel.splatting.sh import num_sh_bases, sh_bases, sh_to_rgb
 from tests.helpers.scenes import orbit_cameras, random_gaussians
 
@@ -66,3 +69,36 @@ def test_glue_gives_the_reference_splats_with_zeroed_culled_pairs(monkeypatch, r
     directions = means[None] - cameras.centers[:, None]
     torch.testing.assert_close(colors, sh_to_rgb(2, coefficients[None], directions))
     assert projected.compensations is None if rasterize_mode == "classic" else projected.compensations is not None
+
+
+def _gsplat_style_radii(splats, width: int, height: int):
+    """gsplat 1.5's culling and tile radius (3.33 sigma per axis, the larger axis) from the reference splats."""
+    a_inv, b_inv, c_inv = splats.conics.detach().unbind(-1)
+    det_inv = a_inv * c_inv - b_inv * b_inv
+    radius_x, radius_y = torch.ceil(3.33 * (c_inv / det_inv).sqrt()), torch.ceil(3.33 * (a_inv / det_inv).sqrt())
+    x, y = splats.means2d.detach().unbind(-1)
+    on_image = (x + radius_x > 0) & (x - radius_x < width) & (y + radius_y > 0) & (y - radius_y < height)
+    return torch.where((splats.depths > 0.01) & on_image, torch.maximum(radius_x, radius_y), 0).to(torch.int32)
+
+
+def test_gsplat_radius_convention_stays_inside_the_cuda_tests_tolerances():
+    """test_cuda_paths compares gsplat-projected renders with the reference at 2e-4 (image) and 1e-3 / 5e-4
+    (gradients): the change of tile radius alone, on that test's scene, must fit inside those bounds."""
+    raw = random_gaussians(2000, seed=3, sh_degree=3)
+    raw["scales"] = raw["scales"] - 0.5
+    cameras = orbit_cameras(1, 96, 80)
+    background = torch.tensor([0.1, 0.2, 0.3])
+    renders = {}
+    for convention in ("reference", "gsplat"):
+        params = {k: v.clone().requires_grad_(True) for k, v in raw.items()}
+        splats = splat_gaussians(params, cameras, 3, projection="torch")
+        if convention == "gsplat":
+            splats = dataclasses.replace(splats, radii=_gsplat_style_radii(splats, 96, 80))
+        image = rasterize(*splats.camera(0).tensors(), 96, 80, background, backend="torch")
+        (image * torch.rand(image.shape, generator=torch.Generator().manual_seed(4))).sum().backward()
+        renders[convention] = image.detach(), {k: p.grad for k, p in params.items()}, splats.radii
+    (ref_image, ref_grads, ref_radii), (image, grads, radii) = renders["reference"], renders["gsplat"]
+    assert not torch.equal(radii, ref_radii)  # the conventions do differ on this scene
+    torch.testing.assert_close(image, ref_image, rtol=0, atol=2e-4)
+    for name, ref in ref_grads.items():
+        torch.testing.assert_close(grads[name], ref, rtol=1e-3, atol=5e-4 * ref.abs().max().item(), msg=name)
