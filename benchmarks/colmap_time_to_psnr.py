@@ -7,12 +7,14 @@ process, on ``colmap_blocks``:
 - ``before``: the code as it was when the issue was filed, emulated for that run only: the C++
   rasterizer's ``scalar`` kernel (``rasterize_cpp(..., impl="scalar")`` in ``BACKENDS["cpp"]``) and the
   PyTorch SSIM loss (``losses.fused_loss_available`` answers False) and the PyTorch projection + SH
-  colour (``render.fused_projection_available`` answers False, i.e. ``projection="torch"``);
-- ``after``: today's defaults (``impl="auto"``, the vectorised kernel on float32, the fused C++ loss and
-  the fused C++ projection + SH colour).
+  colour (``render.fused_projection_available`` answers False, i.e. ``projection="torch"``) and torch's
+  default Adam (``fused`` left unset: its for-loop step on the CPU);
+- ``after``: today's defaults (``impl="auto"``, the vectorised kernel on float32, the fused C++ loss,
+  the fused C++ projection + SH colour and the fused Adam step).
 
 Which kernels ran is counted in each run (autograd Function calls of either rasterizer kernel, calls of
-either loss) and checked: a run that used the wrong ones stops the script. The training clock is
+either loss, either projection and either Adam step function) and checked: a run that used the wrong
+ones stops the script. The training clock is
 ``training_backends.PSNRProbe``'s: it starts after the first step (one-off start-up costs), pauses
 while the test views are rendered every ``--probe-seconds``, so the time to target is known to within
 one probe interval. Its ``on_train_end`` probes the last step too where training ended between probes,
@@ -42,6 +44,7 @@ import lightning as L
 import torch
 import yaml
 from opensplat import step_parts
+from torch.optim import adam as torch_adam  # the module whose step functions Adam calls
 from training_backends import PSNRProbe, first_reaching
 
 from lightning_grendel.splatting import fused_projection, losses, rasterize, render
@@ -62,18 +65,29 @@ COUNTED = (
     (losses, "fused_strip_loss", "fused_ssim_loss"),
     (render, "project_gaussians", "torch_projection"),
     (fused_projection._FusedProjection, "apply", "fused_projection"),
+    (torch_adam, "_single_tensor_adam", "default_adam"),
+    (torch_adam, "_fused_adam", "fused_adam"),
 )
-EXPECTED = {"before": ("scalar_rasterizer", "torch_ssim_loss", "torch_projection"),
-            "after": ("simd_rasterizer", "fused_ssim_loss", "fused_projection")}
+EXPECTED = {"before": ("scalar_rasterizer", "torch_ssim_loss", "torch_projection", "default_adam"),
+            "after": ("simd_rasterizer", "fused_ssim_loss", "fused_projection", "fused_adam")}
+
+
+KERNEL_COLUMNS = {"before": "scalar | torch | torch | default", "after": "simd (auto) | fused C++ | fused C++ | fused"}
 
 
 @contextlib.contextmanager
 def issue_15_code() -> Iterator[None]:
-    """The scalar rasterizer kernel, the PyTorch SSIM loss and the PyTorch projection, undone on exit."""
+    """The scalar rasterizer kernel, the PyTorch SSIM loss and projection and the default Adam, undone on exit."""
     scalar = functools.partial(cpp_backend.rasterize_cpp, impl="scalar")
+    adam = torch.optim.Adam
+
+    def default_adam(*args: object, **kwargs: object) -> torch.optim.Adam:
+        return adam(*args, **{**kwargs, "fused": None})
+
     with mock.patch.dict(rasterize.BACKENDS, {"cpp": scalar}), \
             mock.patch.object(losses, "fused_loss_available", lambda image, target: False), \
-            mock.patch.object(render, "fused_projection_available", lambda *tensors: False):
+            mock.patch.object(render, "fused_projection_available", lambda *tensors: False), \
+            mock.patch.object(torch.optim, "Adam", default_adam):
         yield
 
 
@@ -149,16 +163,16 @@ def main() -> None:
     height = views["image"].shape[1]
     print(f"\ncolmap recipe at {width}x{height}, {args.threads} threads, target test PSNR {args.target} dB "
           f"(mean of {len(views['image'])} test views); steps and seconds are after the first step, without probes")
-    print("| run | rasterizer | SSIM loss | projection + SH | steps | training s | test PSNR reached | s / step "
-          "| reached target at |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| run | rasterizer | SSIM loss | projection + SH | Adam | steps | training s | test PSNR reached "
+          "| s / step | reached target at |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     seconds_to_target: dict[str, float | None] = {}
     for name, probe in runs.items():
         steps, seconds, _ = probe.history[-1]
         hit = first_reaching(probe.history, args.target)
         seconds_to_target[name] = hit[1] if hit else None
         when = f"step {hit[0]}, {hit[1]:.1f} s" if hit else f"not reached in {seconds:.1f} s"
-        kernels = "scalar | torch | torch" if name == "before" else "simd (auto) | fused C++ | fused C++"
+        kernels = KERNEL_COLUMNS[name]
         print(f"| {name} | {kernels} | {steps} | {seconds:.1f} | {max(v for *_, v in probe.history):.2f} | "
               f"{seconds / max(steps, 1):.3f} | {when} |")
     for name, seconds in seconds_to_target.items():

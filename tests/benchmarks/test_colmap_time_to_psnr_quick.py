@@ -44,6 +44,8 @@ def test_colmap_time_to_psnr_quick_reports_both_runs_on_their_kernels(shared_dat
     assert after["scalar_rasterizer"] == 0 and after["torch_ssim_loss"] == 0
     assert before["torch_projection"] > 0 and before["fused_projection"] == 0
     assert after["fused_projection"] > 0 and after["torch_projection"] == 0
+    assert before["default_adam"] > 0 and before["fused_adam"] == 0
+    assert after["fused_adam"] > 0 and after["default_adam"] == 0
     rows = [line for line in result.stdout.splitlines() if line.startswith(("| before ", "| after "))]
     assert len(rows) == 2
 

@@ -17,7 +17,7 @@ from lightning_grendel.splatting.densify import Densifier, DensifyConfig
 from lightning_grendel.splatting.gaussians import make_parameters
 from lightning_grendel.splatting.losses import image_loss
 from lightning_grendel.splatting.module import GaussianSplattingModule
-from lightning_grendel.splatting.param_surgery import moments_of
+from lightning_grendel.splatting.param_surgery import moments_of, select_rows
 from lightning_grendel.splatting.render import SingleProcessRenderer
 from tests.helpers.paths import REPO_ROOT
 from tests.helpers.scenes import orbit_cameras, random_gaussians
@@ -89,6 +89,7 @@ class _RecordOptimizer(Callback):
         self.betas = group["sh0"]["betas"]
         self.eps = group["sh0"]["eps"]
         self.extent = pl_module.extent
+        self.fused = trainer.optimizers[0].defaults["fused"]
 
 
 @pytest.mark.timeout(300)
@@ -106,6 +107,30 @@ def test_batch_scaling_sets_adam_hyperparameters(mode, factor, tmp_path):
     assert record.betas == pytest.approx(expected_betas)
     assert record.eps == pytest.approx(1e-15 / factor)
     assert record.lr["means"] == pytest.approx(1.6e-4 * record.extent * factor)
+    assert record.fused  # one fused pass per parameter on the CPU
+
+
+def test_fused_adam_follows_the_default_adam_through_densification():
+    """The module's fused Adam against torch's default one, with rows pruned and reordered mid-run."""
+    raw = random_gaussians(40, seed=7, sh_degree=1)
+    runs = {}
+    for fused in (False, True):
+        params = make_parameters({k: v.clone() for k, v in raw.items()})  # steps update the tensors in place
+        optimizer = torch.optim.Adam([{"params": [p], "name": k, "lr": 0.01} for k, p in params.items()],
+                                     eps=1e-15, fused=fused)
+        g = torch.Generator().manual_seed(8)
+        for step in range(6):
+            for param in params.values():
+                param.grad = torch.randn(param.shape, generator=g)
+            optimizer.step()
+            if step == 2:
+                select_rows(params, optimizer, torch.arange(39, 4, -1))  # drop five rows, reverse the rest
+        runs[fused] = {k: v.detach() for k, v in params.items()}, moments_of(params, optimizer)
+    (params, moments), (fused_params, fused_moments) = runs[False], runs[True]
+    for key, value in params.items():
+        torch.testing.assert_close(fused_params[key], value, rtol=1e-6, atol=1e-7, msg=key)
+        for name, moment in moments[key].items():
+            torch.testing.assert_close(fused_moments[key][name], moment, rtol=1e-6, atol=1e-9, msg=f"{key} {name}")
 
 
 @pytest.mark.timeout(600)
