@@ -2,8 +2,8 @@
 
 Usage: ``python benchmarks/optimizer.py [--gaussians 120000] [--sh-degree 3] [--threads 2] [--quick]``.
 
-The parameters are laid out as ``GaussianSplattingModule`` holds them (means, log-scales, quaternions,
-opacity logits, SH DC and the higher bands, one parameter group each), with random gradients. Both
+The parameters are the module's own (``init_from_points`` + ``make_parameters``: means, log-scales,
+quaternions, opacity logits, SH DC and the higher bands, one parameter group each), with random gradients. Both
 optimizers step the same parameters in one process, alternately, after warm-up steps; each time is the
 median of ``--repeats``. The module uses the fused step wherever its parameters are on the CPU or CUDA.
 Prints a table and ``RESULT`` lines.
@@ -17,16 +17,17 @@ import time
 
 import torch
 
-from lightning_grendel.splatting.sh import num_sh_bases
+from lightning_grendel.splatting.gaussians import init_from_points, make_parameters
 
 WARMUP = 3
 
 
 def gaussian_parameters(count: int, sh_degree: int, seed: int = 0) -> list[torch.nn.Parameter]:
-    """The module's six raw parameter tensors for ``count`` Gaussians, each with a random gradient."""
+    """The module's raw parameters (``init_from_points`` + ``make_parameters``) of ``count`` random
+    Gaussians, each with a random gradient."""
     g = torch.Generator().manual_seed(seed)
-    shapes = [(count, 3), (count, 3), (count, 4), (count,), (count, 1, 3), (count, num_sh_bases(sh_degree) - 1, 3)]
-    params = [torch.nn.Parameter(torch.randn(shape, generator=g)) for shape in shapes]
+    raw = init_from_points(torch.rand(count, 3, generator=g), torch.rand(count, 3, generator=g), sh_degree)
+    params = list(make_parameters(raw).values())
     for param in params:
         param.grad = torch.randn(param.shape, generator=g)
     return params

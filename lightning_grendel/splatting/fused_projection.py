@@ -17,7 +17,7 @@ from torch.autograd.function import once_differentiable
 
 from lightning_grendel.splatting.cameras import Cameras
 from lightning_grendel.splatting.cpp_build import load_cpp_extension
-from lightning_grendel.splatting.projection import Projected, RasterizeMode
+from lightning_grendel.splatting.projection import Projected, RasterizeMode, check_rasterize_mode
 
 EXTENSION_NAME = "lightning_grendel_project"
 SOURCE = Path(__file__).resolve().parent / "csrc" / "project.cpp"
@@ -92,8 +92,7 @@ def project_and_shade(
     Returns:
         The :class:`Projected` splats [C, N, ...] and the colours [C, N, 3].
     """
-    if rasterize_mode not in ("classic", "antialiased"):
-        raise ValueError(f"rasterize_mode must be 'classic' or 'antialiased', got {rasterize_mode!r}")
+    check_rasterize_mode(rasterize_mode)
     dtype = means.dtype
     camera_tensors = tuple(
         t.to(dtype).contiguous() for t in (cameras.world_to_camera, cameras.intrinsics, cameras.centers.to(dtype))

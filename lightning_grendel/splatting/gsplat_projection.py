@@ -12,13 +12,12 @@ instead of gsplat's unwritten memory, so their values are finite and no gradient
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 from torch import Tensor
 
 from lightning_grendel.splatting.cameras import Cameras
-from lightning_grendel.splatting.projection import LOW_PASS, NEAR_PLANE, Projected, RasterizeMode
+from lightning_grendel.splatting.projection import LOW_PASS, NEAR_PLANE, Projected, RasterizeMode, check_rasterize_mode
+from lightning_grendel.splatting.rasterize import gsplat_available
 
 
 def gsplat_projection_available(means: Tensor, cameras: Cameras) -> bool:
@@ -31,8 +30,7 @@ def gsplat_projection_available(means: Tensor, cameras: Cameras) -> bool:
     camera_tensors = (cameras.world_to_camera, cameras.intrinsics)
     on_cuda = means.device.type == "cuda" and all(t.device.type == "cuda" for t in camera_tensors)
     constant_cameras = not any(t.requires_grad for t in camera_tensors)
-    return (on_cuda and means.dtype == torch.float32 and constant_cameras
-            and importlib.util.find_spec("gsplat") is not None)
+    return on_cuda and means.dtype == torch.float32 and constant_cameras and gsplat_available()
 
 
 def project_and_shade_gsplat(
@@ -44,8 +42,7 @@ def project_and_shade_gsplat(
     Arguments and results as :func:`~.fused_projection.project_and_shade` (the CPU op); call only where
     :func:`gsplat_projection_available` holds.
     """
-    if rasterize_mode not in ("classic", "antialiased"):
-        raise ValueError(f"rasterize_mode must be 'classic' or 'antialiased', got {rasterize_mode!r}")
+    check_rasterize_mode(rasterize_mode)
     from gsplat import fully_fused_projection, spherical_harmonics
 
     antialiased = rasterize_mode == "antialiased"

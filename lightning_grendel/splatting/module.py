@@ -191,7 +191,7 @@ class GaussianSplattingModule(LightningModule):
         ]
         # One fused pass per parameter instead of about eight elementwise ops: on 2 CPU cores the step
         # of 120k Gaussians at SH degree 3 is about 6x faster (benchmarks/optimizer.py, docs/results).
-        fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in self.gaussians.values())
+        fused = all(p.device.type in ("cpu", "cuda") for p in self.gaussians.values())
         return torch.optim.Adam(groups, betas=betas, eps=eps, fused=fused)
 
     def means_learning_rate(self, images: int) -> float:

@@ -16,6 +16,12 @@ FOV_CLAMP_MARGIN = 0.3  # the Jacobian is evaluated no further than 1.3 x tan(fo
 RasterizeMode = Literal["classic", "antialiased"]
 
 
+def check_rasterize_mode(rasterize_mode: str) -> None:
+    """A ``ValueError`` naming the choices unless ``rasterize_mode`` is one of them."""
+    if rasterize_mode not in ("classic", "antialiased"):
+        raise ValueError(f"rasterize_mode must be 'classic' or 'antialiased', got {rasterize_mode!r}")
+
+
 class Projected(NamedTuple):
     """Per (camera, Gaussian) 2-D splats. ``radii == 0`` marks culled pairs."""
 
@@ -56,8 +62,7 @@ def project_gaussians(
     ``compensations`` = sqrt(det Σ / det(Σ + 0.3 I)), the factor on opacity that keeps each splat's
     integrated weight when the filter widens it, so small or distant splats do not bloat.
     """
-    if rasterize_mode not in ("classic", "antialiased"):
-        raise ValueError(f"rasterize_mode must be 'classic' or 'antialiased', got {rasterize_mode!r}")
+    check_rasterize_mode(rasterize_mode)
     viewmats = cameras.world_to_camera.to(means.dtype)
     intrinsics = cameras.intrinsics.to(means.dtype)
     rotation, translation = viewmats[:, None, :3, :3], viewmats[:, None, :3, 3]

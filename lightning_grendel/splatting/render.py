@@ -9,7 +9,7 @@ renders only this rank's pixel partition, and the same ``training_step`` works w
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
@@ -23,7 +23,7 @@ from lightning_grendel.splatting.rasterize import Splats, rasterize
 from lightning_grendel.splatting.sh import sh_to_rgb
 
 Projection = Literal["auto", "torch", "cpp", "gsplat"]
-PROJECTIONS = ("auto", "torch", "cpp", "gsplat")
+PROJECTIONS = get_args(Projection)
 
 
 def splat_gaussians(
@@ -52,7 +52,8 @@ def splat_gaussians(
     means, quats = params["means"], params["quats"]
     scales, coefficients = activated_scales(params), sh_coefficients(params)
     use_cpp = projection in ("auto", "cpp") and fused_projection_available(means, quats, scales, coefficients, cameras)
-    use_gsplat = projection in ("auto", "gsplat") and not use_cpp and gsplat_projection_available(means, cameras)
+    # cpp needs CPU tensors and gsplat CUDA ones, so at most one of the two applies.
+    use_gsplat = projection in ("auto", "gsplat") and gsplat_projection_available(means, cameras)
     if projection == "cpp" and not use_cpp:
         raise ValueError("projection='cpp' needs CPU float32/float64 inputs, constant cameras and the built extension")
     if projection == "gsplat" and not use_gsplat:
