@@ -1,8 +1,9 @@
 """COLMAP sparse-model reader (binary and text) and the posed-image scene built from it.
 
 Binary files are little-endian (layout in the COLMAP docs, ``src/colmap/scene/reconstruction_io.cc``).
-Pinhole cameras load as they are; SIMPLE_RADIAL, RADIAL, OPENCV, FULL_OPENCV and OPENCV_FISHEYE are
-undistorted at load time (:mod:`.undistort`); other models are rejected with the ``colmap
+Pinhole cameras load as they are; SIMPLE_RADIAL, RADIAL, OPENCV, FULL_OPENCV, OPENCV_FISHEYE,
+SIMPLE_RADIAL_FISHEYE and RADIAL_FISHEYE are undistorted at load time (:mod:`.undistort`); other models
+(FOV, THIN_PRISM_FISHEYE) are rejected with the ``colmap
 image_undistorter`` command that fixes them. Every parse error names the file and
 what is wrong, so a truncated download is told apart from an unsupported capture.
 """

@@ -53,8 +53,8 @@ def render(scene: dict, world_to_camera: torch.Tensor, k: torch.Tensor, width: i
 
 def forward_distort(model: str, coefficients: list[float], x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, ...]:
     """COLMAP's camera models, from undistorted to distorted normalised coordinates."""
-    if model == "OPENCV_FISHEYE":
-        k1, k2, k3, k4 = coefficients
+    if model.endswith("FISHEYE"):  # SIMPLE_RADIAL_FISHEYE: k1; RADIAL_FISHEYE: k1 k2; OPENCV_FISHEYE: k1..k4
+        k1, k2, k3, k4 = [*coefficients, 0.0, 0.0, 0.0][:4]
         r = np.hypot(x, y)
         theta = np.arctan(r)
         theta_d = theta * (1 + k1 * theta**2 + k2 * theta**4 + k3 * theta**6 + k4 * theta**8)
@@ -114,7 +114,7 @@ def distorted_image(scene: dict, pose: torch.Tensor, model: str, coefficients: l
 
 
 def colmap_params(model: str, coefficients: list[float]) -> list[float]:
-    if model in ("SIMPLE_RADIAL", "RADIAL"):
+    if model in ("SIMPLE_RADIAL", "RADIAL", "SIMPLE_RADIAL_FISHEYE", "RADIAL_FISHEYE"):
         return [FOCAL, CX, CY, *coefficients]
     return [FOCAL, FOCAL, CX, CY, *coefficients]
 
@@ -155,6 +155,8 @@ CASES = {
     "OPENCV": [-0.2, 0.03, 0.006, -0.005],
     "FULL_OPENCV": [0.3, -0.02, 0.004, 0.005, 0.0, 0.05, 0.0, 0.0],
     "OPENCV_FISHEYE": [0.1, -0.03, 0.01, 0.0],
+    "SIMPLE_RADIAL_FISHEYE": [0.08],
+    "RADIAL_FISHEYE": [0.1, -0.04],
 }
 
 
