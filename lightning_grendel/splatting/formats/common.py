@@ -7,12 +7,15 @@ CPU tensors: ``means`` [N, 3], ``scales`` [N, 3] (log), ``quats`` [N, 4] (wxyz, 
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 
 import numpy as np
 import torch
 from torch import Tensor
+
+log = logging.getLogger(__name__)
 
 PARAM_KEYS = ("means", "scales", "quats", "opacities", "sh0", "shN")
 MAX_SH_DEGREE = 3
@@ -146,3 +149,10 @@ def unpack_smallest_three(packed: np.ndarray, magnitude_bits: int, signed: bool)
         rest = np.where(keep, rest >> np.uint32(width), rest)
     quats[np.arange(len(packed)), largest] = np.sqrt(np.maximum(0.0, 1.0 - (quats**2).sum(axis=1)))
     return quats
+
+
+def warn_clamped(format: str, name: str, values: np.ndarray, low: float, high: float) -> None:
+    """One warning with the count of ``values`` outside the format's range [low, high], which it clamps."""
+    count = int(((values < low) | (values > high)).sum())
+    if count:
+        log.warning("%s: %d %s values outside the format's range [%g, %g] are clamped", format, count, name, low, high)

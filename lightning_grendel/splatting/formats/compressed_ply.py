@@ -31,6 +31,7 @@ from lightning_grendel.splatting.formats.common import (
     sigmoid,
     unorm,
     unpack_smallest_three,
+    warn_clamped,
 )
 from lightning_grendel.splatting.sh import SH_C0
 
@@ -90,6 +91,8 @@ def write_compressed_ply(path: str | os.PathLike, params: dict[str, Tensor]) -> 
         raise GaussianFileError(f"write_compressed_ply: {path}: no Gaussians to write")
     order = morton_order(p["means"].astype(np.float64))
     p = {key: value[order].astype(np.float64) for key, value in p.items()}
+    warn_clamped("compressed PLY", "log-scale", p["scales"], -SCALE_CLAMP, SCALE_CLAMP)
+    warn_clamped("compressed PLY", "SH", p["shN"], -SH_RANGE / 2, SH_RANGE / 2 - SH_RANGE / 256)
     chunks = -(-n // CHUNK)
     row_chunk = np.arange(n) // CHUNK
     columns = {"position": p["means"], "scale": np.clip(p["scales"], -SCALE_CLAMP, SCALE_CLAMP),

@@ -24,6 +24,7 @@ from lightning_grendel.splatting.formats.common import (
     logit_of_unorm8,
     normalised_quats,
     sigmoid,
+    warn_clamped,
 )
 from lightning_grendel.splatting.sh import SH_C0
 
@@ -43,13 +44,14 @@ def write_splat(path: str | os.PathLike, params: dict[str, Tensor]) -> None:
     path = Path(path)
     p = checked_for_writing(path, params, "write_splat")
     if p["shN"].shape[1]:
-        log.info("%s: .splat stores no view-dependent colour; SH bands 1+ are dropped", path)
+        log.warning("%s: .splat stores no view-dependent colour; SH bands 1+ are dropped", path)
     order = importance_order(p)
     n = len(order)
     records = np.empty(n, RECORD)
     records["position"] = p["means"][order]
     records["scale"] = np.exp(p["scales"][order].astype(np.float64))
     rgb = 0.5 + SH_C0 * p["sh0"][order].reshape(n, 3).astype(np.float64)
+    warn_clamped(".splat", "colour", rgb, 0.0, 1.0)
     alpha = sigmoid(p["opacities"][order])[:, None]
     records["rgba"] = np.clip(np.round(np.concatenate([rgb, alpha], axis=1) * 255.0), 0, 255)
     quats = normalised_quats(p["quats"][order].astype(np.float64))

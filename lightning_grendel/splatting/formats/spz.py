@@ -19,7 +19,6 @@ opens; version 4 with ``version=4``.
 from __future__ import annotations
 
 import gzip
-import logging
 import os
 import struct
 import zlib
@@ -39,9 +38,8 @@ from lightning_grendel.splatting.formats.common import (
     sh_degree_of_rest,
     sigmoid,
     unpack_smallest_three,
+    warn_clamped,
 )
-
-log = logging.getLogger(__name__)
 
 MAGIC = 0x5053474E  # "NGSP"
 LEGACY_HEADER = struct.Struct("<IIIBBBB")  # magic, version, points, sh degree, fractional bits, flags, reserved
@@ -69,12 +67,6 @@ def _quantise_sh(values: np.ndarray, degree1: bool) -> np.ndarray:
     return np.clip(q, 0, 255).astype(np.uint8)
 
 
-def _clamped(name: str, values: np.ndarray, low: float, high: float) -> None:
-    count = int(((values < low) | (values > high)).sum())
-    if count:
-        log.warning("SPZ: %d %s values outside the format's range [%g, %g] are clamped", count, name, low, high)
-
-
 def encode_arrays(params: dict[str, np.ndarray], version: int, path: Path) -> tuple[int, list[bytes]]:
     """(fractional bits, [positions, alphas, colours, scales, rotations, sh]) of float32 parameters."""
     p = params
@@ -84,9 +76,9 @@ def encode_arrays(params: dict[str, np.ndarray], version: int, path: Path) -> tu
     positions = np.stack([(fixed >> shift) & 0xFF for shift in (0, 8, 16)], axis=-1).astype(np.uint8)
     alphas = np.clip(np.round(sigmoid(p["opacities"]) * 255.0), 0, 255).astype(np.uint8)
     dc = p["sh0"].reshape(n, 3).astype(np.float64)
-    _clamped("colour (SH DC)", dc, -127.5 / (COLOR_SCALE * 255), 127.5 / (COLOR_SCALE * 255))
+    warn_clamped("SPZ", "colour (SH DC)", dc, -127.5 / (COLOR_SCALE * 255), 127.5 / (COLOR_SCALE * 255))
     colors = np.clip(np.round(dc * (COLOR_SCALE * 255.0) + 127.5), 0, 255).astype(np.uint8)
-    _clamped("log-scale", p["scales"], -10.0, 255 / 16 - 10.0)
+    warn_clamped("SPZ", "log-scale", p["scales"], -10.0, 255 / 16 - 10.0)
     scales = np.clip(np.round((p["scales"].astype(np.float64) + 10.0) * 16.0), 0, 255).astype(np.uint8)
     xyzw = normalised_quats(p["quats"].astype(np.float64))[:, [1, 2, 3, 0]]
     if version >= 3:
@@ -95,7 +87,7 @@ def encode_arrays(params: dict[str, np.ndarray], version: int, path: Path) -> tu
         xyz = xyzw[:, :3] * np.where(xyzw[:, 3:] < 0, -1.0, 1.0)
         rotations = np.clip(np.round(xyz * 127.5 + 127.5), 0, 255).astype(np.uint8)
     rest = p["shN"]
-    _clamped("SH", rest, -1.0, 127 / 128)
+    warn_clamped("SPZ", "SH", rest, -1.0, 127 / 128)
     sh = np.concatenate([_quantise_sh(rest[:, :3], True), _quantise_sh(rest[:, 3:], False)], axis=1)
     arrays = [positions, alphas, colors, scales, rotations, sh.reshape(n, -1)]
     return bits, [np.ascontiguousarray(a).tobytes() for a in arrays]

@@ -271,3 +271,15 @@ def test_bad_files_name_the_file_and_the_problem(tmp_path, case):
     with pytest.raises(GaussianFileError) as info:
         read_gaussians(path)
     assert path.name in str(info.value) and needle in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize(("format", "needle"), [("spz", "SPZ: 1 SH values outside"),
+                                                 ("ply_compressed", "compressed PLY: 1 SH values outside"),
+                                                 ("splat", ".splat: 1 colour values outside")])
+def test_values_a_format_cannot_hold_are_clamped_with_a_warning(tmp_path, caplog, format, needle):
+    params = scene(10, 1)
+    params["shN"][2, 1, 0] = 5.0  # past SPZ's [-1, 1) and compressed PLY's [-4, 4)
+    params["sh0"][4, 0, 1] = 2.0  # 0.5 + SH_C0 * 2 > 1: past .splat's colour byte
+    with caplog.at_level("WARNING"):
+        write_gaussians(tmp_path / "scene", params, format)
+    assert needle in caplog.text, caplog.text
