@@ -259,3 +259,39 @@ def test_bad_transforms_name_the_file_and_the_problem(tmp_path, case):
     with pytest.raises(kinds) as info:
         load_nerfstudio_scene(tmp_path)
     assert "transforms.json" in str(info.value) and needle in str(info.value), str(info.value)
+
+
+@pytest.mark.timeout(300)
+def test_colmap_capture_converted_as_ns_process_data_does_loads_the_same_views(shared_dataset, tmp_path):
+    """colmap_blocks written as ns-process-data's colmap_to_json writes it (OpenGL camera-to-world in a world
+    with y and z swapped and z negated, that map as applied_transform, sparse_pc.ply through it): the same
+    images and intrinsics, poses that differ by exactly that world map, points moved by it."""
+    from lightning_grendel.splatting.data.colmap import read_model
+
+    source = shared_dataset("colmap_blocks")
+    model = read_model(source)
+    applied = np.eye(4)[[0, 2, 1, 3]]
+    applied[2] *= -1
+    camera = next(iter(model.cameras.values()))
+    fx, fy, cx, cy = camera.params
+    meta = {"camera_model": "OPENCV", "fl_x": fx, "fl_y": fy, "cx": cx, "cy": cy, "w": camera.width,
+            "h": camera.height, "applied_transform": applied[:3].tolist(), "ply_file_path": "sparse_pc.ply",
+            "frames": []}
+    for image in model.images.values():
+        c2w = applied @ np.linalg.inv(image.world_to_camera().numpy())
+        c2w[:3, 1:3] *= -1
+        meta["frames"].append({"file_path": f"images/{image.name}", "transform_matrix": c2w.tolist()})
+    (tmp_path / "images").symlink_to(source / "images")
+    (tmp_path / "transforms.json").write_text(json.dumps(meta))
+    points = model.points.xyz @ applied[:3, :3].T
+    write_ply(tmp_path / "sparse_pc.ply", points.astype(np.float32), model.points.rgb)
+    colmap = load_colmap_scene(source, image_width=96)
+    nerfstudio = load_nerfstudio_scene(tmp_path, image_width=96)
+    for ours, theirs in ((nerfstudio.train, colmap.train), (nerfstudio.test, colmap.test)):
+        assert ours.names == [f"images/{name}" for name in theirs.names]
+        assert torch.equal(ours.images, theirs.images)
+        assert torch.allclose(ours.cameras.intrinsics, theirs.cameras.intrinsics)
+        world_map = torch.from_numpy(applied).float()
+        assert torch.allclose(ours.cameras.world_to_camera @ world_map, theirs.cameras.world_to_camera, atol=1e-4)
+    assert torch.allclose(nerfstudio.points, torch.from_numpy(points).float(), atol=1e-5)
+    assert torch.allclose(nerfstudio.colors, colmap.colors)
