@@ -58,6 +58,11 @@ def main(args: list[str] | None = None) -> None:
 
         render_main(argv[1:])
         return
+    if argv[:1] == ["export"]:
+        from lightning_grendel.splatting.viewer.export_command import main as export_main
+
+        export_main(argv[1:])
+        return
     cli(argv)
     leave_process_group()  # every rank runs this command: they leave gloo together rather than at exit
 

@@ -18,9 +18,16 @@ from plyfile import PlyData, PlyElement, PlyParseError
 from torch import Tensor
 
 from lightning_grendel._atomic import atomic_write
+from lightning_grendel.splatting.formats.common import (
+    MAX_SH_DEGREE,
+    PARAM_KEYS,
+    GaussianFileError,
+    check_params,
+    non_finite_summary,
+)
+from lightning_grendel.splatting.formats.compressed_ply import decode_compressed_ply, is_compressed_ply
 
-PARAM_KEYS = ("means", "scales", "quats", "opacities", "sh0", "shN")
-_MAX_DEGREE = 3
+__all__ = ["PARAM_KEYS", "GaussianFileError", "load_ply", "non_finite_summary", "save_ply"]
 
 
 def _property_names(num_rest: int) -> list[str]:
@@ -34,44 +41,16 @@ def _property_names(num_rest: int) -> list[str]:
     )
 
 
-def _check_params(params: dict[str, Tensor]) -> int:
-    """Validate keys and shapes; returns the number of Gaussians."""
-    if set(params) != set(PARAM_KEYS):
-        raise ValueError(f"save_ply: params must have exactly the keys {PARAM_KEYS}, got {sorted(params)}")
-    n = params["means"].shape[0]
-    expected = {"means": (n, 3), "scales": (n, 3), "quats": (n, 4), "opacities": (n,), "sh0": (n, 1, 3)}
-    for key, shape in expected.items():
-        if tuple(params[key].shape) != shape:
-            raise ValueError(f"save_ply: {key} must have shape {shape}, got {tuple(params[key].shape)}")
-    sh_n = params["shN"]
-    if sh_n.dim() != 3 or sh_n.shape[0] != n or sh_n.shape[2] != 3:
-        raise ValueError(f"save_ply: shN must have shape [N, K-1, 3], got {tuple(sh_n.shape)}")
-    if sh_n.shape[1] + 1 not in {(d + 1) ** 2 for d in range(_MAX_DEGREE + 1)}:
-        raise ValueError(f"save_ply: shN holds {sh_n.shape[1]} coefficients, not (d+1)^2-1 for d in 0..3")
-    return n
-
-
-def non_finite_summary(params: dict[str, Tensor]) -> str:
-    """Empty when every Gaussian is finite, else how many rows are not, in total and per parameter."""
-    n = params["means"].shape[0]
-    rows = {key: ~torch.isfinite(value.detach()).reshape(n, -1).all(dim=1) for key, value in params.items()}
-    bad = torch.stack(list(rows.values())).any(dim=0) if rows else torch.zeros(n, dtype=torch.bool)
-    if not bad.any():
-        return ""
-    parts = ", ".join(f"{key}: {int(mask.sum())}" for key, mask in rows.items() if mask.any())
-    return f"{int(bad.sum())} of {n} Gaussians have NaN or infinite values ({parts})"
-
-
 def _as_numpy(tensor: Tensor) -> np.ndarray:
     return tensor.detach().to("cpu", torch.float32).numpy()
 
 
 def save_ply(path: str | os.PathLike, params: dict[str, Tensor]) -> None:
     """Write Gaussians to ``path`` atomically (a half-written file never replaces a good one)."""
-    n = _check_params(params)
+    n = check_params(params, "save_ply")
     problem = non_finite_summary(params)
     if problem:
-        raise ValueError(f"save_ply: {path}: {problem}; refusing to write a diverged model")
+        raise GaussianFileError(f"save_ply: {path}: {problem}; refusing to write a diverged model")
     sh_rest = params["shN"].transpose(1, 2).reshape(n, -1)
     columns = [
         _as_numpy(params["means"]),
@@ -97,24 +76,30 @@ def load_ply(path: str | os.PathLike) -> dict[str, Tensor]:
     """Read a 3DGS PLY into raw parameters; the SH degree is inferred from the ``f_rest_*`` count.
 
     Normals are optional (gsplat's exporter omits them); every other standard property is required.
+    Properties beyond the standard ones (some exporters add e.g. colour bytes) are ignored. A compressed
+    PLY (PlayCanvas / SuperSplat, :mod:`~.formats.compressed_ply`) is recognised and decoded.
     """
     path = Path(path)
     try:
         ply = PlyData.read(str(path))
     except (PlyParseError, ValueError, EOFError) as error:
-        raise ValueError(f"{path}: not a readable PLY file: {error}") from error
+        raise GaussianFileError(f"{path}: not a readable PLY file: {error}") from error
+    except OSError as error:
+        raise GaussianFileError(f"{path}: cannot read: {error.strerror or error}") from error
     if "vertex" not in [element.name for element in ply.elements]:
-        raise ValueError(f"{path}: no 'vertex' element in the PLY header")
+        raise GaussianFileError(f"{path}: no 'vertex' element in the PLY header")
+    if is_compressed_ply(ply):
+        return decode_compressed_ply(ply, path)
     vertex = ply["vertex"]
     present = {prop.name for prop in vertex.properties}
     num_rest = sum(1 for name in present if name.startswith("f_rest_"))
     required = [name for name in _property_names(num_rest) if name not in ("nx", "ny", "nz")]
     missing = [name for name in required if name not in present]
     if missing:
-        raise ValueError(f"{path}: missing PLY vertex properties: {', '.join(missing)}")
+        raise GaussianFileError(f"{path}: not a 3DGS PLY: missing vertex properties {', '.join(missing)}")
     coefficients = num_rest // 3 + 1
-    if num_rest % 3 or coefficients not in {(d + 1) ** 2 for d in range(_MAX_DEGREE + 1)}:
-        raise ValueError(
+    if num_rest % 3 or coefficients not in {(d + 1) ** 2 for d in range(MAX_SH_DEGREE + 1)}:
+        raise GaussianFileError(
             f"{path}: {num_rest} f_rest properties do not match an SH degree 0..3 (expected 0, 9, 24 or 45)"
         )
 
@@ -133,5 +118,5 @@ def load_ply(path: str | os.PathLike) -> dict[str, Tensor]:
     }
     problem = non_finite_summary(params)
     if problem:
-        raise ValueError(f"{path}: {problem}")
+        raise GaussianFileError(f"{path}: {problem}")
     return params

@@ -1,8 +1,9 @@
 """COLMAP sparse-model reader (binary and text) and the posed-image scene built from it.
 
 Binary files are little-endian (layout in the COLMAP docs, ``src/colmap/scene/reconstruction_io.cc``).
-Pinhole cameras load as they are; SIMPLE_RADIAL, RADIAL, OPENCV, FULL_OPENCV and OPENCV_FISHEYE are
-undistorted at load time (:mod:`.undistort`); other models are rejected with the ``colmap
+Pinhole cameras load as they are; SIMPLE_RADIAL, RADIAL, OPENCV, FULL_OPENCV, OPENCV_FISHEYE,
+SIMPLE_RADIAL_FISHEYE and RADIAL_FISHEYE are undistorted at load time (:mod:`.undistort`); other models
+(FOV, THIN_PRISM_FISHEYE) are rejected with the ``colmap
 image_undistorter`` command that fixes them. Every parse error names the file and
 what is wrong, so a truncated download is told apart from an unsupported capture.
 """
@@ -17,9 +18,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_grendel.splatting.cameras import Cameras
 from lightning_grendel.splatting.data import undistort
-from lightning_grendel.splatting.data.scene import ImageSplit, SceneData, resized_size, scale_intrinsics
+from lightning_grendel.splatting.data.posed_images import PosedImage, downscaled_folder, load_splits, use_downscaled
+from lightning_grendel.splatting.data.scene import SceneData
 from lightning_grendel.splatting.data.undistort_cache import UndistortCache
 from lightning_grendel.splatting.data.validate import check_colmap_model
 
@@ -350,7 +351,8 @@ def load_colmap_scene(
     """Posed images sorted by name; every ``test_every``-th one (from the first) is held out as test and val.
 
     Initial points are the model's 3D points with their colours. ``cache`` keeps undistorted images of
-    distorted cameras on disk between runs (None: undistort every load).
+    distorted cameras on disk between runs (None: undistort every load). With an integer ``downscale`` d
+    and an ``images_<d>`` folder beside ``images/``, its images are read instead of resizing on the fly.
     """
     root = Path(root)
     model = read_model(root)
@@ -361,39 +363,13 @@ def load_colmap_scene(
     if len(model.points.ids) == 0:
         raise ColmapFormatError(f"{model.path}: the model has no 3D points to initialise Gaussians from")
 
-    first = model.cameras[entries[0].camera_id]
-    source_size = (first.width, first.height)
-    used = {image.camera_id: model.cameras[image.camera_id] for image in entries}
-    undistortions = undistort.make_undistortions(list(used.values()), model.path)  # one remap table per camera
-    undistorted_size = undistortions[first.id].size
-    size = resized_size(*undistorted_size, image_width, downscale)
-    reference = f"camera {first.id} of the first image {entries[0].name}"
-
-    def make_split(selected: list[ColmapImage]) -> ImageSplit:
-        pixels = []
-        for image in selected:
-            camera = model.cameras[image.camera_id]
-            if (camera.width, camera.height) != source_size:
-                raise ValueError(
-                    f"{model.path}: image {image.name} has camera {camera.id} of {camera.width}x{camera.height} "
-                    f"but {reference} is {source_size[0]}x{source_size[1]}; one dataset, one image size"
-                )
-            path = images_dir / image.name
-            if not path.is_file():
-                raise FileNotFoundError(f"{model.path}: image {image.name} is registered but {path} is missing")
-            undistortion = undistortions[camera.id]
-            pixels.append(undistort.load_undistorted(path, undistortion, source_size, reference, size, cache))
-        intrinsics = torch.stack([undistortions[image.camera_id].intrinsics for image in selected])
-        cameras = Cameras(
-            torch.stack([image.world_to_camera() for image in selected]).to(torch.float32),
-            scale_intrinsics(intrinsics, undistorted_size, size).to(torch.float32),
-            size[0],
-            size[1],
-        )
-        return ImageSplit(torch.from_numpy(np.stack(pixels)), cameras, [image.name for image in selected])
-
-    test = make_split([image for i, image in enumerate(entries) if i % test_every == 0])
-    train = make_split([image for i, image in enumerate(entries) if i % test_every != 0])
+    images = [PosedImage(image.name, images_dir / image.name, model.cameras[image.camera_id], image.world_to_camera())
+              for image in entries]
+    folder = downscaled_folder(images_dir, downscale, image_width)
+    if folder is not None:
+        images, downscale = use_downscaled(images, folder, model.path), 1.0
+    is_test = [i % test_every == 0 for i in range(len(images))]
+    train, test = load_splits(images, is_test, model.path, image_width, downscale, cache)
     points = torch.from_numpy(model.points.xyz).to(torch.float32)
     colors = torch.from_numpy(model.points.rgb).to(torch.float32) / 255.0
     return SceneData(train, test, test, points, colors)

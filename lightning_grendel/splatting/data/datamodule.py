@@ -1,4 +1,5 @@
-"""LightningDataModule serving posed images for Gaussian splatting from COLMAP, Blender or the demo scene.
+"""LightningDataModule serving posed images for Gaussian splatting from COLMAP, nerfstudio, Blender or the
+demo scene.
 
 Distributed 3DGS (Grendel) renders the same cameras on every rank, so the train loader must yield the
 same order everywhere: it is a plain shuffled DataLoader driven by a generator seeded identically on
@@ -19,10 +20,12 @@ from lightning_grendel.splatting.cameras import Cameras
 from lightning_grendel.splatting.data.blender import load_blender_scene
 from lightning_grendel.splatting.data.colmap import find_model_dir, load_colmap_scene
 from lightning_grendel.splatting.data.demo_scene import make_demo_scene
+from lightning_grendel.splatting.data.nerfstudio import TRANSFORMS_FILE, load_nerfstudio_scene
 from lightning_grendel.splatting.data.scene import ImageSplit, SceneData
 from lightning_grendel.splatting.data.undistort_cache import UndistortCache
 
-Format = Literal["auto", "blender", "colmap", "demo"]
+Format = Literal["auto", "blender", "colmap", "nerfstudio", "demo"]
+DatasetFormat = Literal["blender", "colmap", "nerfstudio"]
 BLENDER_INIT_POINTS = 100_000  # as in 3DGS for NeRF-synthetic
 DEMO_INIT_POINTS = 5_000  # enough for the small demo scene, cheap on two CPU cores
 
@@ -53,16 +56,19 @@ class PosedImageDataset(Dataset):
         }
 
 
-def detect_format(path: Path) -> Literal["blender", "colmap"]:
-    """``blender`` when ``transforms_train.json`` is there, ``colmap`` when a sparse model is."""
+def detect_format(path: Path) -> DatasetFormat:
+    """``blender`` when ``transforms_train.json`` is there, ``nerfstudio`` when ``transforms.json`` is, ``colmap``
+    when a sparse model is."""
     if (path / "transforms_train.json").is_file():
         return "blender"
+    if (path / TRANSFORMS_FILE).is_file():
+        return "nerfstudio"
     try:
         find_model_dir(path)
     except FileNotFoundError as error:
         raise FileNotFoundError(
-            f"{path}: cannot tell the dataset format: no transforms_train.json (Blender) and no "
-            "cameras.bin/cameras.txt in sparse/0, sparse or the folder itself (COLMAP)"
+            f"{path}: cannot tell the dataset format: no transforms_train.json (Blender), no transforms.json "
+            "(nerfstudio) and no cameras.bin/cameras.txt in sparse/0, sparse or the folder itself (COLMAP)"
         ) from error
     return "colmap"
 
@@ -71,20 +77,24 @@ class GaussianSplattingDataModule(LightningDataModule):
     """Train/val/test posed images plus the initial points and train cameras the Gaussian model needs.
 
     Args:
-        path: dataset folder (Blender: holds ``transforms_train.json``; COLMAP: holds ``images/`` and
-            ``sparse/0``). Not used for ``format="demo"``.
-        format: ``auto`` detects Blender or COLMAP from the files under ``path`` (demo when no path).
+        path: dataset folder (Blender: holds ``transforms_train.json``; nerfstudio, Polycam, Record3D: holds
+            ``transforms.json``; COLMAP: holds ``images/`` and ``sparse/0``). Not used for ``format="demo"``.
+        format: ``auto`` detects Blender, nerfstudio or COLMAP from the files under ``path`` (demo when no
+            path).
         image_width: resize images to this width (aspect kept); intrinsics follow.
-        downscale: or divide the size by this factor (give one of image_width / downscale).
+        downscale: or divide the size by this factor (give one of image_width / downscale). COLMAP and
+            nerfstudio: an integer d reads the ``images_<d>`` folder beside the images when there is one
+            (Mip-NeRF 360, ``ns-process-data``) instead of resizing on the fly.
         background: colour transparent Blender pixels are composited over, also the render background.
-        test_every: COLMAP hold-out: every ``test_every``-th image (sorted by name) is a test view;
-            val is the same set.
-        num_init_points: initial points for Blender (uniformly random in [-1.3, 1.3]^3, default 100 000)
+        test_every: COLMAP and nerfstudio hold-out: every ``test_every``-th image (sorted by name) is a
+            test view; val is the same set (nerfstudio's ``test_filenames``, when given, win).
+        num_init_points: initial points for Blender (uniformly random in [-1.3, 1.3]^3, default 100 000),
+            nerfstudio without ``ply_file_path`` (random in the cube around the cameras, default 100 000)
             and the demo scene (on seen surfaces, default 5 000); COLMAP uses its 3D points.
         batch_size: cameras per training step.
         num_workers: DataLoader worker processes.
         seed: seeds the train order (identical on every rank) and random initial points.
-        undistort_cache: keep COLMAP images of distorted cameras (SIMPLE_RADIAL, OPENCV, ...) undistorted
+        undistort_cache: keep COLMAP and nerfstudio images of distorted cameras (OPENCV, ...) undistorted
             on disk, so the next run (``fit``, ``test``, ``render``) reads them instead of remapping
             again; entries are keyed by the image file (path, mtime, size), the camera and the output
             size, so a changed image or camera is undistorted anew.
@@ -109,7 +119,7 @@ class GaussianSplattingDataModule(LightningDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        if format in ("blender", "colmap") and path is None:
+        if format in ("blender", "colmap", "nerfstudio") and path is None:
             raise ValueError(f"GaussianSplattingDataModule: format={format!r} needs a dataset folder: pass --data.path")
         if format == "demo" and path is not None:
             raise ValueError(f"GaussianSplattingDataModule: the demo scene is generated in code; got path={path!r}")
@@ -128,7 +138,7 @@ class GaussianSplattingDataModule(LightningDataModule):
         self.undistort_cache = UndistortCache(undistort_cache_dir) if undistort_cache else None
         self._scene: SceneData | None = None
 
-    def resolved_format(self) -> Literal["blender", "colmap", "demo"]:
+    def resolved_format(self) -> Literal["blender", "colmap", "nerfstudio", "demo"]:
         if self.format != "auto":
             return self.format
         return "demo" if self.path is None else detect_format(self.path)
@@ -140,6 +150,10 @@ class GaussianSplattingDataModule(LightningDataModule):
             return load_blender_scene(self.path, self.image_width, self.downscale, count, self.seed)
         if kind == "colmap":
             return load_colmap_scene(self.path, self.image_width, self.downscale, self.test_every, self.undistort_cache)
+        if kind == "nerfstudio":
+            count = BLENDER_INIT_POINTS if self.num_init_points is None else self.num_init_points
+            return load_nerfstudio_scene(self.path, self.image_width, self.downscale, self.test_every, count,
+                                         self.seed, self.undistort_cache)
         count = DEMO_INIT_POINTS if self.num_init_points is None else self.num_init_points
         return make_demo_scene(self.image_width, self.downscale, self.seed, num_points=count)
 

@@ -1,8 +1,10 @@
 """Load-time undistortion of COLMAP cameras with lens distortion, so phone and DSLR captures splat as pinholes.
 
-The rasterizer only knows pinhole cameras. A camera of model SIMPLE_RADIAL, RADIAL, OPENCV, FULL_OPENCV or
-OPENCV_FISHEYE is resampled once per camera into a pinhole image with OpenCV (``initUndistortRectifyMap``
-and ``remap``; ``cv2.fisheye`` for the fisheye model), then cropped to the largest rectangle whose every
+The rasterizer only knows pinhole cameras. A camera of model SIMPLE_RADIAL, RADIAL, OPENCV, FULL_OPENCV,
+OPENCV_FISHEYE, SIMPLE_RADIAL_FISHEYE or RADIAL_FISHEYE is resampled once per camera into a pinhole image
+with OpenCV (``initUndistortRectifyMap`` and ``remap``; ``cv2.fisheye`` for the fisheye models: COLMAP's
+two radial fisheyes are its OPENCV_FISHEYE with the higher coefficients zero, theta_d = theta (1 + k1
+theta^2 + k2 theta^4)), then cropped to the largest rectangle whose every
 pixel comes from inside the source image, and its intrinsics follow the crop. The maps are built once
 per camera and the scene keeps the decoded result in memory, so no epoch redoes the work; an
 :class:`~.undistort_cache.UndistortCache` keeps it on disk for the next run.
@@ -27,7 +29,9 @@ from lightning_grendel.splatting.data.scene import load_image
 from lightning_grendel.splatting.data.undistort_cache import UndistortCache
 
 PINHOLE_MODELS = ("SIMPLE_PINHOLE", "PINHOLE")
-DISTORTED_MODELS = ("SIMPLE_RADIAL", "RADIAL", "OPENCV", "FULL_OPENCV", "OPENCV_FISHEYE")
+DISTORTED_MODELS = ("SIMPLE_RADIAL", "RADIAL", "OPENCV", "FULL_OPENCV", "OPENCV_FISHEYE", "SIMPLE_RADIAL_FISHEYE",
+                    "RADIAL_FISHEYE")
+FISHEYE_MODELS = ("OPENCV_FISHEYE", "SIMPLE_RADIAL_FISHEYE", "RADIAL_FISHEYE")
 SUPPORTED_MODELS = PINHOLE_MODELS + DISTORTED_MODELS
 # COLMAP parameter order -> (fx, fy, cx, cy) indices (fy = fx for one focal) and the distortion slice.
 _LAYOUT: dict[str, tuple[tuple[int, int, int, int], slice]] = {
@@ -38,6 +42,8 @@ _LAYOUT: dict[str, tuple[tuple[int, int, int, int], slice]] = {
     "OPENCV": ((0, 1, 2, 3), slice(4, 8)),  # k1 k2 p1 p2
     "FULL_OPENCV": ((0, 1, 2, 3), slice(4, 12)),  # k1 k2 p1 p2 k3 k4 k5 k6 (OpenCV's rational model)
     "OPENCV_FISHEYE": ((0, 1, 2, 3), slice(4, 8)),  # k1 k2 k3 k4 of theta
+    "SIMPLE_RADIAL_FISHEYE": ((0, 0, 1, 2), slice(3, 4)),  # k1 of theta
+    "RADIAL_FISHEYE": ((0, 0, 1, 2), slice(3, 5)),  # k1 k2 of theta
 }
 
 
@@ -64,10 +70,11 @@ class Lens:
         return np.array([[self.fx, 0, self.cx - 0.5], [0, self.fy, self.cy - 0.5], [0, 0, 1]], np.float64)
 
     def opencv_coefficients(self) -> np.ndarray:
-        """4 values for the fisheye model, else 4 or 8 in OpenCV's (k1, k2, p1, p2[, k3..k6]) order."""
+        """4 values for the fisheye models (k1..k4 of theta), else 4 or 8 in OpenCV's (k1, k2, p1, p2[, k3..k6])
+        order."""
         values = list(self.coefficients)
-        if not self.fisheye:
-            values = values + [0.0] * ((4 if len(values) <= 4 else 8) - len(values))
+        size = 4 if self.fisheye or len(values) <= 4 else 8
+        values = values + [0.0] * (size - len(values))
         return np.array(values, np.float64)
 
     @property
@@ -89,7 +96,7 @@ def camera_lens(camera: CameraLike, where: Path | str) -> Lens:
             f"{where}: camera {camera.id} ({camera.model}) needs {needed} parameters, got {len(camera.params)}"
         )
     p = [float(value) for value in camera.params]
-    return Lens(p[fx], p[fy], p[cx], p[cy], tuple(p[distortion]), camera.model == "OPENCV_FISHEYE")
+    return Lens(p[fx], p[fy], p[cx], p[cy], tuple(p[distortion]), camera.model in FISHEYE_MODELS)
 
 
 def intrinsics_matrix64(fx: float, fy: float, cx: float, cy: float) -> Tensor:

@@ -149,11 +149,11 @@ def test_truncated_or_padded_binary_files_are_errors(blocks, tmp_path, name):
 
 
 def test_unsupported_camera_model_in_text_says_to_undistort(tmp_path):
-    (tmp_path / "cameras.txt").write_text("# a comment\n7 SIMPLE_RADIAL_FISHEYE 640 480 500 320 240 0.01\n")
+    (tmp_path / "cameras.txt").write_text("# a comment\n7 FOV 640 480 500 500 320 240 0.9\n")
     with pytest.raises(UnsupportedCameraModelError) as info:
         read_model(tmp_path)
     message = str(info.value)
-    assert "cameras.txt" in message and "camera 7" in message and "SIMPLE_RADIAL_FISHEYE" in message
+    assert "cameras.txt" in message and "camera 7" in message and "FOV" in message
     assert "colmap image_undistorter" in message
 
 
