@@ -63,6 +63,11 @@ def main(args: list[str] | None = None) -> None:
 
         export_main(argv[1:])
         return
+    if argv[:1] == ["view"]:
+        from lightning_grendel.splatting.viewer.view_command import main as view_main
+
+        view_main(argv[1:])
+        return
     cli(argv)
     leave_process_group()  # every rank runs this command: they leave gloo together rather than at exit
 
