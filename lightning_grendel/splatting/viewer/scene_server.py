@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import io
+import logging
 import socket
 import urllib.parse
 from typing import Any
@@ -30,6 +31,11 @@ from lightning_grendel.splatting.viewer.web_scene import (
 
 SPLATS = "/gaussians"
 FRUSTUMS = "/training_cameras"
+
+
+def _not_a_failed_preconnect(record: logging.LogRecord) -> bool:
+    """Browsers open spare connections and close them unused; websockets logs each as a failed handshake."""
+    return record.getMessage() != "opening handshake failed"
 
 
 class ViewerError(ValueError):
@@ -87,6 +93,9 @@ class SceneServer:
             raise ViewerError("the viewer needs the viser package: pip install viser") from error
         if port != 0:
             check_port(host, port)
+        handshakes = logging.getLogger("websockets.server")
+        if _not_a_failed_preconnect not in handshakes.filters:
+            handshakes.addFilter(_not_a_failed_preconnect)
         try:
             with contextlib.redirect_stdout(io.StringIO()):  # viser's banner; callers print the URL once
                 self._server = viser.ViserServer(host=host, port=port, label=title, verbose=False)
