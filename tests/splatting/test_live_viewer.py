@@ -7,11 +7,12 @@ import json
 import logging
 import socket
 import sys
+import threading
 
 import numpy as np
 import pytest
 import torch
-from lightning import Trainer
+from lightning import Callback, Trainer
 
 from lightning_grendel.splatting.data.datamodule import GaussianSplattingDataModule
 from lightning_grendel.splatting.module import GaussianSplattingModule
@@ -28,24 +29,31 @@ def _served_centers(server: SceneServer) -> np.ndarray:
 class Recording(LiveViewer):
     """A LiveViewer that notes each refresh: the step, what the page got, the status line."""
 
-    def __init__(self, record_dir=None, **kwargs) -> None:
+    def __init__(self, record_dir=None, synchronous: bool = True, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.record_dir = record_dir
+        self.record_dir, self.synchronous = record_dir, synchronous
         self.steps: list[int] = []
         self.served: np.ndarray | None = None
+        self.history: list[np.ndarray] = []
         self.status = ""
         self.started_server = False
 
     def _refresh(self, trainer, pl_module) -> None:
         super()._refresh(trainer, pl_module)
         self.steps.append(trainer.global_step)
-        if self.server is not None:
-            self.started_server = True
-            self.served = None if self.server.splats is None else _served_centers(self.server)
-            self.status = self.server._status.content
+        if self.synchronous and self._pending is not None:
+            self._pending.result()  # no refresh is in flight at the next step: the steps are deterministic
+        self.started_server = self.started_server or self.server is not None
 
-    def on_train_end(self, trainer, pl_module) -> None:
-        super().on_train_end(trainer, pl_module)
+    def _show(self, *args) -> None:  # rank 0's worker thread, after the training step
+        super()._show(*args)
+        if self.server.splats is not None:
+            self.served = _served_centers(self.server)
+            self.history.append(self.served)
+        self.status = self.server._status.content
+
+    def teardown(self, trainer, pl_module, stage) -> None:
+        super().teardown(trainer, pl_module, stage)  # waits for the last refresh
         if self.record_dir is not None:  # spawned ranks report through files
             rank = trainer.global_rank
             torch.save(pl_module.gaussians["means"].detach().clone(), self.record_dir / f"shard{rank}.pt")
@@ -60,7 +68,7 @@ def _fit(callback, max_steps: int, **trainer_kwargs):
     module = GaussianSplattingModule(sh_degree=0, total_images=max_steps, backend="torch", export_ply=False)
     options = {"accelerator": "cpu", "logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
                "enable_model_summary": False, "num_sanity_val_steps": 0, "limit_val_batches": 0, **trainer_kwargs}
-    trainer = Trainer(max_steps=max_steps, callbacks=[callback], **options)
+    trainer = Trainer(max_steps=max_steps, callbacks=callback if isinstance(callback, list) else [callback], **options)
     trainer.fit(module, GaussianSplattingDataModule(**DATA))
     if "strategy" not in trainer_kwargs:  # spawned ranks report through files instead
         assert trainer.global_step == max_steps  # training always finishes
@@ -80,8 +88,25 @@ def test_live_view_refreshes_at_the_interval_with_the_training_state(monkeypatch
     assert viewer.server is None  # stopped with the fit
 
 
+class _HoldFirstRefresh(Callback):
+    """Keeps the first refresh in flight until the viewer has seen step 2, then waits for it (training thread)."""
+
+    def __init__(self, viewer: Recording) -> None:
+        self.viewer, self.release, self.initial = viewer, threading.Event(), None
+        original = viewer._show
+        viewer._show = lambda *args: (self.release.wait(60), original(*args))
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.initial = pl_module.gaussians["means"].detach().clone().numpy()
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == 2:
+            self.release.set()
+            self.viewer._pending.result()
+
+
 @pytest.mark.timeout(300)
-def test_live_view_skips_unwatched_refreshes_and_refreshes_watched_ones(monkeypatch):
+def test_live_view_skips_unwatched_and_in_flight_refreshes(monkeypatch):
     monkeypatch.setenv(ENV_SWITCH, "on")
     unwatched = Recording(port=0, every_n_steps=1)
     _fit(unwatched, 3)
@@ -90,6 +115,14 @@ def test_live_view_skips_unwatched_refreshes_and_refreshes_watched_ones(monkeypa
     watched = Recording(port=0, every_n_steps=1)
     _fit(watched, 3)
     assert watched.steps == [0, 1, 2, 3]
+    # Steps 1 and 2 are due while the first refresh is still being sent: skipped, not queued.
+    busy = Recording(port=0, every_n_steps=1, synchronous=False)
+    hold = _HoldFirstRefresh(busy)
+    _fit([busy, hold], 4)  # at each step's end the hold runs after the viewer
+    assert busy.steps == [0, 3, 4] and busy.refreshes == 3
+    # Sent after two more steps, the first scene is still the step-0 scene: the worker got a copy.
+    np.testing.assert_array_equal(busy.history[0], hold.initial)
+    assert not np.array_equal(busy.history[0], busy.history[-1])
 
 
 @pytest.mark.timeout(300)

@@ -3,9 +3,11 @@
 Rank 0 serves the page of :class:`~lightning_grendel.splatting.viewer.scene_server.SceneServer`. At
 each refresh every rank takes part in ``gathered_gaussians`` (under GrendelStrategy an all-gather of
 the shards), so whether a step refreshes must be the same decision on every rank: a step count is;
-rank 0's clock (``every_seconds``) and whether a page is open are broadcast from rank 0. Nothing the
-viewer does may stop training: a server that does not start, a taken port, a closed or slow browser
-are warnings, and the page simply stops updating.
+rank 0's state (its clock for ``every_seconds``, whether a page is open, whether the last refresh is
+still being sent) is broadcast from rank 0. Rank 0 converts and sends the gathered copy on a worker
+thread while training goes on, one refresh at a time (a due refresh is skipped while one is in flight).
+Nothing the viewer does may stop training: a server that does not start, a taken port, a closed or slow
+browser are warnings, and the page simply stops updating.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -56,6 +59,8 @@ class LiveViewer(Callback):
         self.every_n_steps, self.every_seconds = every_n_steps, every_seconds
         self.only_when_watched, self.cameras = only_when_watched, cameras
         self.server: Any = None  # SceneServer on rank 0 while serving
+        self._worker: ThreadPoolExecutor | None = None  # rank 0: converts and sends off the training thread
+        self._pending: Future | None = None
         self._active = False  # identical on every rank
         self._last_step = -1
         self._last_time = 0.0
@@ -98,6 +103,7 @@ class LiveViewer(Callback):
             log.warning("LiveViewer: not serving the live view: %s", error)
             self._stop_server()
             return False
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="live-viewer")
         print(f"LiveViewer: watch training at {self.server.url}", flush=True)
         return True
 
@@ -113,7 +119,7 @@ class LiveViewer(Callback):
         else:
             due = trainer.is_global_zero and time.monotonic() - self._last_time >= self.every_seconds
         if trainer.is_global_zero:
-            due = due and (not self.only_when_watched or self._watched())
+            due = due and not self._sending() and (not self.only_when_watched or self._watched())
         if trainer.world_size > 1:
             due = bool(trainer.strategy.broadcast(due, src=0))
         if due:
@@ -133,6 +139,9 @@ class LiveViewer(Callback):
             self._stop_server()
             self._active = False
 
+    def _sending(self) -> bool:
+        return self._pending is not None and not self._pending.done()
+
     def _watched(self) -> bool:
         try:
             return self.server.client_count() > 0
@@ -141,15 +150,22 @@ class LiveViewer(Callback):
             return False
 
     def _refresh(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Gather every Gaussian (a collective: every rank calls this at the same step) and show them on rank 0."""
+        """Gather every Gaussian (a collective: every rank calls this at the same step); rank 0 hands the copy
+        to its worker thread."""
         params = pl_module.gathered_gaussians()
         self._last_step, self._last_time = trainer.global_step, time.monotonic()
-        if not trainer.is_global_zero or self.server is None or params is None:
+        if not trainer.is_global_zero or self._worker is None or params is None:
             return
+        own = getattr(pl_module, "gaussians", {})  # on one CPU process the "gather" is the parameters themselves:
+        params = {key: value.clone() if key in own and value.data_ptr() == own[key].data_ptr() else value
+                  for key, value in params.items()}  # copy them, or the next steps would edit them mid-send
+        self._pending = self._worker.submit(self._show, params, trainer.global_step,
+                                            _metric(trainer, "train/loss"), self._psnr)
+
+    def _show(self, params: dict[str, Any], step: int, loss: float | None, psnr: tuple[float, int] | None) -> None:
         try:
             count = self.server.set_gaussians(params)
-            self.server.set_status(self.status_text(trainer.global_step, _metric(trainer, "train/loss"),
-                                                    self._psnr, count))
+            self.server.set_status(self.status_text(step, loss, psnr, count))
             self.refreshes += 1
         except Exception as error:  # noqa: BLE001 - the viewer never stops training
             self._warn_once("refresh", error)
@@ -168,6 +184,9 @@ class LiveViewer(Callback):
             log.warning("LiveViewer: %s failed (%s: %s); training goes on", what, type(error).__name__, error)
 
     def _stop_server(self) -> None:
+        if self._worker is not None:
+            self._worker.shutdown(wait=True)  # lets a refresh in flight finish first
+            self._worker, self._pending = None, None
         if self.server is not None:
             try:
                 self.server.stop()
