@@ -6,13 +6,16 @@ the run alternates blocks of ``--every`` steps (the refresh interval, default th
 without and with a refresh: an "on" block starts with a refresh (gather, then conversion and sending
 on rank 0's worker thread, which shares the cores with training), an "off" block has none. Each on
 block is paired with the off block before it, so a machine whose load drifts (a shared one) affects
-both alike; the overhead is the mean over pairs of (on / off - 1) of their mean step times.
+both alike; the overhead is the mean over pairs of (on / off - 1) of their mean step times. The same is
+done with this process's CPU time (every thread: training, the viewer's worker, viser's sending), which
+a busy shared machine disturbs far less than wall time.
 
 Two runs: ``no_page`` (refreshes forced, ``only_when_watched=False``, no browser: the training process's
 own cost) and ``page`` (the page open in headless Chromium on the same machine, connected for the whole
 run, so its idle drawing weighs on both blocks and the pair measures what a refresh adds there).
-Prints ``RESULT <run>.overhead_pct``, ``.overhead_pct_median``, ``.off_step_ms``, ``.on_step_ms``,
-``.refresh_ms`` (worker time per refresh), ``.refreshes`` and ``.gaussians`` (at the end).
+Prints ``RESULT <run>.overhead_pct``, ``.overhead_pct_median``, ``.off_step_ms``, ``.on_step_ms``, the
+same four prefixed ``cpu_`` (CPU time per step), ``.refresh_ms`` (worker wall time per refresh),
+``.refreshes`` and ``.gaussians`` (at the end).
 
     OMP_NUM_THREADS=2 python benchmarks/viewer_overhead.py [--pairs 6] [--warmup 600] [--every 100]
 """
@@ -46,11 +49,13 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--use-angle=sw
 
 
 class StepClock(Callback):
+    """Wall time and this process's CPU time (every thread: training, the viewer's worker, viser's) per step end."""
+
     def __init__(self) -> None:
-        self.ends: dict[int, float] = {}
+        self.ends: dict[int, tuple[float, float]] = {}
 
     def on_train_batch_end(self, trainer, *args) -> None:
-        self.ends[trainer.global_step] = time.perf_counter()
+        self.ends[trainer.global_step] = (time.perf_counter(), time.process_time())
 
 
 class BlockViewer(LiveViewer):
@@ -102,16 +107,20 @@ def run(recipe: dict, data: GaussianSplattingDataModule, args: argparse.Namespac
                         num_sanity_val_steps=0, callbacks=[clock, viewer])
     trainer.fit(module, datamodule=data)
 
-    def block_ms(index: int) -> float:  # mean step time of block `index` (its steps end at start+1 .. start+every)
+    def block_ms(index: int, clock_index: int) -> float:  # mean per step of block `index` (steps start+1..start+every)
         start = args.warmup + index * args.every
-        return 1000 * (clock.ends[start + args.every] - clock.ends[start]) / args.every
+        return 1000 * (clock.ends[start + args.every][clock_index] - clock.ends[start][clock_index]) / args.every
 
-    pairs = [(block_ms(2 * i), block_ms(2 * i + 1)) for i in range(args.pairs)]
-    ratios = [100 * (on / off - 1) for off, on in pairs]
+    result = {}
+    for name, clock_index in (("", 0), ("cpu_", 1)):
+        pairs = [(block_ms(2 * i, clock_index), block_ms(2 * i + 1, clock_index)) for i in range(args.pairs)]
+        ratios = [100 * (on / off - 1) for off, on in pairs]
+        result.update({f"{name}overhead_pct": statistics.fmean(ratios),
+                       f"{name}overhead_pct_median": statistics.median(ratios),
+                       f"{name}off_step_ms": statistics.fmean(off for off, _ in pairs),
+                       f"{name}on_step_ms": statistics.fmean(on for _, on in pairs)})
     refreshes = viewer.refreshes - 2  # less the first and the last scene, sent outside the blocks
-    return {"overhead_pct": statistics.fmean(ratios), "overhead_pct_median": statistics.median(ratios),
-            "off_step_ms": statistics.fmean(off for off, _ in pairs),
-            "on_step_ms": statistics.fmean(on for _, on in pairs),
+    return {**result,
             "refresh_ms": 1000 * viewer.worker_seconds / max(viewer.refreshes, 1), "refreshes": float(refreshes),
             "gaussians": float(module.gaussians["means"].shape[0])}
 
