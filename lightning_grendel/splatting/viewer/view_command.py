@@ -84,7 +84,9 @@ def main(argv: list[str]) -> None:
         server = open_viewer(args)
     except ViewerError as error:
         parser.error(str(error))
-    print(f"viewer: {server.url}  (Ctrl-C stops it)", flush=True)
+    local = args.host in ("127.0.0.1", "localhost", "::1")
+    exposed = "" if local else f"; listening on {args.host}: other machines can connect"
+    print(f"viewer: {server.url}  (Ctrl-C stops it{exposed})", flush=True)
     try:
         while True:
             time.sleep(3600)
