@@ -133,10 +133,11 @@ class SceneServer:
     def set_gaussians(self, params: dict[str, Tensor]) -> int:
         """Show these Gaussians (replacing the previous ones); returns their count."""
         arrays = web_gaussians(params)
+        first = self.splats is None
         self.splats = self._server.scene.add_gaussian_splats(
             SPLATS, centers=arrays.centers, covariances=arrays.covariances, rgbs=arrays.rgbs,
             opacities=arrays.opacities, scale=arrays.scale)
-        if not self._cameras:
+        if not self._cameras and first:
             self._look_distance = self._place_overview(arrays.centers * arrays.scale)
         return len(arrays.centers)
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from lightning_grendel.splatting.cameras import Cameras
-from lightning_grendel.splatting.projection import covariance_3d, quaternion_to_rotation
+from lightning_grendel.splatting.projection import quaternion_to_rotation
 from lightning_grendel.splatting.sh import SH_C0
 from lightning_grendel.splatting.viewer.camera_paths import rotation_to_quaternion
 
@@ -58,25 +58,33 @@ def _rotation(wxyz: np.ndarray) -> np.ndarray:
     return quaternion_to_rotation(torch.as_tensor(wxyz, dtype=torch.float64)).numpy()
 
 
+def covariances_of(quats: np.ndarray, log_scales: np.ndarray) -> np.ndarray:
+    """``R S Sᵀ Rᵀ`` [N, 3, 3] from wxyz quaternions of any norm and log-scales, in NumPy (float32 is plenty
+    for a page that keeps 16 bits; torch's element-wise stacking of the rotation is far slower here)."""
+    norm = np.linalg.norm(quats, axis=1, keepdims=True)
+    w, x, y, z = (quats / np.maximum(norm, 1e-12)).T
+    rotation = np.stack([
+        1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
+        2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
+        2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y),
+    ], axis=1).reshape(-1, 3, 3)
+    scaled = rotation * np.exp(log_scales)[:, None, :]
+    return np.matmul(scaled, scaled.transpose(0, 2, 1))
+
+
 def web_gaussians(params: dict[str, Tensor]) -> WebGaussians:
     """Raw Gaussian parameters (any device) to what the web renderer draws."""
-    with torch.no_grad():
-        means = params["means"].detach().to("cpu", torch.float64)
-        covariances = covariance_3d(params["quats"].detach().to("cpu", torch.float64),
-                                    params["scales"].detach().to("cpu", torch.float64).exp())
-        rgbs = (0.5 + SH_C0 * params["sh0"].detach().to("cpu", torch.float64)[:, 0]).clamp(0.0, 1.0)
-        opacities = torch.sigmoid(params["opacities"].detach().to("cpu", torch.float64))[:, None]
-    largest = float(covariances.abs().amax()) if covariances.numel() else 0.0
+    arrays = {key: params[key].detach().to("cpu", torch.float32).numpy()
+              for key in ("means", "scales", "quats", "opacities", "sh0")}
+    covariances = covariances_of(arrays["quats"], arrays["scales"])
+    rgbs = np.clip(0.5 + np.float32(SH_C0) * arrays["sh0"][:, 0], 0.0, 1.0)
+    opacities = (1.0 / (1.0 + np.exp(-arrays["opacities"])))[:, None]
+    largest = float(np.abs(covariances).max()) if covariances.size else 0.0
     scale = 1.0
     if math.isfinite(largest) and largest > FLOAT16_MAX / 4:  # divide by a power of two: exact in float32
         scale = 2.0 ** math.ceil(0.5 * math.log2(4 * largest / FLOAT16_MAX))
-    return WebGaussians(
-        centers=(means / scale).numpy().astype(np.float32),
-        covariances=(covariances / scale**2).numpy().astype(np.float32),
-        rgbs=rgbs.numpy().astype(np.float32),
-        opacities=opacities.numpy().astype(np.float32),
-        scale=scale,
-    )
+    return WebGaussians(centers=arrays["means"] / np.float32(scale), covariances=covariances / np.float32(scale**2),
+                        rgbs=rgbs, opacities=opacities.astype(np.float32), scale=scale)
 
 
 def vertical_fov(focal_y: float, height: int) -> float:
