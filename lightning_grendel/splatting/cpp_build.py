@@ -163,36 +163,55 @@ def build_extensions(extensions: Sequence[CppExtension]) -> dict[CppExtension, b
 
     Logs one line before the first compile (with an estimate for what is left) and one after the last.
     """
+    run = _Run()
     compiled: dict[CppExtension, bool] = {}
-    started: float | None = None
     for index, extension in enumerate(extensions):
-        directory = extension_directory(extension)
-        module = _import_built(directory)
-        compiled[extension] = False
-        if module is None:
-            with _exclusive(directory, extension.name):
-                module = _import_built(directory)  # another process may have built it while this one waited
-                if module is None:
-                    if started is None:
-                        started = time.perf_counter()
-                        _announce_start(extensions[index:])
-                    module = _compile(extension, directory)
-                    compiled[extension] = True
-        _loaded[extension] = module
-    if started is not None:
+        _loaded[extension], compiled[extension] = _build(extension, extensions[index:], run)
+    if run.started is not None:
         built = [e.name for e, done in compiled.items() if done and _loaded[e] is not None]
         failed = [e.name for e, done in compiled.items() if done and _loaded[e] is None]
         outcome = f"; {', '.join(failed)} failed (see the warning)" if failed else ""
-        _announce(f"compiled the C++ kernels in {time.perf_counter() - started:.0f} s ({', '.join(built) or 'none'}"
-                  f"{outcome})")
+        _announce(f"compiled the C++ kernels in {time.perf_counter() - run.started:.0f} s "
+                  f"({', '.join(built) or 'none'}{outcome})")
     return compiled
 
 
-def estimated_minutes(extensions: Sequence[CppExtension], cores: int | None = None) -> int:
-    """Whole minutes to compile ``extensions``: each one's reference CPU time over the cores ninja can use on it."""
-    cores = cores or len(os.sched_getaffinity(0))
+@dataclass
+class _Run:
+    """What one :func:`build_extensions` call has said so far: the start line (and when), a wait."""
+
+    started: float | None = None
+    waited: bool = False
+
+
+def _build(extension: CppExtension, remaining: Sequence[CppExtension], run: _Run) -> tuple[ModuleType | None, bool]:
+    """``(module, compiled here)``: the folder's build, compiled under its lock if there is none yet."""
+    directory = extension_directory(extension)
+    module = _import_built(directory)
+    if module is not None:
+        return module, False
+    try:
+        with _exclusive(directory, extension.name, say_wait=not run.waited) as waited:
+            run.waited = run.waited or waited
+            module = _import_built(directory)  # another process may have built it while this one waited
+            if module is not None:
+                return module, False
+            if run.started is None:
+                run.started = time.perf_counter()
+                _announce_start(remaining)
+            return _compile(extension, directory), True
+    except OSError as error:  # the cache cannot be written (read-only, full, no permission)
+        _warn_failed(extension, f"cannot build in {directory}: {error}")
+        return None, False
+
+
+def estimated_minutes(extensions: Sequence[CppExtension], cores: int | None = None, load: float | None = None) -> int:
+    """Whole minutes to compile ``extensions`` here: each one's reference CPU time over the cores ninja can
+    use on it, stretched by how busy the machine is (1-minute load average, plus this compile, per core)."""
+    cores = cores or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    load = os.getloadavg()[0] if load is None else load
     seconds = sum(e.compile_cpu_seconds / min(cores, len(e.sources)) for e in extensions)
-    return max(1, math.ceil(seconds / 60))
+    return max(1, math.ceil(seconds * max(1.0, (load + 1) / cores) / 60))
 
 
 def _announce_start(extensions: Sequence[CppExtension]) -> None:
@@ -227,28 +246,37 @@ def _import_built(directory: Path) -> ModuleType | None:
 
 
 @contextmanager
-def _exclusive(directory: Path, name: str) -> Iterator[None]:
-    """Hold ``directory/build.lock`` (an advisory ``flock``, released by the kernel if this process dies)."""
+def _exclusive(directory: Path, name: str, say_wait: bool = True) -> Iterator[bool]:
+    """Hold ``directory/build.lock`` (an advisory ``flock``, released by the kernel if this process dies).
+
+    Yields whether it had to wait for another process; ``say_wait`` logs that once (see :func:`_announce_wait`).
+    """
     directory.mkdir(parents=True, exist_ok=True)
     with open(directory / _LOCK, "a+") as handle:
+        waited = False
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            _announce_wait(handle, directory, name)
+            waited = True
+            if say_wait:
+                _announce_wait(handle, directory, name)
             fcntl.flock(handle, fcntl.LOCK_EX)
         handle.truncate(0)
         handle.write(f"{os.getpid()} {os.getppid()}\n")
         handle.flush()
-        yield
+        yield waited
 
 
 def _announce_wait(handle: IO[str], directory: Path, name: str) -> None:
     """Say who is compiling, unless it is a sibling rank (its own line already says so)."""
     handle.seek(0)
-    holder = handle.read().split()
-    if len(holder) == 2 and (os.getppid() in map(int, holder) or int(holder[1]) == os.getpid()):
+    try:
+        pid, parent = (int(field) for field in handle.read().split())
+    except ValueError:  # written by no one yet, or half-written
+        pid = parent = None
+    if os.getppid() in (pid, parent) or parent == os.getpid():
         return
-    who = f"process {holder[0]}" if holder else "another process"
+    who = f"process {pid}" if pid else "another process"
     _announce(f"waiting for {who}, which is compiling {name} in {directory}")
 
 
@@ -270,18 +298,18 @@ def _compile(extension: CppExtension, directory: Path) -> ModuleType | None:
     except (RuntimeError, OSError, ImportError) as error:
         log_file.write_text(f"building {', '.join(map(str, extension.sources))} with {' '.join(cflags())} "
                             f"failed:\n{error}\n")
-        warnings.warn(
-            f"lightning_grendel: could not build the C++ extension {extension.name} (compiler output in "
-            f"{log_file}); falling back to the slower PyTorch code",
-            RuntimeWarning,
-            stacklevel=5,
-        )
+        _warn_failed(extension, f"compiler output in {log_file}")
         return None
     built = directory / _BUILT
     temporary = built.with_suffix(f".{os.getpid()}.tmp")
     temporary.write_text(json.dumps({"module": module.__name__, "file": Path(module.__file__).name}))
     temporary.replace(built)
     return module
+
+
+def _warn_failed(extension: CppExtension, detail: str) -> None:
+    warnings.warn(f"lightning_grendel: could not build the C++ extension {extension.name} ({detail}); "
+                  "falling back to the slower PyTorch code", RuntimeWarning, stacklevel=6)
 
 
 def _torch_load():

@@ -49,6 +49,7 @@ def cache(tmp_path, monkeypatch) -> Path:
     """A fresh cache root for this test, and a process that has loaded nothing yet."""
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(cpp_build, "_loaded", {})
+    monkeypatch.setattr(cpp_build, "EXTENSIONS", ())  # a first compile here builds no real extension alongside
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     return tmp_path / "cache"
@@ -106,15 +107,16 @@ def test_the_folder_is_keyed_by_torch_installation_sources_cpu_and_march(tmp_pat
 def test_a_build_says_what_it_does_once_and_is_never_rebuilt(cache, tmp_path, caplog, monkeypatch):
     first = tiny_extension(tmp_path / "a", "lg_test_first", answer=1)
     second = tiny_extension(tmp_path / "b", "lg_test_second", answer=2)
+    monkeypatch.setattr(cpp_build, "EXTENSIONS", (first, second))
     monkeypatch.setenv("RANK", "2")
     with caplog.at_level(logging.INFO, logger=LOGGER):
-        assert cpp_build.build_extensions([first, second]) == {first: True, second: True}
+        assert cpp_build.load_cpp_extension(second).answer() == 2  # compiles both: one pause, not two
+        assert cpp_build.load_cpp_extension(first).answer() == 1
     lines = [r.getMessage() for r in caplog.records if r.name == LOGGER]
     assert len(lines) == 2, lines
     assert lines[0].startswith("lightning_grendel: rank 2: compiling the C++ kernels once, about 1 min")
     assert lines[0].endswith(f"cached in {cache / cpp_build.torch_signature()}")
-    assert "compiled the C++ kernels in" in lines[1] and "lg_test_first, lg_test_second" in lines[1]
-    assert cpp_build.load_cpp_extension(first).answer() == 1 and cpp_build.load_cpp_extension(second).answer() == 2
+    assert "compiled the C++ kernels in" in lines[1] and "(lg_test_second, lg_test_first)" in lines[1]
 
     library = next(cpp_build.extension_directory(first).glob("*.so"))
     before = library.stat()
@@ -169,7 +171,6 @@ def test_failed_build_warns_once_and_falls_back_to_torch(cache, tmp_path, monkey
     broken = tmp_path / "rasterize.cpp"
     broken.write_text("this is not C++;\n")
     monkeypatch.setattr(cpp_backend, "EXTENSION", cpp_build.CppExtension("lightning_grendel_rasterize", (broken,), 1))
-    monkeypatch.setattr(cpp_build, "EXTENSIONS", ())  # do not compile the real ones into this test's cache
     scene = projected_splats(50, 24, 20, seed=1)
     with pytest.warns(RuntimeWarning, match="compiler output in .*build_error.log") as record:
         image = rasterize(**scene, width=24, height=20, backend="cpp")
@@ -179,7 +180,17 @@ def test_failed_build_warns_once_and_falls_back_to_torch(cache, tmp_path, monkey
     torch.testing.assert_close(image, rasterize(**scene, width=24, height=20, backend="torch"), rtol=0, atol=0)
 
 
-def test_the_estimate_divides_each_compile_by_the_cores_ninja_can_use():
-    assert cpp_build.estimated_minutes(cpp_build.EXTENSIONS, cores=2) == 2  # 60/2 + 24 + 23 = 77 s
-    assert cpp_build.estimated_minutes(cpp_build.EXTENSIONS, cores=16) == 1  # 60/5 + 24 + 23 = 59 s
-    assert cpp_build.estimated_minutes(cpp_build.EXTENSIONS, cores=1) == 2  # 107 s
+def test_an_unwritable_cache_warns_and_falls_back(cache, tmp_path, monkeypatch):
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "a_file" / "cache"))  # cannot be a folder
+    ext = tiny_extension(tmp_path / "src")
+    with pytest.warns(RuntimeWarning, match="could not build the C\\+\\+ extension lg_test_tiny .cannot build in"):
+        assert cpp_build.load_cpp_extension(ext) is None
+
+
+def test_the_estimate_divides_each_compile_by_the_cores_ninja_can_use_and_the_load():
+    minutes = cpp_build.estimated_minutes
+    assert minutes(cpp_build.EXTENSIONS, cores=2, load=0.0) == 2  # 60/2 + 24 + 23 = 77 s
+    assert minutes(cpp_build.EXTENSIONS, cores=16, load=0.0) == 1  # 60/5 + 24 + 23 = 59 s
+    assert minutes(cpp_build.EXTENSIONS, cores=1, load=0.0) == 2  # 107 s
+    assert minutes(cpp_build.EXTENSIONS, cores=2, load=5.0) == 4  # 77 s x (5 + 1) / 2 = 231 s
