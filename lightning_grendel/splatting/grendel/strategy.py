@@ -5,6 +5,12 @@ partitions; a sparse all-to-all moves only the splats each partition needs (see 
 It is a ``ParallelStrategy``, not a ``DDPStrategy``: DDP insists on equal parameter shapes on every
 rank, and densification changes them. Gaussians get no gradient all-reduce; any other (replicated)
 parameters of the module do.
+
+Call order: ``launch`` (after the module's ``check_trainer``, so a refused Trainer flag fails in the
+launching process before any rank starts), ``setup_environment`` (process group), ``setup`` (renderer,
+optimisers; Lightning's distributed sampler is turned off: every rank reads every batch), the training
+steps (``optimizer_step`` averages replicated gradients; the module calls ``after_density_change``),
+``save_checkpoint`` / ``load_checkpoint`` (sharded directories), ``gather_gaussians`` at export.
 """
 
 from __future__ import annotations
@@ -88,8 +94,20 @@ class GrendelStrategy(ProcessGroupStrategy):
 
     # --- model set-up ------------------------------------------------------------------------------
 
+    @property
+    def is_distributed(self) -> bool:
+        """True: Lightning then honours ``self.log(..., sync_dist=True)`` (it drops ``sync_dist`` otherwise)."""
+        return True
+
+    def _configure_launcher(self) -> None:
+        super()._configure_launcher()
+        self._launcher = _CheckThenLaunch(self._launcher)
+
     def setup(self, trainer: Trainer) -> None:
         assert self.accelerator is not None and self.model is not None
+        # is_distributed would make Lightning wrap the loaders in a DistributedSampler, reshuffled by its own
+        # seed: every rank needs the same batches, in the loader's own order (the single-process order).
+        trainer._accelerator_connector.use_distributed_sampler = False
         self.accelerator.setup(trainer)
         self.precision_plugin.convert_module(self.model)
         self.model_to_device()
@@ -185,3 +203,25 @@ class GrendelStrategy(ProcessGroupStrategy):
     def remove_checkpoint(self, filepath: Any) -> None:
         if self.global_rank == 0:
             shutil.rmtree(filepath, ignore_errors=True)
+
+
+class _CheckThenLaunch:
+    """Lightning's launcher, preceded by the module's ``check_trainer(trainer)`` when it has one.
+
+    Lightning hands the launcher the trainer and the module (first argument of ``fit``, ``validate``,
+    ``test``, ``predict``), so a refused flag is one error in this process: no rank starts, nothing is written.
+    """
+
+    def __init__(self, launcher: Any) -> None:
+        self._launcher = launcher
+
+    def launch(self, function: Any, *args: Any, trainer: Trainer | None = None, **kwargs: Any) -> Any:
+        check = getattr(args[0] if args else None, "check_trainer", None)
+        if trainer is not None and callable(check):
+            check(trainer)
+        return self._launcher.launch(function, *args, trainer=trainer, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:  # is_interactive_compatible, kill, ...
+        if name == "_launcher":  # while unpickling (spawn), before __dict__ is filled
+            raise AttributeError(name)
+        return getattr(self._launcher, name)
