@@ -180,7 +180,9 @@ class GaussianSplattingModule(LightningModule):
         refuse_unsupported_flags(trainer, backend, type(self).__name__)
 
     def configure_callbacks(self) -> list:
+        """No callbacks: the first hook of every run, where the flags are checked and the fit clock starts."""
         self.check_trainer(self.trainer)
+        self._fit_started = time.perf_counter()  # so the summary's time includes loading data and set-up
         return []
 
     def setup(self, stage: str) -> None:
@@ -442,9 +444,6 @@ class GaussianSplattingModule(LightningModule):
         if isinstance(strategy, GaussianShardingStrategy):
             return strategy.gather_gaussians(self.gaussians)
         return {key: value.detach().cpu() for key, value in self.gaussians.items()}
-
-    def on_fit_start(self) -> None:
-        self._fit_started = time.perf_counter()
 
     def on_fit_end(self) -> None:
         """Export the PLY (all Gaussians, gathered on rank 0) and print the run's summary once."""
