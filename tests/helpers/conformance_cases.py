@@ -50,6 +50,7 @@ class Recorder(Callback):
         self.steps: list[dict[str, float]] = []
         self.validations: list[dict[str, float]] = []
         self.grads: list[dict[str, Tensor]] = []
+        self.exchange: list[tuple[dict[str, float], dict[str, float]]] = []  # (this rank's, logged)
         self.grad_steps = grad_steps
         self.gaussians: dict[str, Tensor] | None = None
         self.dtype: torch.dtype | None = None
@@ -61,6 +62,8 @@ class Recorder(Callback):
     def on_train_batch_end(self, trainer, module, *args: Any) -> None:
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
         self.steps.append({"step": trainer.global_step, **metrics})
+        logged = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("renderer/")}
+        self.exchange.append((dict(module.renderer.last_stats), logged))
 
     def on_validation_end(self, trainer, module) -> None:
         if not trainer.sanity_checking:
@@ -72,7 +75,7 @@ class Recorder(Callback):
 
     def result(self) -> dict[str, Any]:
         return {"steps": self.steps, "validations": self.validations, "grads": self.grads,
-                "gaussians": self.gaussians, "dtype": self.dtype}
+                "gaussians": self.gaussians, "dtype": self.dtype, "exchange": self.exchange}
 
 
 def _trainer(strategy: Any, world: int, root: Path, **kwargs: Any) -> Trainer:

@@ -9,6 +9,7 @@ import pytest
 import torch
 from lightning.fabric.plugins.environments import LightningEnvironment
 from lightning.pytorch import Trainer
+from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
 
 from lightning_grendel.splatting.densify import DensifyConfig
 from lightning_grendel.splatting.grendel import GrendelStrategy
@@ -76,6 +77,7 @@ def test_grendel_spawn_refuses_before_starting_a_rank(data, tmp_path):
                       accumulate_grad_batches=4)
     # A ValueError in this process, not a ProcessRaisedException from a started rank.
     _refused(trainer, _module(), data, "Trainer(accumulate_grad_batches=4) is not supported", tmp_path)
+    assert isinstance(trainer.strategy.launcher, _MultiProcessingLauncher)  # what Lightning's predict loop tests
 
 
 def test_grendel_refuses_before_its_process_group(data, tmp_path, monkeypatch):

@@ -38,6 +38,7 @@ from lightning_grendel.splatting.grendel.checkpoint import (
     reshard,
     save_sharded,
 )
+from lightning_grendel.splatting.grendel.launchers import CheckedScriptLauncher, CheckedSpawnLauncher
 from lightning_grendel.splatting.grendel.redistribute import even_shares, redistribute
 from lightning_grendel.splatting.grendel.renderer import GrendelRenderer
 from lightning_grendel.splatting.protocols import Renderer
@@ -62,6 +63,8 @@ class GrendelStrategy(ProcessGroupStrategy):
     """
 
     strategy_name = "grendel"
+    script_launcher = CheckedScriptLauncher  # the module's check_trainer runs before any rank starts
+    spawn_launcher = CheckedSpawnLauncher
 
     def __init__(
         self,
@@ -98,10 +101,6 @@ class GrendelStrategy(ProcessGroupStrategy):
     def is_distributed(self) -> bool:
         """True: Lightning then honours ``self.log(..., sync_dist=True)`` (it drops ``sync_dist`` otherwise)."""
         return True
-
-    def _configure_launcher(self) -> None:
-        super()._configure_launcher()
-        self._launcher = _CheckThenLaunch(self._launcher)
 
     def setup(self, trainer: Trainer) -> None:
         assert self.accelerator is not None and self.model is not None
@@ -203,25 +202,3 @@ class GrendelStrategy(ProcessGroupStrategy):
     def remove_checkpoint(self, filepath: Any) -> None:
         if self.global_rank == 0:
             shutil.rmtree(filepath, ignore_errors=True)
-
-
-class _CheckThenLaunch:
-    """Lightning's launcher, preceded by the module's ``check_trainer(trainer)`` when it has one.
-
-    Lightning hands the launcher the trainer and the module (first argument of ``fit``, ``validate``,
-    ``test``, ``predict``), so a refused flag is one error in this process: no rank starts, nothing is written.
-    """
-
-    def __init__(self, launcher: Any) -> None:
-        self._launcher = launcher
-
-    def launch(self, function: Any, *args: Any, trainer: Trainer | None = None, **kwargs: Any) -> Any:
-        check = getattr(args[0] if args else None, "check_trainer", None)
-        if trainer is not None and callable(check):
-            check(trainer)
-        return self._launcher.launch(function, *args, trainer=trainer, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:  # is_interactive_compatible, kill, ...
-        if name == "_launcher":  # while unpickling (spawn), before __dict__ is filled
-            raise AttributeError(name)
-        return getattr(self._launcher, name)

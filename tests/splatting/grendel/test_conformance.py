@@ -138,6 +138,12 @@ def test_trainer_features_equal_the_single_process_run(world, reference, tmp_pat
         got = ranks[0]["resume"]["gaussians"][key]
         torch.testing.assert_close(got, value, rtol=RTOL, atol=1e-4 if key == "quats" else 1e-6, msg=key)
     assert all(out["resume"]["gaussians"] is None for out in ranks[1:])
+    # self.log(..., sync_dist=True) reduces over ranks: renderer/rows_sent is every rank's sum, on every rank.
+    for step in range(len(ref["main"]["steps"])):
+        sent = sum(out["main"]["exchange"][step][0].get("rows_sent", 0.0) for out in ranks)
+        for out in ranks:
+            assert out["main"]["exchange"][step][1].get("renderer/rows_sent") == sent
+    assert (sent > 0) == (world > 1)
     # Ranks fed different cameras (a DataLoader shuffled differently per rank) fail together, with the reason.
     for out in ranks:
         assert ("the ranks got different cameras" in out["mismatch"]) == (world > 1), out["mismatch"]
