@@ -13,8 +13,9 @@ up (:meth:`~GaussianSplattingModule.sum_over_ranks`), so ``train/loss`` and ever
 number one process would get, on every rank. A regulariser over the Gaussians must do the same: write it
 with :meth:`~GaussianSplattingModule.gaussian_mean` / :meth:`~GaussianSplattingModule.gaussian_sum` in an
 override of :meth:`~GaussianSplattingModule.regularization`. **A plain** ``self.gaussians[...].mean()``
-**is the mean of this rank's shard only: added on every rank, the term and its gradients grow with the
-world size, and nothing can detect it.** For example::
+**is the mean of this rank's shard only: added on every rank, its gradients scale with the world size
+(W times the single-process gradient on W ranks), each rank logs another value, and nothing can detect
+it.** For example::
 
     class SmallSplats(GaussianSplattingModule):
         def regularization(self) -> Tensor:

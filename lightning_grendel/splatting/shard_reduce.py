@@ -8,9 +8,9 @@ because every rank backpropagates the same replicated loss only into what it com
 all-reduce whose backward sums the gradients too, like ``torch.distributed.nn.all_reduce``, would give
 W times that gradient here.)
 
-A plain ``x.mean()`` over a shard is the mean of that shard only: added to the loss on every rank it
-makes the term and its gradients scale with the world size. Nothing can detect that, so the module's
-docstring and docs/grendel.md say it where users look.
+A plain ``x.mean()`` over a shard is the mean of that shard only: added to the loss on every rank, its
+gradients scale with the world size (it divides by N/W instead of N). Nothing can detect that, so the
+module's docstring and docs/grendel.md say it where users look.
 
 Every function here is a collective when a process group of more than one rank is given: every rank
 must call it the same number of times, in the same order.
