@@ -90,3 +90,16 @@ def test_recipes_prints_whole_first_sentences(tmp_path):
     for line in lines:
         assert line.endswith(".") and line.count("(") == line.count(")"), line
     assert "HGCN ships a networkx pickle: convert it to the three files first)." in out
+
+
+@pytest.mark.timeout(600)
+def test_every_rank_of_a_multi_process_run_says_which_it_is(tmp_path):
+    result = lightning_grendel("fit", "-c", "smoke/grendel", "--data.format", "blender", "--data.path", "missing",
+                               "--trainer.default_root_dir", "runs", cwd=tmp_path)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
+    assert 1 <= len(errors) <= 2, result.stderr[-3000:]  # at most one line per rank
+    assert {line.split(": ", 1)[1] for line in errors} == {"missing/transforms_train.json: NeRF-synthetic transforms "
+                                                          "file not found"}
+    assert {line.split(": ", 1)[0] for line in errors} <= {"error", "error (rank 1)"}
+    assert not (tmp_path / "runs").exists()
