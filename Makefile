@@ -18,7 +18,7 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/lightning-grendel fit -c gaussian/demo
 
 test: $(VENV)/.installed
-	$(PY) -m lightning_grendel.splatting.rasterize.build
+	$(PY) -m lightning_grendel.splatting.build
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 

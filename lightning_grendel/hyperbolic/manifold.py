@@ -46,15 +46,22 @@ class LorentzManifold(geoopt.manifolds.base.Manifold):
         return self.raw_k.clamp_min(1e-4)
 
     def _check_point_on_manifold(self, x: Tensor, *, atol: float = 1e-5, rtol: float = 1e-5, dim: int = -1):
-        k = self.k.to(x)
-        ok = torch.allclose(lm.inner(x, x), -k.expand(x.shape[:-1]), atol=atol, rtol=rtol)
-        ok = ok and bool((x[..., 0] > 0).all())
-        return ok, None if ok else f"'x' is not on the hyperboloid <x,x>_L = -{k.item():.4g} (x0 > 0)"
+        """Each point within ``atol + rtol * x0^2`` of ``<x, x>_L = -k``, ``x0 > 0`` (:func:`lm.on_hyperboloid`)."""
+        k = self.k.detach().to(x)
+        ok = lm.on_hyperboloid(x, k, atol, rtol)
+        if bool(ok.all()):
+            return True, None
+        return False, (f"'x' is not on the hyperboloid <x,x>_L = -{k.item():.4g} with x0 > 0: {int((~ok).sum())} of "
+                       f"{ok.numel()} points fail |<x,x>_L + k| <= atol + rtol * x0^2 (atol={atol:g}, rtol={rtol:g})")
 
     def _check_vector_on_tangent(self, x: Tensor, u: Tensor, *, atol: float = 1e-5, rtol: float = 1e-5,
                                  dim: int = -1):
-        ok = torch.allclose(lm.inner(x, u), torch.zeros((), dtype=x.dtype), atol=atol, rtol=rtol)
-        return ok, None if ok else "'u' is not Minkowski-orthogonal to 'x'"
+        """Each ``u`` Minkowski-orthogonal to its ``x`` within ``atol + rtol * x0 * |u|`` (:func:`lm.on_tangent`)."""
+        ok = lm.on_tangent(x, u, atol, rtol)
+        if bool(ok.all()):
+            return True, None
+        return False, (f"'u' is not Minkowski-orthogonal to 'x': {int((~ok).sum())} of {ok.numel()} vectors fail "
+                       f"|<x,u>_L| <= atol + rtol * x0 * |u| (atol={atol:g}, rtol={rtol:g})")
 
     def inner(self, x: Tensor, u: Tensor, v: Tensor | None = None, *, keepdim: bool = False,
               dim: int = -1) -> Tensor:

@@ -51,6 +51,22 @@ def inner(u: Tensor, v: Tensor, keepdim: bool = False) -> Tensor:
     return out if keepdim else out.squeeze(-1)
 
 
+def on_hyperboloid(x: Tensor, k: float | Tensor, atol: float, rtol: float) -> Tensor:
+    """Per point: ``|<x, x>_L + k| <= atol + rtol * x0^2`` and ``x0 > 0``.
+
+    The tolerance grows with ``x0^2`` because that is the size of the terms that cancel in ``<x, x>_L``:
+    rounding alone leaves about ``eps * x0^2`` (a float32 point with ``x0 = 1e3`` is off by ~0.1 however
+    carefully it was made). At the origin (``x0^2 = k``) it is geoopt's ``allclose(<x, x>_L, -k)``.
+    """
+    x0 = x[..., 0]
+    return ((inner(x, x) + k).abs() <= atol + rtol * x0 * x0) & (x0 > 0)
+
+
+def on_tangent(x: Tensor, u: Tensor, atol: float, rtol: float) -> Tensor:
+    """Per vector: ``|<x, u>_L| <= atol + rtol * x0 * |u|`` (``|u|`` Euclidean), rounding's scale as above."""
+    return inner(x, u).abs() <= atol + rtol * x[..., 0].abs() * torch.linalg.vector_norm(u, dim=-1)
+
+
 def cinner(x: Tensor, y: Tensor) -> Tensor:
     """All-pairs Minkowski inner products ``<x_i, y_j>_L`` as one matmul (``(..., n, m)``)."""
     return x[..., 1:] @ y[..., 1:].transpose(-1, -2) - x[..., :1] @ y[..., :1].transpose(-1, -2)

@@ -8,7 +8,6 @@ pair's intermediates from the inputs rather than saving them.
 
 from __future__ import annotations
 
-from pathlib import Path
 from types import ModuleType
 
 import torch
@@ -16,17 +15,15 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from lightning_grendel.splatting.cameras import Cameras
-from lightning_grendel.splatting.cpp_build import load_cpp_extension
+from lightning_grendel.splatting.cpp_build import PROJECTION, load_cpp_extension
 from lightning_grendel.splatting.projection import Projected, RasterizeMode, check_rasterize_mode
 
-EXTENSION_NAME = "lightning_grendel_project"
-SOURCE = Path(__file__).resolve().parent / "csrc" / "project.cpp"
 _DTYPES = (torch.float32, torch.float64)
 
 
 def load_extension() -> ModuleType | None:
     """The compiled extension, or ``None`` if it cannot be built (warned about once per process)."""
-    return load_cpp_extension(EXTENSION_NAME, [SOURCE])
+    return load_cpp_extension(PROJECTION)
 
 
 def fused_projection_available(means: Tensor, quats: Tensor, scales: Tensor, coefficients: Tensor,

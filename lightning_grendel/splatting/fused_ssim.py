@@ -9,23 +9,20 @@ the CPU (see :func:`fused_loss_available`).
 
 from __future__ import annotations
 
-from pathlib import Path
 from types import ModuleType
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from lightning_grendel.splatting.cpp_build import load_cpp_extension
+from lightning_grendel.splatting.cpp_build import SSIM, load_cpp_extension
 
-EXTENSION_NAME = "lightning_grendel_ssim"
-SOURCE = Path(__file__).resolve().parent / "csrc" / "ssim.cpp"
 _DTYPES = (torch.float32, torch.float64)
 
 
 def load_extension() -> ModuleType | None:
     """The compiled extension, or ``None`` if it cannot be built (warned about once per process)."""
-    return load_cpp_extension(EXTENSION_NAME, [SOURCE])
+    return load_cpp_extension(SSIM)
 
 
 def fused_loss_available(image: Tensor, target: Tensor) -> bool:

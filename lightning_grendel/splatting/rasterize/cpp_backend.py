@@ -22,25 +22,22 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from lightning_grendel.splatting.cpp_build import extension_directory, load_cpp_extension
+from lightning_grendel.splatting.cpp_build import RASTERIZE, extension_directory, load_cpp_extension
 from lightning_grendel.splatting.rasterize.splats import PixelRows, Splats
 from lightning_grendel.splatting.rasterize.torch_backend import rasterize_torch
 
-EXTENSION_NAME = "lightning_grendel_rasterize"
-CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCE = CSRC / "rasterize.cpp"
-SIMD_SOURCES = tuple(CSRC / f"simd_{part}.cpp" for part in ("bins", "forward", "backward", "glue"))
+EXTENSION = RASTERIZE  # sources: csrc/rasterize.cpp (scalar) and csrc/simd_*.cpp
 IMPLS = ("auto", "scalar", "simd")
 
 
 def build_directory() -> Path:
     """Where the compiled extension lives (see :mod:`lightning_grendel.splatting.cpp_build`)."""
-    return extension_directory(EXTENSION_NAME)
+    return extension_directory(EXTENSION)
 
 
 def load_extension() -> ModuleType | None:
     """The extension module, or ``None`` if it cannot be built (warned about once per process)."""
-    return load_cpp_extension(EXTENSION_NAME, [SOURCE, *SIMD_SOURCES])
+    return load_cpp_extension(EXTENSION)
 
 
 def cpp_available() -> bool:

@@ -7,7 +7,6 @@ import logging
 import pytest
 import torch
 
-from lightning_grendel.splatting import cpp_build
 from lightning_grendel.splatting.projection import project_gaussians
 from lightning_grendel.splatting.rasterize import cpp_backend as rasterize_cpp
 from lightning_grendel.splatting.rasterize import rasterize, resolve_backend
@@ -184,33 +183,3 @@ def test_gsplat_without_cuda_is_a_clear_error():
     scene = projected_splats(10, 16, 16)
     with pytest.raises(ValueError, match="gsplat.*CUDA"):
         rasterize(**scene, width=16, height=16, backend="gsplat")
-
-
-def test_failed_build_warns_once_and_falls_back_to_torch(tmp_path, monkeypatch):
-    broken = tmp_path / "rasterize.cpp"
-    broken.write_text("this is not C++;\n")
-    monkeypatch.setattr(rasterize_cpp, "SOURCE", broken)
-    monkeypatch.setattr(cpp_build, "_loaded", {})  # forget this process's build; restored afterwards
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "build"))
-    scene = projected_splats(50, 24, 20, seed=1)
-    with pytest.warns(RuntimeWarning, match="compiler output in .*build_error.log") as record:
-        image = rasterize(**scene, width=24, height=20, backend="cpp")
-        rasterize(**scene, width=24, height=20, backend="cpp")
-    assert len(record) == 1
-    log_file = rasterize_cpp.build_directory() / "build_error.log"
-    assert "error" in log_file.read_text()
-    torch.testing.assert_close(image, rasterize(**scene, width=24, height=20, backend="torch"), rtol=0, atol=0)
-
-
-def test_build_folder_follows_the_cpu_and_the_march_target(tmp_path, monkeypatch):
-    """A shared home directory must never hand one CPU's build to another: the folder names both."""
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    cpuinfo = tmp_path / "cpuinfo"
-    cpuinfo.write_text("processor\t: 0\nmodel name\t: Some Xeon\nflags\t\t: fpu sse2 avx2 avx512f\n")
-    avx512 = cpp_build.cpu_signature(cpuinfo)
-    cpuinfo.write_text("processor\t: 0\nmodel name\t: Some Xeon\nflags\t\t: fpu sse2 avx2\n")
-    assert cpp_build.cpu_signature(cpuinfo) != avx512
-    native = rasterize_cpp.build_directory()
-    assert native.name.startswith("lightning_grendel_rasterize_native_") and native.parent.parent == tmp_path
-    monkeypatch.setenv("LIGHTNING_GRENDEL_MARCH", "x86-64")
-    assert rasterize_cpp.build_directory() != native
