@@ -93,7 +93,9 @@ def _error(capsys, *argv: str) -> str:
     with pytest.raises(SystemExit) as exit_info:
         main(["view", *argv])
     assert exit_info.value.code == 2
-    return capsys.readouterr().err
+    (line,) = capsys.readouterr().err.splitlines()  # one line, no usage text, no traceback
+    assert line.startswith("error: "), line
+    return line
 
 
 @pytest.mark.timeout(300)

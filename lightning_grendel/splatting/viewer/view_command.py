@@ -78,12 +78,9 @@ def open_viewer(args: argparse.Namespace) -> SceneServer:
 
 
 def main(argv: list[str]) -> None:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        server = open_viewer(args)
-    except ViewerError as error:
-        parser.error(str(error))
+    """``lightning-grendel view ARGS``; a :class:`ViewerError` reaches the command's one-line error report."""
+    args = build_parser().parse_args(argv)
+    server = open_viewer(args)
     local = args.host in ("127.0.0.1", "localhost", "::1")
     exposed = "" if local else f"; listening on {args.host}: other machines can connect"
     print(f"viewer: {server.url}  (Ctrl-C stops it{exposed})", flush=True)
