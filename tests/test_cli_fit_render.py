@@ -47,7 +47,7 @@ def lightning_grendel(*args: str, cwd: Path, umask: int | None = None) -> str:
 
 def reported_test_psnr(output: str) -> float:
     """``test/psnr`` from the table of results Lightning prints (rank 0 prints it)."""
-    (value,) = re.findall(r"test/psnr\s*[│|]\s*([0-9.]+)", output)
+    (value,) = re.findall(r"test/psnr\s*[│|]?\s*([0-9.]+)", output)
     return float(value)
 
 

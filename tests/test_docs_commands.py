@@ -34,6 +34,7 @@ import pytest
 
 from lightning_grendel.hyperbolic.data.disease import generate_disease_like, write_hgcn_folder
 from tests.helpers.distributed import run_distributed
+from tests.helpers.nerfstudio_capture import write_capture_from_colmap
 from tests.helpers.paths import REPO_ROOT, SHARED_DATA
 
 DOCS = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").rglob("*.md"))]
@@ -47,11 +48,14 @@ RECIPE_DATA = {"gaussian/blender": "nerf_synthetic_blocks", "gaussian/grendel_cp
                "hyperbolic/wn18rr": "wn18rr", "hyperbolic/cora": "cora", "hyperbolic/cora_lp": "cora"}
 PLACEHOLDERS = {  # an argument the docs leave to the reader -> what it stands for here
     "...": "the shared dataset of the command's recipe",
-    "path/to/last.ckpt": "last.ckpt of the recipe's capped fit",
+    "path/to/last.ckpt": "last.ckpt of the recipe's capped fit (gaussian/blender's for a command without -c)",
+    "last.ckpt": "the same as path/to/last.ckpt",
     "path/to/grendel_checkpoint_dir": "last.ckpt of the gaussian/grendel_cpu fit (a sharded directory)",
     "point_cloud.ply": "point_cloud.ply of the recipe's capped fit",
     "PATH/disease_lp": "a generated Disease-like graph in HGCN's layout",
+    "capture/": "colmap_blocks written as ns-process-data writes a capture (tests/helpers/nerfstudio_capture.py)",
 }
+DEFAULT_RECIPE = "gaussian/blender"  # what a command without -c (export, view) reads
 SKIPPED = {  # a command that starts with this -> why it does not run here
     "fit -c gaussian/grendel_gpu": "needs CUDA GPUs (NCCL, 4 devices)",
     "fit -c gaussian/scaling_w4": "4 ranks; run verbatim by tests/benchmarks/test_scaling_quick.py",
@@ -151,17 +155,22 @@ class Workspace:
 
     def substitute(self, args: list[str], where: str) -> list[str]:
         recipe = _recipe(args)
+        fitted = recipe or DEFAULT_RECIPE
         out = []
         for flag, value in zip(["", *args[:-1]], args, strict=True):
             value = value.replace("../shared/data/", f"{SHARED_DATA}/")
             if value == "..." and flag == "--data.path":
                 value = str(SHARED_DATA / RECIPE_DATA[recipe])
-            elif value == "path/to/last.ckpt":
-                value = str(self.checkpoint(recipe, where))
+            elif value in ("path/to/last.ckpt", "last.ckpt") and not (self.root / value).exists():
+                value = str(self.checkpoint(fitted, where))
             elif value == "path/to/grendel_checkpoint_dir":
                 value = str(self.checkpoint("gaussian/grendel_cpu", where))
             elif value == "point_cloud.ply":
-                value = str(self.checkpoint(recipe, where).parent.parent / "point_cloud.ply")
+                value = str(self.checkpoint(fitted, where).parent.parent / "point_cloud.ply")
+            elif value == "capture/" and flag == "--data.path":
+                value = str(self.root / "capture")
+                if not (self.root / "capture").exists():
+                    write_capture_from_colmap(SHARED_DATA / "colmap_blocks", self.root / "capture")
             elif value == "PATH/disease_lp":
                 value = str(write_hgcn_folder(self.root / "graphs" / "disease_lp",
                                               generate_disease_like(depth=3, branching=4.0, seed=0)))

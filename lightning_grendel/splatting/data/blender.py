@@ -8,9 +8,9 @@ OpenGL axes. Images keep their straight alpha; the dataset composites them over 
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -20,7 +20,15 @@ from lightning_grendel.splatting.cameras import (
     intrinsics_matrix,
     opengl_to_opencv_world_to_camera,
 )
-from lightning_grendel.splatting.data.scene import ImageSplit, SceneData, load_image, resized_size, scale_intrinsics
+from lightning_grendel.splatting.data.scene import (
+    ImageSplit,
+    SceneData,
+    check_image_size,
+    load_image,
+    resized_size,
+    scale_intrinsics,
+)
+from lightning_grendel.splatting.data.streamed import ImageSource, ImageStorage
 from lightning_grendel.splatting.data.validate import check_field_of_view, check_rigid_pose, matrix_from_json
 
 SPLITS = ("train", "val", "test")
@@ -57,8 +65,10 @@ def load_blender_scene(
     downscale: float = 1.0,
     num_init_points: int = 100_000,
     seed: int = 0,
+    storage: ImageStorage | None = None,
 ) -> SceneData:
-    """Read every split under ``root``; without ``transforms_val.json`` the test split doubles as val."""
+    """Read every split under ``root``; without ``transforms_val.json`` the test split doubles as val.
+    ``storage`` holds the images in memory (default) or streams them."""
     root = Path(root)
     transforms = {split: root / f"transforms_{split}.json" for split in SPLITS}
     for split in ("train", "test"):
@@ -72,6 +82,8 @@ def load_blender_scene(
     with Image.open(first_image) as image:
         source_size = image.size
     size = resized_size(*source_size, image_width, downscale)
+    storage = storage or ImageStorage()
+    stream = storage.streams(sum(len(frames) for _, frames in parsed.values()) * size[0] * size[1] * 4)
 
     splits = {}
     for split, (fov_x, frames) in parsed.items():
@@ -79,7 +91,12 @@ def load_blender_scene(
         intrinsics = intrinsics_matrix(focal, focal, source_size[0] / 2, source_size[1] / 2)
         intrinsics = scale_intrinsics(intrinsics, source_size, size)
         reference = f"the first image {first_image}"
-        images = [load_image(path, "RGBA", source_size, reference, size) for path, _ in frames]
+        if stream:
+            for path, _ in frames:
+                check_image_size(path, source_size, reference)
+        sources = [ImageSource(path, f"RGBA source={source_size}", partial(load_image, path, "RGBA", source_size,
+                                                                         reference, size)) for path, _ in frames]
+        images = storage.split_images(sources, (size[1], size[0], 4), stream)
         cameras = Cameras(
             torch.stack([opengl_to_opencv_world_to_camera(c2w) for _, c2w in frames]),
             intrinsics.expand(len(frames), 3, 3).clone(),
@@ -87,7 +104,7 @@ def load_blender_scene(
             size[1],
         )
         names = [str(path.relative_to(root)) for path, _ in frames]
-        splits[split] = ImageSplit(torch.from_numpy(np.stack(images)), cameras, names)
+        splits[split] = ImageSplit(images, cameras, names)
 
     generator = torch.Generator().manual_seed(seed)
     points = (torch.rand(num_init_points, 3, generator=generator) * 2 - 1) * INIT_BOX_HALF_WIDTH

@@ -19,9 +19,10 @@ import torch
 from torch import Tensor
 
 from lightning_grendel.splatting.data import undistort
+from lightning_grendel.splatting.data.image_cache import DecodedImageCache
 from lightning_grendel.splatting.data.posed_images import PosedImage, downscaled_folder, load_splits, use_downscaled
 from lightning_grendel.splatting.data.scene import SceneData
-from lightning_grendel.splatting.data.undistort_cache import UndistortCache
+from lightning_grendel.splatting.data.streamed import ImageStorage
 from lightning_grendel.splatting.data.validate import check_colmap_model
 
 # COLMAP model id -> (name, number of parameters).
@@ -346,12 +347,13 @@ def _find_images_dir(root: Path, model_dir: Path) -> Path:
 
 def load_colmap_scene(
     root: str | Path, image_width: int | None = None, downscale: float = 1.0, test_every: int = 8,
-    cache: UndistortCache | None = None,
+    cache: DecodedImageCache | None = None, storage: ImageStorage | None = None,
 ) -> SceneData:
     """Posed images sorted by name; every ``test_every``-th one (from the first) is held out as test and val.
 
     Initial points are the model's 3D points with their colours. ``cache`` keeps undistorted images of
-    distorted cameras on disk between runs (None: undistort every load). With an integer ``downscale`` d
+    distorted cameras on disk between runs (None: undistort every load); ``storage`` holds the images in
+    memory (default) or streams them. With an integer ``downscale`` d
     and an ``images_<d>`` folder beside ``images/``, its images are read instead of resizing on the fly.
     """
     root = Path(root)
@@ -369,7 +371,7 @@ def load_colmap_scene(
     if folder is not None:
         images, downscale = use_downscaled(images, folder, model.path), 1.0
     is_test = [i % test_every == 0 for i in range(len(images))]
-    train, test = load_splits(images, is_test, model.path, image_width, downscale, cache)
+    train, test = load_splits(images, is_test, model.path, image_width, downscale, cache, storage)
     points = torch.from_numpy(model.points.xyz).to(torch.float32)
     colors = torch.from_numpy(model.points.rgb).to(torch.float32) / 255.0
     return SceneData(train, test, test, points, colors)

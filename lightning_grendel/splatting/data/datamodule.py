@@ -14,15 +14,16 @@ from typing import Literal
 import torch
 from lightning import LightningDataModule
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler
 
 from lightning_grendel.splatting.cameras import Cameras
 from lightning_grendel.splatting.data.blender import load_blender_scene
 from lightning_grendel.splatting.data.colmap import find_model_dir, load_colmap_scene
 from lightning_grendel.splatting.data.demo_scene import make_demo_scene
+from lightning_grendel.splatting.data.image_cache import DecodedImageCache
 from lightning_grendel.splatting.data.nerfstudio import TRANSFORMS_FILE, load_nerfstudio_scene
 from lightning_grendel.splatting.data.scene import ImageSplit, SceneData
-from lightning_grendel.splatting.data.undistort_cache import UndistortCache
+from lightning_grendel.splatting.data.streamed import ImageStorage, PrefetchingSampler, StorageMode, StreamedImages
 
 Format = Literal["auto", "blender", "colmap", "nerfstudio", "demo"]
 DatasetFormat = Literal["blender", "colmap", "nerfstudio"]
@@ -100,6 +101,16 @@ class GaussianSplattingDataModule(LightningDataModule):
             size, so a changed image or camera is undistorted anew.
         undistort_cache_dir: where those files go (default ``$XDG_CACHE_HOME/lightning-grendel/undistorted``,
             i.e. ``~/.cache/lightning-grendel/undistorted``); delete the folder to reclaim the space.
+        image_storage: ``memory`` decodes every image at setup and holds it; ``stream`` decodes images when a
+            batch needs them, keeps at most ``image_cache_bytes`` of them and prefetches the next batch on a
+            background thread (for captures larger than memory; batches are identical); ``auto`` streams
+            when the decoded images would take more than ``image_cache_bytes``.
+        image_cache_bytes: most bytes of decoded images a streamed scene keeps in memory, per process.
+        image_disk_cache: streamed images are also written once, decoded, to ``image_cache_dir`` and read
+            back memory-mapped, so every rank of a host shares one copy (an unwritable folder falls back to
+            memory with one warning).
+        image_cache_dir: the streamed images' folder (default ``$XDG_CACHE_HOME/lightning-grendel/images``);
+            it takes H·W·C bytes per image, so delete it to reclaim the space.
     """
 
     def __init__(
@@ -116,6 +127,10 @@ class GaussianSplattingDataModule(LightningDataModule):
         seed: int = 0,
         undistort_cache: bool = True,
         undistort_cache_dir: str | None = None,
+        image_storage: StorageMode = "auto",
+        image_cache_bytes: int = 1 << 30,
+        image_disk_cache: bool = True,
+        image_cache_dir: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -135,7 +150,9 @@ class GaussianSplattingDataModule(LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.seed = seed
-        self.undistort_cache = UndistortCache(undistort_cache_dir) if undistort_cache else None
+        self.undistort_cache = DecodedImageCache(undistort_cache_dir) if undistort_cache else None
+        disk_cache = DecodedImageCache(image_cache_dir, kind="images") if image_disk_cache else None
+        self.image_storage = ImageStorage(image_storage, image_cache_bytes, disk_cache)
         self._scene: SceneData | None = None
 
     def resolved_format(self) -> Literal["blender", "colmap", "nerfstudio", "demo"]:
@@ -147,13 +164,15 @@ class GaussianSplattingDataModule(LightningDataModule):
         kind = self.resolved_format()
         if kind == "blender":
             count = BLENDER_INIT_POINTS if self.num_init_points is None else self.num_init_points
-            return load_blender_scene(self.path, self.image_width, self.downscale, count, self.seed)
+            return load_blender_scene(self.path, self.image_width, self.downscale, count, self.seed,
+                                      self.image_storage)
         if kind == "colmap":
-            return load_colmap_scene(self.path, self.image_width, self.downscale, self.test_every, self.undistort_cache)
+            return load_colmap_scene(self.path, self.image_width, self.downscale, self.test_every, self.undistort_cache,
+                                     self.image_storage)
         if kind == "nerfstudio":
             count = BLENDER_INIT_POINTS if self.num_init_points is None else self.num_init_points
             return load_nerfstudio_scene(self.path, self.image_width, self.downscale, self.test_every, count,
-                                         self.seed, self.undistort_cache)
+                                         self.seed, self.undistort_cache, self.image_storage)
         count = DEMO_INIT_POINTS if self.num_init_points is None else self.num_init_points
         return make_demo_scene(self.image_width, self.downscale, self.seed, num_points=count)
 
@@ -184,19 +203,28 @@ class GaussianSplattingDataModule(LightningDataModule):
     def _dataset(self, split: ImageSplit) -> PosedImageDataset:
         return PosedImageDataset(split, self._background)
 
+    def _sampler(self, split: ImageSplit, sampler: Sampler[int], batch_size: int) -> Sampler[int]:
+        """A streamed split's sampler prefetches the next batch (DataLoader workers prefetch by themselves)."""
+        if isinstance(split.images, StreamedImages) and self.num_workers == 0:
+            return PrefetchingSampler(sampler, split.images, batch_size)
+        return sampler
+
     def train_dataloader(self) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed)
+        dataset = self._dataset(self.scene.train)
         return DataLoader(
-            self._dataset(self.scene.train),
+            dataset,
             batch_size=self.batch_size,
-            shuffle=True,
-            generator=generator,
+            sampler=self._sampler(self.scene.train, RandomSampler(dataset, generator=generator), self.batch_size),
+            generator=generator,  # what shuffle=True would pass: the same draws, so the same order
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
 
     def _eval_loader(self, split: ImageSplit) -> DataLoader:
-        return DataLoader(self._dataset(split), batch_size=1, shuffle=False, num_workers=self.num_workers)
+        dataset = self._dataset(split)
+        return DataLoader(dataset, batch_size=1, sampler=self._sampler(split, SequentialSampler(dataset), 1),
+                          num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader(self.scene.val)

@@ -32,6 +32,7 @@ import torch
 from plyfile import PlyData, PlyParseError
 
 from lightning_grendel.splatting.cameras import opengl_to_opencv_world_to_camera
+from lightning_grendel.splatting.data.image_cache import DecodedImageCache
 from lightning_grendel.splatting.data.posed_images import (
     LensCamera,
     PosedImage,
@@ -40,7 +41,7 @@ from lightning_grendel.splatting.data.posed_images import (
     use_downscaled,
 )
 from lightning_grendel.splatting.data.scene import SceneData
-from lightning_grendel.splatting.data.undistort_cache import UndistortCache
+from lightning_grendel.splatting.data.streamed import ImageStorage
 from lightning_grendel.splatting.data.validate import (
     check_camera_parameters,
     check_points,
@@ -177,9 +178,11 @@ def _points(meta: dict, path: Path, images: list[PosedImage], count: int, seed: 
 
 def load_nerfstudio_scene(
     root: str | Path, image_width: int | None = None, downscale: float = 1.0, test_every: int = 8,
-    num_init_points: int = 100_000, seed: int = 0, cache: UndistortCache | None = None,
+    num_init_points: int = 100_000, seed: int = 0, cache: DecodedImageCache | None = None,
+    storage: ImageStorage | None = None,
 ) -> SceneData:
-    """Posed images of ``root/transforms.json`` (or the JSON file ``root``), undistorted, split, with points.
+    """Posed images of ``root/transforms.json`` (or the JSON file ``root``), undistorted, split, with points;
+    ``cache`` and ``storage`` as in :func:`~.posed_images.load_splits`.
 
     With an integer ``downscale`` d and an ``images_<d>`` folder beside the images (ns-process-data's
     ``--num-downscales``), its images are read instead of resizing on the fly.
@@ -194,6 +197,6 @@ def load_nerfstudio_scene(
     folder = downscaled_folder(images[0].path.parent, downscale, image_width)
     if folder is not None:
         images, downscale = use_downscaled(images, folder, path), 1.0
-    train, test = load_splits(images, held_out, path, image_width, downscale, cache)
+    train, test = load_splits(images, held_out, path, image_width, downscale, cache, storage)
     points, colors = _points(meta, path, images, num_init_points, seed)
     return SceneData(train, test, test, points, colors)

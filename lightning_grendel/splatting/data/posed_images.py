@@ -13,17 +13,18 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
 
 from lightning_grendel.splatting.cameras import Cameras
 from lightning_grendel.splatting.data import undistort
-from lightning_grendel.splatting.data.scene import ImageSplit, resized_size, scale_intrinsics
-from lightning_grendel.splatting.data.undistort_cache import UndistortCache
+from lightning_grendel.splatting.data.image_cache import DecodedImageCache
+from lightning_grendel.splatting.data.scene import ImageSplit, check_image_size, resized_size, scale_intrinsics
+from lightning_grendel.splatting.data.streamed import ImageSource, ImageStorage
 
 log = logging.getLogger(__name__)
 
@@ -105,13 +106,16 @@ def use_downscaled(images: list[PosedImage], folder: Path, where: Path | str) ->
 
 def load_splits(
     images: list[PosedImage], is_test: list[bool], where: Path | str, image_width: int | None = None,
-    downscale: float = 1.0, cache: UndistortCache | None = None,
+    downscale: float = 1.0, cache: DecodedImageCache | None = None, storage: ImageStorage | None = None,
 ) -> tuple[ImageSplit, ImageSplit]:
     """(train, test) splits of ``images``; every camera's images share the first image's size.
 
     Distorted cameras are undistorted (one remap table per camera, all cropped to one common size), then
-    every image is area-resampled to the ``image_width`` / ``downscale`` size with its intrinsics.
+    every image is area-resampled to the ``image_width`` / ``downscale`` size with its intrinsics. ``cache``
+    keeps undistorted images on disk when they are held in memory; ``storage`` says whether they are held
+    or streamed (then its own disk cache keeps every decoded image, undistorted ones included).
     """
+    storage = storage or ImageStorage()
     first = images[0].camera
     source_size = (first.width, first.height)
     cameras = {image.camera.id: image.camera for image in images}
@@ -119,9 +123,11 @@ def load_splits(
     undistorted_size = undistortions[first.id].size
     size = resized_size(*undistorted_size, image_width, downscale)
     reference = f"camera {first.id} of the first image {images[0].name}"
+    stream = storage.streams(len(images) * size[0] * size[1] * 3)
+    cache = None if stream else cache  # streamed images have their own disk cache
 
     def make_split(selected: list[PosedImage]) -> ImageSplit:
-        pixels = []
+        sources = []
         for image in selected:
             camera = image.camera
             if (camera.width, camera.height) != source_size:
@@ -132,7 +138,10 @@ def load_splits(
             if not image.path.is_file():
                 raise FileNotFoundError(f"{where}: image {image.name} is registered but {image.path} is missing")
             undistortion = undistortions[camera.id]
-            pixels.append(undistort.load_undistorted(image.path, undistortion, source_size, reference, size, cache))
+            if stream:
+                check_image_size(image.path, source_size, reference)
+            decode = partial(undistort.load_undistorted, image.path, undistortion, source_size, reference, size, cache)
+            sources.append(ImageSource(image.path, f"RGB {undistortion.describe()} source={source_size}", decode))
         intrinsics = torch.stack([undistortions[image.camera.id].intrinsics for image in selected])
         split_cameras = Cameras(
             torch.stack([image.world_to_camera for image in selected]).to(torch.float32),
@@ -140,7 +149,8 @@ def load_splits(
             size[0],
             size[1],
         )
-        return ImageSplit(torch.from_numpy(np.stack(pixels)), split_cameras, [image.name for image in selected])
+        pixels = storage.split_images(sources, (size[1], size[0], 3), stream)
+        return ImageSplit(pixels, split_cameras, [image.name for image in selected])
 
     test = make_split([image for image, held_out in zip(images, is_test, strict=True) if held_out])
     train = make_split([image for image, held_out in zip(images, is_test, strict=True) if not held_out])

@@ -1,13 +1,15 @@
 """In-memory scene shared by every reader: decoded uint8 images per split, their cameras, initial points.
 
 Readers (COLMAP, Blender, the demo scene) all produce a ``SceneData`` so that the DataModule serves them
-the same way. Images are kept as uint8 (a quarter of the float32 memory) and converted per item.
+the same way. Images are kept as uint8 (a quarter of the float32 memory) and converted per item; a large
+capture's splits stream them instead (:class:`~.streamed.StreamedImages`, decoded on demand).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -16,12 +18,16 @@ from torch import Tensor
 
 from lightning_grendel.splatting.cameras import Cameras
 
+if TYPE_CHECKING:
+    from lightning_grendel.splatting.data.streamed import StreamedImages
+
 
 @dataclass
 class ImageSplit:
-    """One split: ``images`` uint8 [N, H, W, C] (C = 3, or 4 with straight alpha) and N cameras."""
+    """One split: ``images`` uint8 [N, H, W, C] (C = 3, or 4 with straight alpha; held, or streamed) and N
+    cameras."""
 
-    images: Tensor
+    images: Tensor | StreamedImages
     cameras: Cameras
     names: list[str]
 
@@ -82,14 +88,28 @@ def load_image(
     """
     try:
         with Image.open(path) as image:
-            if image.size != expected_size:
-                raise ValueError(
-                    f"{path}: image is {image.size[0]}x{image.size[1]} but {expected_from} is "
-                    f"{expected_size[0]}x{expected_size[1]}; all images of one dataset must share one size"
-                )
+            _check_size(path, image.size, expected_size, expected_from)
             image = image.convert(mode)
             if image.size != size:
                 image = image.resize(size, Image.Resampling.BOX)
             return np.asarray(image, dtype=np.uint8).copy()
-    except OSError as error:
+    except (OSError, SyntaxError, EOFError) as error:  # Pillow's errors for truncated or corrupt files
         raise OSError(f"{path}: cannot decode image: {error}") from error
+
+
+def check_image_size(path: Path, expected_size: tuple[int, int], expected_from: str) -> None:
+    """Read only the header of ``path`` and check its size (a streamed scene checks every file up front)."""
+    try:
+        with Image.open(path) as image:
+            size = image.size
+    except (OSError, SyntaxError, EOFError) as error:
+        raise OSError(f"{path}: cannot decode image: {error}") from error
+    _check_size(path, size, expected_size, expected_from)
+
+
+def _check_size(path: Path, size: tuple[int, int], expected_size: tuple[int, int], expected_from: str) -> None:
+    if size != expected_size:
+        raise ValueError(
+            f"{path}: image is {size[0]}x{size[1]} but {expected_from} is "
+            f"{expected_size[0]}x{expected_size[1]}; all images of one dataset must share one size"
+        )

@@ -7,7 +7,7 @@ two radial fisheyes are its OPENCV_FISHEYE with the higher coefficients zero, th
 theta^2 + k2 theta^4)), then cropped to the largest rectangle whose every
 pixel comes from inside the source image, and its intrinsics follow the crop. The maps are built once
 per camera and the scene keeps the decoded result in memory, so no epoch redoes the work; an
-:class:`~.undistort_cache.UndistortCache` keeps it on disk for the next run.
+:class:`~.image_cache.DecodedImageCache` keeps it on disk for the next run.
 
 Conventions: COLMAP and the rasterizer put pixel centres at ``(x + 0.5, y + 0.5)``, OpenCV at integers,
 so the principal point moves by half a pixel on the way into OpenCV and back.
@@ -25,8 +25,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from lightning_grendel.splatting.data.image_cache import DecodedImageCache
 from lightning_grendel.splatting.data.scene import load_image
-from lightning_grendel.splatting.data.undistort_cache import UndistortCache
 
 PINHOLE_MODELS = ("SIMPLE_PINHOLE", "PINHOLE")
 DISTORTED_MODELS = ("SIMPLE_RADIAL", "RADIAL", "OPENCV", "FULL_OPENCV", "OPENCV_FISHEYE", "SIMPLE_RADIAL_FISHEYE",
@@ -199,7 +199,7 @@ def make_undistortions(cameras: list[CameraLike], where: Path | str) -> dict[int
 
 def load_undistorted(
     path: Path, undistortion: Undistortion, source_size: tuple[int, int], reference: str, size: tuple[int, int],
-    cache: UndistortCache | None = None,
+    cache: DecodedImageCache | None = None,
 ) -> np.ndarray:
     """Decode ``path`` (RGB, of ``source_size``), undistort it, and area-resample it to ``size``; with a
     ``cache``, a distorted camera's result is read from (or written to) disk."""

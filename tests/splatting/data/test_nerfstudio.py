@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from plyfile import PlyData, PlyElement
 
 from lightning_grendel.splatting.cameras import look_at_world_to_camera
 from lightning_grendel.splatting.data.colmap import load_colmap_scene
@@ -37,6 +36,7 @@ from tests.helpers.distortion import (
     render,
     smooth_scene,
 )
+from tests.helpers.nerfstudio_capture import write_capture_from_colmap, write_ply
 
 # nerfstudio's perspective model is k1..k4 of r^2 plus p1, p2; the fisheye k1..k4 of theta.
 LENSES = {
@@ -125,18 +125,6 @@ def test_loaded_images_and_poses_match_the_ground_truth(tmp_path, lens, layout):
     centres = torch.stack([torch.linalg.inv(p)[:3, 3] for p in truth])
     assert data.points.shape == (50, 3)
     assert (data.points >= centres.min(0).values - 1e-4 - (centres.max(0).values - centres.min(0).values).max()).all()
-
-
-def write_ply(path, xyz: np.ndarray, rgb: np.ndarray | None) -> None:
-    fields = [("x", "<f4"), ("y", "<f4"), ("z", "<f4")] + ([(c, "u1") for c in ("red", "green", "blue")]
-                                                           if rgb is not None else [])
-    vertices = np.zeros(len(xyz), fields)
-    for i, axis in enumerate("xyz"):
-        vertices[axis] = xyz[:, i]
-    if rgb is not None:
-        for i, c in enumerate(("red", "green", "blue")):
-            vertices[c] = rgb[:, i]
-    PlyData([PlyElement.describe(vertices, "vertex")], text=True).write(str(path))
 
 
 def test_ns_process_data_layout_points_splits_and_applied_transform(tmp_path):
@@ -266,25 +254,8 @@ def test_colmap_capture_converted_as_ns_process_data_does_loads_the_same_views(s
     """colmap_blocks written as ns-process-data's colmap_to_json writes it (OpenGL camera-to-world in a world
     with y and z swapped and z negated, that map as applied_transform, sparse_pc.ply through it): the same
     images and intrinsics, poses that differ by exactly that world map, points moved by it."""
-    from lightning_grendel.splatting.data.colmap import read_model
-
     source = shared_dataset("colmap_blocks")
-    model = read_model(source)
-    applied = np.eye(4)[[0, 2, 1, 3]]
-    applied[2] *= -1
-    camera = next(iter(model.cameras.values()))
-    fx, fy, cx, cy = camera.params
-    meta = {"camera_model": "OPENCV", "fl_x": fx, "fl_y": fy, "cx": cx, "cy": cy, "w": camera.width,
-            "h": camera.height, "applied_transform": applied[:3].tolist(), "ply_file_path": "sparse_pc.ply",
-            "frames": []}
-    for image in model.images.values():
-        c2w = applied @ np.linalg.inv(image.world_to_camera().numpy())
-        c2w[:3, 1:3] *= -1
-        meta["frames"].append({"file_path": f"images/{image.name}", "transform_matrix": c2w.tolist()})
-    (tmp_path / "images").symlink_to(source / "images")
-    (tmp_path / "transforms.json").write_text(json.dumps(meta))
-    points = model.points.xyz @ applied[:3, :3].T
-    write_ply(tmp_path / "sparse_pc.ply", points.astype(np.float32), model.points.rgb)
+    applied, points = write_capture_from_colmap(source, tmp_path)
     colmap = load_colmap_scene(source, image_width=96)
     nerfstudio = load_nerfstudio_scene(tmp_path, image_width=96)
     for ours, theirs in ((nerfstudio.train, colmap.train), (nerfstudio.test, colmap.test)):

@@ -7,34 +7,19 @@ import os
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from lightning_grendel.splatting.data.colmap import load_colmap_scene
 from lightning_grendel.splatting.data.datamodule import GaussianSplattingDataModule
+from lightning_grendel.splatting.data.image_cache import LOCK_FILE, DecodedImageCache, default_cache_dir
 from lightning_grendel.splatting.data.undistort import Undistortion
-from lightning_grendel.splatting.data.undistort_cache import UndistortCache, default_cache_dir
+from tests.helpers.capture_files import HEIGHT, WIDTH, noise_image, write_colmap_capture
 
 pytestmark = pytest.mark.timeout(60)
-WIDTH, HEIGHT = 48, 36
-
-
-def noise_image(seed: int) -> Image.Image:
-    pixels = np.random.default_rng(seed).integers(0, 256, (HEIGHT, WIDTH, 3), dtype=np.uint8)
-    return Image.fromarray(pixels)
 
 
 def write_distorted_dataset(root, model: str = "SIMPLE_RADIAL", params: str = "40 24.3 17.8 -0.2") -> None:
     """Three noise images seen by one distorted camera (poses do not matter to the cache)."""
-    model_dir = root / "sparse" / "0"
-    model_dir.mkdir(parents=True)
-    (root / "images").mkdir()
-    records = []
-    for index in range(3):
-        noise_image(index).save(root / "images" / f"im{index}.png")
-        records.append(f"{index + 1} 1 0 0 0 0 0 {4 + index} 1 im{index}.png\n")
-    (model_dir / "images.txt").write_text("\n".join(records) + "\n")
-    (model_dir / "cameras.txt").write_text(f"1 {model} {WIDTH} {HEIGHT} {params}\n")
-    (model_dir / "points3D.txt").write_text("1 0 0 0 128 128 128 0.5\n")
+    write_colmap_capture(root, model, params)
 
 
 @pytest.fixture
@@ -56,17 +41,18 @@ def all_images(scene) -> np.ndarray:
 
 
 def cache_files(folder) -> list:
-    return sorted(folder.iterdir())
+    """Every file but the lock file the cache keeps beside its entries."""
+    return sorted(path for path in folder.iterdir() if path.name != LOCK_FILE)
 
 
 def test_second_load_reads_the_cache_and_equals_undistorting(tmp_path, remaps):
     write_distorted_dataset(tmp_path / "data")
-    cache = UndistortCache(tmp_path / "cache")
+    cache = DecodedImageCache(tmp_path / "cache")
     first = load_colmap_scene(tmp_path / "data", test_every=2, cache=cache)
     assert len(remaps) == 3
     files = cache_files(tmp_path / "cache")
     assert len(files) == 3 and all(f.suffix == ".npy" for f in files)  # no temporary file left behind
-    second = load_colmap_scene(tmp_path / "data", test_every=2, cache=UndistortCache(tmp_path / "cache"))
+    second = load_colmap_scene(tmp_path / "data", test_every=2, cache=DecodedImageCache(tmp_path / "cache"))
     assert len(remaps) == 3  # nothing undistorted again
     uncached = load_colmap_scene(tmp_path / "data", test_every=2)
     assert len(remaps) == 6
@@ -81,7 +67,7 @@ def test_second_load_reads_the_cache_and_equals_undistorting(tmp_path, remaps):
 def test_a_changed_image_or_camera_is_undistorted_anew(tmp_path, remaps):
     data = tmp_path / "data"
     write_distorted_dataset(data)
-    cache = UndistortCache(tmp_path / "cache")
+    cache = DecodedImageCache(tmp_path / "cache")
     before = load_colmap_scene(data, test_every=2, cache=cache)
     noise_image(10).save(data / "images" / "im1.png")  # same name, new pixels
     stat = os.stat(data / "images" / "im1.png")
@@ -100,7 +86,7 @@ def test_a_changed_image_or_camera_is_undistorted_anew(tmp_path, remaps):
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "wrong shape"])
 def test_a_corrupt_cache_file_is_recomputed_with_a_warning(tmp_path, remaps, caplog, damage):
     write_distorted_dataset(tmp_path / "data")
-    cache = UndistortCache(tmp_path / "cache")
+    cache = DecodedImageCache(tmp_path / "cache")
     expected = all_images(load_colmap_scene(tmp_path / "data", test_every=2, cache=cache))
     victim = cache_files(tmp_path / "cache")[0]
     if damage == "truncated":
@@ -121,14 +107,14 @@ def test_an_unwritable_cache_folder_warns_once_and_loads(tmp_path, remaps, caplo
     write_distorted_dataset(tmp_path / "data")
     (tmp_path / "a_file").write_text("")
     with caplog.at_level(logging.WARNING):
-        scene = load_colmap_scene(tmp_path / "data", test_every=2, cache=UndistortCache(tmp_path / "a_file" / "c"))
+        scene = load_colmap_scene(tmp_path / "data", test_every=2, cache=DecodedImageCache(tmp_path / "a_file" / "c"))
     np.testing.assert_array_equal(all_images(scene), all_images(load_colmap_scene(tmp_path / "data", test_every=2)))
     assert caplog.text.count("not writable") == 1 and str(tmp_path / "a_file" / "c") in caplog.text
 
 
 def test_pinhole_images_are_not_cached(tmp_path):
     write_distorted_dataset(tmp_path / "data", "PINHOLE", "40 40 24 18")
-    load_colmap_scene(tmp_path / "data", test_every=2, cache=UndistortCache(tmp_path / "cache"))
+    load_colmap_scene(tmp_path / "data", test_every=2, cache=DecodedImageCache(tmp_path / "cache"))
     assert not (tmp_path / "cache").exists()
 
 
