@@ -124,7 +124,7 @@ class PipelineStrategy(ProcessGroupStrategy):
         params = [p for module in self._runtime.modules for p in module.parameters()]
         for p in params:
             p.grad = None
-        loss = self._runtime.step(batch[0], batch[1])
+        loss = self._runtime.step(batch)
         # Lightning zeroes gradients between training_step and backward: keep ours aside until then.
         self._pending_grads = [(p, p.grad) for p in params]
         for p in params:
