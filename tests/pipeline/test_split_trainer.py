@@ -63,6 +63,13 @@ class _Demo(LightningTransformer):
         return self(*batch).exp()
 
 
+class _DemoL2(_Demo):
+    """An extra loss term over every weight: it reaches parameters the last stage does not hold."""
+
+    def training_step(self, batch, batch_idx):
+        return super().training_step(batch, batch_idx) + 1e-4 * sum(p.square().sum() for p in self.parameters())
+
+
 class _GPT2(LightningModule):
     def __init__(self) -> None:
         from transformers import GPT2Config, GPT2LMHeadModel
@@ -160,7 +167,10 @@ def _demo_two_stages_and_gpt2(rank: int, world: int) -> dict:
 
 def _demo_three_stages(rank: int, world: int) -> dict:
     _in_process(rank, world)
-    return _fit(rank, world, _Demo(), _Demo(), DEMO_SPLITS, steps=5)[0]
+    results = _fit(rank, world, _Demo(), _Demo(), DEMO_SPLITS, steps=5)[0]
+    with pytest.raises(ValueError, match="depends on parameters that are not in the pipeline's last stage"):
+        _trainer(world, DEMO_SPLITS, [], max_steps=1).fit(_DemoL2(), _loader(8, 8, seed=1))  # on every rank
+    return results
 
 
 def _assert_trained_like_plain(results: list[dict], steps: int) -> None:
@@ -200,5 +210,5 @@ def test_demo_transformer_and_gpt2_split_automatically_train_and_evaluate_like_t
 
 
 @pytest.mark.timeout(600)
-def test_demo_transformer_on_three_stages():
+def test_demo_transformer_on_three_stages_and_a_loss_term_outside_the_last_stage_refused():
     _assert_trained_like_plain(run_distributed(_demo_three_stages, 3, timeout_s=240), 5)
