@@ -5,10 +5,12 @@ every stage's weights and ran the whole model on the whole batch on every rank. 
 its stage on micro-batches (``PipelineRuntime.evaluate``). The model here is a small language model
 whose largest tensor is the last stage's logits ``[B, T, V]``, as in most LMs.
 
-Each mode runs in fresh gloo processes (one per stage), so each high-water mark is its own. Memory
-is the resident set: ``VmHWM - VmRSS`` read from ``/proc/self/status`` just before evaluation, i.e.
-what evaluation added at its peak; both modes hold every stage's weights (the LightningModule is
-built whole on every rank), so only what evaluation computes differs.
+Each mode runs in fresh gloo processes (one per stage), evaluates a small batch first (process
+groups are made there), then resets the high-water mark and evaluates the batch. Memory is the
+resident set: ``VmHWM - VmRSS`` from ``/proc/self/status`` around that evaluation, i.e. what
+evaluation adds at its peak (glibc is told to return buffers above 64 KiB to the system when they
+are freed, so the mark follows live tensors). Both modes hold every stage's weights (the
+LightningModule is built whole on every rank), so only what evaluation computes differs.
 
     python benchmarks/pipeline_eval_memory.py [--quick]
 
@@ -72,21 +74,24 @@ def _worker(rank: int, world: int, init_file: str, mode: str, sizes: dict, resul
     stages = _stages(sizes["vocab"], sizes["width"], sizes["layers"])
     generator = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, sizes["vocab"], (sizes["batch"], sizes["length"]), generator=generator)
-    batch = (tokens, tokens)
     runtime = None
     if mode == "pipelined":
         pipeline = Pipeline([PipelineStage(m) for m in stages], lambda output, target: output.mean())
         runtime = PipelineRuntime(pipeline, [Mesh([r], (1, 1)) for r in range(world)],
                                   num_microbatches=sizes["microbatches"], transport="dist")
+
+    def evaluate(tokens: torch.Tensor) -> float:
+        with torch.no_grad():
+            if runtime is None:  # every rank: the whole model on the whole batch
+                return float(nn.Sequential(*stages)(tokens).float().mean())
+            found = runtime.evaluate((tokens, tokens), lambda output, rows: float(output.float().mean()) * len(rows[0]))
+            return sum(value for *_, value in found) / len(tokens) if found else 0.0
+
+    evaluate(tokens[: sizes["microbatches"]])  # a small batch first: process groups are made here
     dist.barrier()
     _reset_peak()
     before = _status("VmRSS")
-    with torch.no_grad():
-        if runtime is None:  # every rank: the whole model on the whole batch
-            checksum = float(nn.Sequential(*stages)(tokens).float().mean())
-        else:
-            found = runtime.evaluate(batch, lambda output, rows: float(output.float().mean()) * len(rows[0]))
-            checksum = sum(value for *_, value in found) / sizes["batch"] if found else 0.0
+    checksum = evaluate(tokens)
     results[(mode, rank)] = (_status("VmHWM") - before, checksum)
     dist.barrier()
     if runtime is not None:
@@ -95,6 +100,7 @@ def _worker(rank: int, world: int, init_file: str, mode: str, sizes: dict, resul
 
 
 def _run(mode: str, sizes: dict) -> dict[int, tuple[float, float]]:
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # large buffers are returned to the system when freed
     with tempfile.TemporaryDirectory() as folder:
         manager = mp.Manager()
         results = manager.dict()

@@ -373,6 +373,7 @@ class PipelineRuntime:
                     if stop > start:
                         result = fn(y, take_rows(micro[m], start, stop))
                         results.append((m, starts[m] + start, starts[m] + stop, result))
+                    del x, y  # one micro-batch's output at a time: the last stage's logits are the largest
         self._outboxes[_FORWARD].flush()
         return results
 
