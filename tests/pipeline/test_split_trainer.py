@@ -8,8 +8,9 @@ and predict share the processes.
 
 Training is compared step by step: before each optimiser step every rank gathers the current weights
 and the plain model computes the same batch's loss and gradients from them. Comparing end weights
-instead would compare float rounding: over 5 SGD steps (the demo's lr 0.1) one process cutting
-each batch into the same micro-batches already drifts from the uncut run by 5.6e-3 in a gradient.
+instead would compare float rounding amplified by training: with the demo's SGD at lr 0.1, one
+process cutting each batch into the same micro-batches drifts from the uncut run by the same amount
+as the pipeline does (the pipeline equals that single-process micro-batched run).
 Dropout is off (``p=0``, also inside ``MultiheadAttention``): micro-batches draw other random masks
 than whole batches, as with torch pipelining.
 """
