@@ -3,10 +3,12 @@
 ``torch.distributed.pipelining.pipeline`` (``torch.export`` underneath) traces the model's forward on
 example inputs and splits the graph before each split point. Export specialises shapes and
 train/eval behaviour (dropout, the fast paths of ``nn.Transformer``), so the model is traced once per
-input signature and mode, each trace checked against the eager forward on its example inputs.
+input signature, mode and autocast state, each trace checked against the eager forward on its example
+inputs.
 Data-dependent checks the tracer cannot see through (``nn.Transformer``'s test whether a mask is
-causal) are decided on the example's real values (``fake_tensor_propagate_real_tensors``); the
-check against the eager output catches a trace that does not hold.
+causal) are decided on the example's real values (``fake_tensor_propagate_real_tensors``) and stay in
+the graph as runtime assertions, so an input that would take the other branch is an error, never a
+silently wrong branch; the check against the eager output catches a trace that does not hold.
 
 A later stage may need a model input or an early activation (the demo transformer's decoder takes
 the target embedding made in stage 0): every boundary carries each value some later stage uses, so
@@ -93,7 +95,14 @@ class TracedStage(nn.Module):
         key, *values = x
         graph = self._graphs[key]
         env = dict(zip(graph.takes, values, strict=True))
-        out = graph.module(*(env[a] for a in graph.call.args))
+        try:
+            out = graph.module(*(env[a] for a in graph.call.args))
+        except RuntimeError as error:
+            if "Runtime assertion failed" not in str(error):
+                raise
+            raise ValueError(f"stage {self.index}: this input takes another branch of the model's data-dependent "
+                             "control flow than the example it was traced on; cut the model by hand with "
+                             "pipeline_stages()") from error
         env[graph.call] = out
         for node in graph.makes:
             env[node] = out[node.args[1]]
@@ -135,7 +144,9 @@ class TracedPipeline:
     def stage_input(self, args: tuple, kwargs: dict) -> tuple:
         """``(key, *tensors)`` for the first stage: the call's tensors, under the key of its trace."""
         leaves, spec = tree_flatten((args, kwargs))
-        sig = (self.root.training, signature((args, kwargs)))
+        autocast = tuple((device, torch.get_autocast_dtype(device)) for device in ("cpu", "cuda")
+                         if torch.is_autocast_enabled(device))
+        sig = (self.root.training, autocast, signature((args, kwargs)))
         if sig not in self._keys:
             key = f"{'train' if self.root.training else 'eval'}{len(self._keys)}"
             self._trace(key, spec, leaves)
@@ -161,6 +172,10 @@ class TracedPipeline:
             try:
                 with functorch_config.patch(fake_tensor_propagate_real_tensors=True):
                     pipe = pipeline(flat, tensors, split_spec=spec)
+            except RuntimeError as error:
+                cause = error.__cause__ or error
+                raise ValueError(f"torch's tracer cannot capture {type(self.root).__name__}.forward as one graph "
+                                 f"({cause}); cut the model by hand with pipeline_stages()") from error
             finally:
                 for point in order:
                     module = self.root.get_submodule(point)

@@ -75,6 +75,18 @@ def test_bad_split_points_are_named():
     with pytest.raises(ValueError, match="forward returned a object"):
         TracedPipeline(Cache(), ["body"]).stage_input((ids,), {})
 
+    class Branch(_Net):
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            h = self.body(self.embed(ids))
+            return self.head(h * 2 if ids.sum() > 2 else h)
+
+    traced = TracedPipeline(Branch(), ["body"])
+    x = traced.stage_input((torch.ones(2, 3, dtype=torch.long),), {})
+    traced.stages[1](traced.stages[0](x))  # the traced branch
+    x = traced.stage_input((torch.zeros(2, 3, dtype=torch.long),), {})
+    with pytest.raises(ValueError, match="this input takes another branch"):
+        traced.stages[1](traced.stages[0](x))
+
 
 class _Module(LightningModule):
     def __init__(self, calls: int) -> None:
