@@ -194,9 +194,10 @@ class ModuleSteps:
             if part is not None:
                 logs.merge(part[0])
                 outputs.merge(part[1])
+        device = self.module.device
         for name, (_, value, options) in logs.values.items():
-            self.module.log(name, torch.tensor(value), **options)
-        values = {name: torch.tensor(value) for name, (_, value, _) in outputs.values.items()}
+            self.module.log(name, torch.tensor(value, device=device), **options)
+        values = {name: torch.tensor(value, device=device) for name, (_, value, _) in outputs.values.items()}
         if list(values) == [""]:
             return values[""]
         return values or None

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.utils._pytree import tree_flatten
 
 from lightning_grendel.pipeline.outbox import Outbox, input_gradient, weight_gradient
 from lightning_grendel.pipeline.pytree import (
@@ -474,6 +475,6 @@ class PipelineRuntime:
 
 def _describe(tree: Any) -> str:
     """A short text of a pytree's structure with tensor shapes (for error messages)."""
-    leaves, spec = torch.utils._pytree.tree_flatten(tree)
+    leaves, spec = tree_flatten(tree)
     shown = [f"{tuple(leaf.shape)} {leaf.dtype}" if isinstance(leaf, torch.Tensor) else repr(leaf) for leaf in leaves]
     return f"{spec} with leaves [{', '.join(shown)}]"
