@@ -262,11 +262,11 @@ class PipelineStrategy(ProcessGroupStrategy):
         """
         if isinstance(optimizer, LightningOptimizer):
             optimizer = optimizer._optimizer
-        if self._runtime is None:
+        if self._pipeline is None or not torch.distributed.is_initialized():
             return super().optimizer_state(optimizer)
-        stages = [stage.module for stage in self._runtime.pipeline.stages]
-        owners = state_owners(optimizer_parameters(optimizer), stages, self._runtime.chunk_meshes)
-        return gather_optimizer_state(optimizer, owners)
+        stages = [stage.module for stage in self._pipeline.stages]  # also after fit, once the runtime is closed
+        meshes = [self.meshes[c % len(self.meshes)] for c in range(len(stages))]
+        return gather_optimizer_state(optimizer, state_owners(optimizer_parameters(optimizer), stages, meshes))
 
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
         """Each rank keeps its own stage's part of the merged state: exactly what it held before saving."""

@@ -2,7 +2,8 @@
 
 Lightning's demo ``LightningTransformer`` (encoder-decoder, flattened ``[B*T, V]`` output, its own
 ``training_step`` as the loss) on 2 and 3 stages, and a GPT-2 from a small ``transformers`` config
-whose token embedding is tied to its output head across the two stages. The Trainers run inside the
+whose token embedding is tied to its output head across the two stages (its checkpoint holds the
+tied weight's optimiser state once, and a resumed rank keeps its own stage's). The Trainers run inside the
 gloo ranks of one test (the process group exists, so Lightning starts no processes), so fit, validate
 and predict share the processes.
 
@@ -91,7 +92,7 @@ class _GPT2(LightningModule):
         return loss
 
     def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
 
 
 def _loader(count: int, batch_size: int, seed: int) -> DataLoader:
@@ -153,7 +154,21 @@ def _in_process(rank: int, world: int) -> None:
     os.environ.update(LOCAL_RANK=str(rank), NODE_RANK="0", WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
 
 
-def _demo_two_stages_and_gpt2(rank: int, world: int) -> dict:
+def _gpt2_checkpoint(rank: int, world: int, trainer: Trainer, folder: str) -> dict:
+    """The tied weight is one entry of the saved optimiser state; a resumed rank keeps its own stage's entries."""
+    path = os.path.join(folder, "gpt2.ckpt")
+    trainer.save_checkpoint(path)  # collective
+    saved = torch.load(path, weights_only=True)
+    resumed = _trainer(world, ["model.transformer.h.1"], [], max_steps=4)
+    resumed.fit(_GPT2(), _loader(32, 8, seed=1), ckpt_path=path, weights_only=True)
+    optimizer = resumed.optimizers[0]
+    mine = {id(p) for p in resumed.strategy._pipeline.stages[rank].module.parameters()}  # stage r on rank r
+    tied = resumed.lightning_module.model.lm_head.weight
+    return {"entries": len(saved["optimizer_states"][0]["state"]), "unique": len(list(_GPT2().parameters())),
+            "local": all(id(p) in mine for p in optimizer.state), "tied": optimizer.state[tied]["momentum_buffer"]}
+
+
+def _demo_two_stages_and_gpt2(rank: int, world: int, folder: str) -> dict:
     _in_process(rank, world)
     results, _ = _fit(rank, world, _Demo(), _Demo(), DEMO_SPLITS[:1], steps=5)
     model = _Demo()
@@ -162,7 +177,8 @@ def _demo_two_stages_and_gpt2(rank: int, world: int) -> dict:
     predictions = trainer.predict(model, _loader(10, 4, seed=2))
     results.update(metrics=metrics, predictions=predictions)
     if importlib.util.find_spec("transformers") is not None:
-        results["gpt2"], _ = _fit(rank, world, _GPT2(), _GPT2(), ["model.transformer.h.1"], steps=3)
+        results["gpt2"], trainer = _fit(rank, world, _GPT2(), _GPT2(), ["model.transformer.h.1"], steps=3)
+        results["gpt2_checkpoint"] = _gpt2_checkpoint(rank, world, trainer, folder)
     return results
 
 
@@ -194,8 +210,8 @@ def _plain_evaluation() -> tuple[float, float, list[torch.Tensor]]:
 
 
 @pytest.mark.timeout(600)
-def test_demo_transformer_and_gpt2_split_automatically_train_and_evaluate_like_the_plain_model():
-    results = run_distributed(_demo_two_stages_and_gpt2, 2, timeout_s=240)
+def test_demo_transformer_and_gpt2_split_automatically_train_and_evaluate_like_the_plain_model(tmp_path):
+    results = run_distributed(_demo_two_stages_and_gpt2, 2, str(tmp_path), timeout_s=240)
     _assert_trained_like_plain(results, 5)
     val_loss, val_worst, predictions = _plain_evaluation()
     for result in results:  # one value on every rank, the plain model's
@@ -208,6 +224,9 @@ def test_demo_transformer_and_gpt2_split_automatically_train_and_evaluate_like_t
         gpt2 = [result["gpt2"] for result in results]
         _assert_trained_like_plain(gpt2, 3)
         assert gpt2[0]["train_loss"] == gpt2[1]["train_loss"]  # logged once, the same on both ranks
+        saved = [result["gpt2_checkpoint"] for result in results]
+        assert saved[0]["entries"] == saved[0]["unique"] and all(entry["local"] for entry in saved)
+        torch.testing.assert_close(saved[0]["tied"], saved[1]["tied"], rtol=0, atol=0)  # both holders
 
 
 @pytest.mark.timeout(600)
