@@ -6,7 +6,8 @@ dict (activations, the int ids, a plain int); stage 2 projects with the embeddin
 two meshes of different shapes) and returns a flattened ``[B*T, V]`` output, so the loss weights can
 only be right if they come from the batch's sample count. The reference is the same model run
 unpipelined in one process: the loss, every gradient, and the tied weight's gradient (the sum of
-both uses) on every rank holding it.
+both uses) on every rank holding it; and forward-only evaluation's outputs, gathered from the ranks
+that hold each block of samples.
 """
 
 from __future__ import annotations
@@ -113,6 +114,20 @@ def _run(rank: int, world: int) -> int:
                 checked += 1
         if rank in (0, 1, 3, 4):  # both holders of the tied weight have the whole gradient
             torch.testing.assert_close(modules[0].weight.grad, want_grads[0]["weight"], rtol=1e-5, atol=1e-6)
+
+    modules = _modules()  # forward-only: the last stage's two ranks each return their samples' outputs
+    runtime = PipelineRuntime(_pipeline(modules), MESHES, num_microbatches=3)
+    found = runtime.evaluate(_batch(), lambda output, rows: (output, rows["target"].shape[0]))
+    parts: list = [None] * world
+    dist.all_gather_object(parts, [(start, stop, value) for _, start, stop, value in found] if runtime.contributes()
+                           else [])
+    runtime.close()
+    pieces = sorted(piece for part in parts for piece in part)
+    assert [(a, b) for a, b, _ in pieces] == [(0, 2), (2, 4), (4, 6), (6, 7), (7, 9), (9, 10)]
+    assert all(stop - start == samples for start, stop, (_, samples) in pieces)
+    with torch.no_grad():
+        want = modules[2](modules[1](modules[0](_batch()["ids"])))
+    torch.testing.assert_close(torch.cat([output for _, _, (output, _) in pieces]), want, rtol=1e-5, atol=1e-6)
     dist.barrier()
     return checked
 
