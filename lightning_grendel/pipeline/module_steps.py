@@ -106,12 +106,12 @@ class ModuleSteps:
                  legacy_loss: bool = False) -> None:
         self.module, self.traced, self.inputs, self.legacy_loss = module, traced, inputs, legacy_loss
         self.step, self.args, self.total = "training_step", (), 1
-        self.logs, self.outputs = Combined(), Combined()
+        self.logs, self.outputs, self.problems = Combined(), Combined(), []
 
     def begin(self, step: str, batch: Any, *args: Any) -> None:
         """Before a step: the hook to run per micro-batch, its other arguments (``batch_idx``...), the batch size."""
         self.step, self.args, self.total = step, args, sample_count(batch)
-        self.logs, self.outputs = Combined(), Combined()
+        self.logs, self.outputs, self.problems = Combined(), Combined(), []
 
     def capture(self, microbatch: Any) -> tuple[tuple, dict]:
         """The arguments the step passes to forward (the step stops there; its logs are dropped)."""
@@ -158,10 +158,28 @@ class ModuleSteps:
 
         with _patched(self.module, forward=forward, log=log):
             result = getattr(self.module, self.step)(rows, *self.args)
-        if calls != 1:
-            raise ValueError(f"{type(self.module).__name__}.{self.step} called forward {calls} times; under "
-                             "PipelineStrategy it must call it exactly once (the pipeline computes one forward)")
+        if calls != 1:  # raised on every rank after the step (check), not here on the last stage alone
+            self.problems.append(f"{type(self.module).__name__}.{self.step} called forward {calls} times; under "
+                                 "PipelineStrategy it must call it exactly once (the pipeline computes one forward)")
         return result
+
+    def check(self, stray: list[str]) -> None:
+        """Collective: raise on every rank what any rank found wrong with the step.
+
+        ``stray``: parameters outside this rank's stages that got a gradient, i.e. a loss term on
+        another stage's weights (an L2 penalty over all weights).
+        """
+        parts: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, (self.problems, stray))
+        problems = [problem for part in parts for problem in part[0]]
+        if problems:
+            raise ValueError(problems[0])
+        names = sorted({name for part in parts for name in part[1]})
+        if names:
+            raise ValueError(f"{type(self.module).__name__}.{self.step}'s loss depends on parameters that are not in "
+                             f"the pipeline's last stage: {names[:5]} (an extra term such as an L2 penalty over all "
+                             "weights?). Only the last stage runs the step: use the optimiser's weight_decay instead, "
+                             "or keep extra terms to the last stage's parameters")
 
     def loss(self, output: Any, rows: Any) -> torch.Tensor:
         """The training step's loss on this rank's samples; its other returned tensors are kept for the step output."""

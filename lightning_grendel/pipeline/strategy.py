@@ -199,22 +199,14 @@ class PipelineStrategy(ProcessGroupStrategy):
         return {"loss": loss, **outputs} if isinstance(outputs, dict) else loss
 
     def _check_gradients(self, runtime: PipelineRuntime) -> None:
-        """A loss term on a parameter of another stage (an L2 penalty over all weights) is refused on every rank."""
+        """What went wrong in the module's step on any rank (a loss term on another stage's parameter, forward
+        called twice) is raised on every rank."""
         assert self._steps is not None
         if self._steps.legacy_loss:
             return
         mine = {id(p) for module in runtime.modules for p in module.parameters()}
         module = self.lightning_module
-        stray = [name for name, p in module.named_parameters() if p.grad is not None and id(p) not in mine]
-        found = torch.tensor([len(stray)])
-        torch.distributed.all_reduce(found)
-        if found.item():
-            names: list[Any] = [None] * self.world_size
-            torch.distributed.all_gather_object(names, stray)
-            raise ValueError(f"{type(module).__name__}.training_step's loss depends on parameters that are not in the "
-                             f"pipeline's last stage: {sorted({n for part in names for n in part})[:5]} (an extra term "
-                             "such as an L2 penalty over all weights?). Only the last stage runs training_step: use "
-                             "the optimiser's weight_decay instead, or keep extra terms to the last stage's parameters")
+        self._steps.check([name for name, p in module.named_parameters() if p.grad is not None and id(p) not in mine])
 
     def backward(self, closure_loss: Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> Tensor:
         """The pipelined step already ran every backward: hand its gradients to the optimiser step."""
@@ -229,6 +221,7 @@ class PipelineStrategy(ProcessGroupStrategy):
         assert self._steps is not None
         with context:
             results = runtime.evaluate(batch, self._steps.evaluate)
+        self._steps.check([])
         if step == "predict_step":
             return gather_predictions(results, runtime.contributes())
         return self._steps.publish(runtime.contributes())

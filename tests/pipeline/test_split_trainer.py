@@ -72,6 +72,13 @@ class _DemoL2(_Demo):
         return super().training_step(batch, batch_idx) + 1e-4 * sum(p.square().sum() for p in self.parameters())
 
 
+class _DemoTwice(_Demo):
+    """Two forward calls in one step: the pipeline computes one forward per micro-batch."""
+
+    def training_step(self, batch, batch_idx):
+        return super().training_step(batch, batch_idx) + 0.0 * self(*batch).sum()
+
+
 class _GPT2(LightningModule):
     def __init__(self) -> None:
         from transformers import GPT2Config, GPT2LMHeadModel
@@ -187,6 +194,8 @@ def _demo_three_stages(rank: int, world: int) -> dict:
     results = _fit(rank, world, _Demo(), _Demo(), DEMO_SPLITS, steps=5)[0]
     with pytest.raises(ValueError, match="depends on parameters that are not in the pipeline's last stage"):
         _trainer(world, DEMO_SPLITS, [], max_steps=1).fit(_DemoL2(), _loader(8, 8, seed=1))  # on every rank
+    with pytest.raises(ValueError, match="called forward 2 times"):
+        _trainer(world, DEMO_SPLITS, [], max_steps=1).fit(_DemoTwice(), _loader(8, 8, seed=1))
     return results
 
 
@@ -230,5 +239,5 @@ def test_demo_transformer_and_gpt2_split_automatically_train_and_evaluate_like_t
 
 
 @pytest.mark.timeout(600)
-def test_demo_transformer_on_three_stages_and_a_loss_term_outside_the_last_stage_refused():
+def test_demo_transformer_on_three_stages_and_bad_training_steps_refused_on_every_rank():
     _assert_trained_like_plain(run_distributed(_demo_three_stages, 3, timeout_s=240), 5)
