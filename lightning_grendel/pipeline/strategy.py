@@ -130,6 +130,10 @@ class PipelineStrategy(ProcessGroupStrategy):
                 raise ValueError(f"split_points {self.split_points} make {len(self.split_points) + 1} stages but the "
                                  f"strategy runs {num_stages} (stage meshes x virtual stages)")
             traced = TracedPipeline(module, self.split_points)
+            if any(mesh.size > 1 for mesh in self.meshes):
+                rank_zero_warn("PipelineStrategy(split_points=...) gives every stage a replicated input: the ranks "
+                               "of a stage mesh all compute the same samples (data parallelism inside a stage needs "
+                               "pipeline_stages() with sharded input specs)")
             pipeline = Pipeline([PipelineStage(stage, meta=stage.meta) for stage in traced.stages])
         else:
             pipeline = get_pipeline(module, num_stages)
