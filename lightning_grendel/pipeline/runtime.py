@@ -1,25 +1,42 @@
-"""One rank's part of a pipelined training step: run its stage's schedule, reshard across meshes.
+"""One rank's part of a pipelined step: run its stage's schedule, reshard every boundary across meshes.
 
 Kept apart from Lightning so it can be tested (and used) with plain ``torch.distributed``. Sends go
 through an outbox thread, so a stage moves on to its next action as soon as an output exists and the
-transfer overlaps compute; an optional per-transfer delay emulates a slow link. With ``v`` virtual
-stages the pipeline has ``v * S`` chunks and chunk ``c`` runs on stage mesh ``c mod S``.
+transfer overlaps compute; every forward and loss runs on the calling thread. With ``v`` virtual
+stages the pipeline has ``v * S`` chunks and chunk ``c`` runs on stage mesh ``c mod S``. Stage inputs
+and outputs are pytrees: each tensor leaf crosses a boundary through its own resharding plan.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.utils._pytree import tree_flatten
 
 from lightning_grendel.pipeline.outbox import Outbox, input_gradient, weight_gradient
+from lightning_grendel.pipeline.pytree import (
+    Layout,
+    input_layout,
+    output_layout,
+    rows_of,
+    sample_count,
+    signature,
+    split_microbatches,
+    take_rows,
+    to_meta,
+)
+from lightning_grendel.pipeline.schedule_orders import Action
 from lightning_grendel.pipeline.schedules import Schedule, check_schedule, stage_order
-from lightning_grendel.pipeline.stages import Pipeline, output_spec, resolve_stage_specs
+from lightning_grendel.pipeline.stages import Pipeline
 from lightning_grendel.pipeline.tensor_parallel import find_linear, make_column_parallel
+from lightning_grendel.pipeline.tied import TiedGradients, parameter_users, tie_parameters
 from lightning_grendel.resharding.executors import GroupCache, start_plan, transport_pairs
-from lightning_grendel.resharding.mesh import Mesh, ShardingSpec, check_disjoint, chunk_bounds, local_box
+from lightning_grendel.resharding.mesh import Mesh, check_disjoint, chunk_bounds
 from lightning_grendel.resharding.plan import Executor, ReshardPlan, check_executor, make_plan
 from lightning_grendel.resharding.senders import SenderMode, check_sender_mode
 from lightning_grendel.resharding.shm import Transport, arenas_for, check_transport, create_arenas
@@ -27,13 +44,31 @@ from lightning_grendel.resharding.shm import Transport, arenas_for, check_transp
 _FORWARD, _BACKWARD = 0, 1
 
 
-class PipelineRuntime:
-    """Runs pipelined training steps for the stage that ``rank`` belongs to.
+@dataclass(frozen=True)
+class _ChunkLayout:
+    """A chunk's input and output layouts (no output for the last chunk) and the axes its samples span."""
 
-    Every rank of the default process group must construct it and call :meth:`step` with the same
-    batch: plans are derived identically everywhere and process groups are created in one order.
-    ``transport`` is that of :func:`reshard` (``auto``: shared memory for the transfers among ranks on
-    one host, torch.distributed across hosts; see :meth:`transports`).
+    inputs: Layout
+    outputs: Layout | None
+    batch_axes: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class _Boundary:
+    """Per tensor leaf of a boundary: the forward plan, the backward plan (differentiable leaves), tag offsets."""
+
+    forward: list[ReshardPlan]
+    backward: list[ReshardPlan | None]
+    offsets: list[int]
+
+
+class PipelineRuntime:
+    """Runs pipelined training steps and forward-only evaluation for the stage that ``rank`` belongs to.
+
+    Every rank of the default process group must construct it and call :meth:`step` (or
+    :meth:`evaluate`) with the same batch: plans are derived identically everywhere and process groups
+    are created in one order. ``transport`` is that of :func:`reshard` (``auto``: shared memory for the
+    transfers among ranks on one host, torch.distributed across hosts; see :meth:`transports`).
     """
 
     def __init__(self, pipeline: Pipeline, meshes: Sequence[Mesh], *, schedule: Schedule = "eager_1f1b",
@@ -44,6 +79,8 @@ class PipelineRuntime:
         check_executor(executor)
         if num_microbatches < 1:
             raise ValueError("num_microbatches must be >= 1")
+        if pipeline.loss is None:
+            raise ValueError("the pipeline has no loss: give Pipeline(loss=...)")
         check_disjoint(meshes)
         num_chunks = len(pipeline.stages)
         if num_chunks % len(meshes):
@@ -64,22 +101,24 @@ class PipelineRuntime:
         self.stage = next(i for i, mesh in enumerate(self.meshes) if self.rank in mesh.ranks)
         self._order = stage_order(schedule, self.stage, len(meshes), num_microbatches, self.virtual_stages)
         self.chunks = list(range(self.stage, num_chunks, len(meshes)))
-        self.modules = [pipeline.stages[c].module for c in self.chunks]
+        stage_modules = [stage.module for stage in pipeline.stages]
+        tie_parameters(stage_modules, pipeline.tied)
+        self.modules = [stage_modules[c] for c in self.chunks]
         if pipeline.stages[-1].column_parallel is not None:
             raise ValueError("the last stage feeds the loss and cannot be column-parallel")
-        for index, (stage, mesh) in enumerate(zip(pipeline.stages, self.chunk_meshes, strict=True)):
-            resolve_stage_specs(stage, mesh, index, None)
-            if stage.column_parallel is not None:
-                find_linear(stage.module, stage.column_parallel)
-        owner: dict[int, int] = {}
+        users = parameter_users(stage_modules)
         for index, stage in enumerate(pipeline.stages):
-            for p in stage.module.parameters():
-                if p.requires_grad and owner.setdefault(id(p), index) != index:
-                    raise ValueError(f"a trainable parameter is shared by stages {owner[id(p)]} and {index}; "
-                                     "tied weights across stages are not supported")
-        self._meta = [copy.deepcopy(stage.module).to("meta") for stage in pipeline.stages]
+            if stage.column_parallel is None:
+                continue
+            for p in (find_linear(stage.module, stage.column_parallel).parameters()):
+                if len(users.get(id(p), (None, []))[1]) > 1:
+                    raise ValueError(f"stage {index}: the column-parallel Linear {stage.column_parallel!r} has a "
+                                     "weight tied to another stage; tied weights cannot be column-parallel")
+        self._meta = {c: copy.deepcopy(stage.module).to("meta")  # before any Linear is made column-parallel
+                      for c, stage in enumerate(pipeline.stages) if stage.meta is None}
         self._groups = (GroupCache(timeout_s), GroupCache(timeout_s))  # one set per direction (lane)
         self._stage_groups = [dist.new_group(list(mesh.ranks)) for mesh in self.meshes]
+        self._tied = TiedGradients(stage_modules, self.chunk_meshes, self.rank, timeout_s)
         self._tp_parts: dict[int, int] = {}
         for index, (stage, mesh) in enumerate(zip(pipeline.stages, self.chunk_meshes, strict=True)):
             if stage.column_parallel is None:
@@ -104,48 +143,64 @@ class PipelineRuntime:
                 arenas.close()
         self._outboxes = [Outbox(self.rank, self._groups[d], transfer_latency_s, self._shm[d])
                           for d in (_FORWARD, _BACKWARD)]
-        self._layouts: dict[tuple, list[tuple[ShardingSpec, ShardingSpec, tuple[int, ...], torch.dtype]]] = {}
-        self._plans: dict[tuple, tuple[list[ReshardPlan], list[ReshardPlan], int]] = {}
+        self._layouts: dict[Any, list[_ChunkLayout]] = {}
+        self._plans: dict[Any, tuple[list[_Boundary], int]] = {}
 
-    def _layout(self, shape: tuple[int, ...], dtype: torch.dtype):
-        """Per stage: (input spec, output spec, full output shape) for a micro-batch of ``shape``."""
-        key = (shape, dtype)
+    # -- layouts and plans ------------------------------------------------------------------------------
+
+    def _meta_forward(self, chunk: int, x: Any) -> Any:
+        stage = self.pipeline.stages[chunk]
+        return stage.meta(x) if stage.meta is not None else self._meta[chunk](x)
+
+    def _layout(self, first_input: Any, samples: int) -> list[_ChunkLayout]:
+        """Every chunk's layouts for a micro-batch whose first-stage input is ``first_input`` (a meta pass)."""
+        key = (signature(first_input), samples)
         if key not in self._layouts:
             layouts = []
-            x = torch.empty(shape, dtype=dtype, device="meta")
-            for index, (stage, meta) in enumerate(zip(self.pipeline.stages, self._meta, strict=True)):
-                mesh = self.chunk_meshes[index]
-                in_spec = resolve_stage_specs(stage, mesh, index, x.ndim)
-                in_spec.validate(mesh, x.shape)
-                with torch.no_grad():
-                    x = meta(x)
+            x = to_meta(first_input)
+            last = len(self.chunk_meshes) - 1
+            for c, (stage, mesh) in enumerate(zip(self.pipeline.stages, self.chunk_meshes, strict=True)):
+                where = f"stage {c}"
                 tp_axis = None if stage.column_parallel is None else mesh.ndim - 1
-                out_spec = output_spec(in_spec, x.ndim, tp_axis)
-                out_spec.validate(mesh, x.shape)
-                layouts.append((in_spec, out_spec, tuple(x.shape), x.dtype))
+                inputs, axes = input_layout(x, stage.input_spec, mesh, samples, where, tp_axis)
+                outputs = None
+                if c < last:
+                    try:
+                        with torch.no_grad():
+                            x = self._meta_forward(c, x)
+                    except Exception as error:
+                        raise ValueError(f"{where} cannot take its input {_describe(x)} (run on meta tensors to "
+                                         f"learn its output layout): {error}") from error
+                    outputs = output_layout(x, mesh, axes, samples, where, tp_axis)
+                layouts.append(_ChunkLayout(inputs, outputs, axes))
             self._layouts[key] = layouts
         return self._layouts[key]
 
-    def _boundary_plans(self, shape: tuple[int, ...], dtype: torch.dtype):
+    def _boundaries(self, first_input: Any, samples: int) -> tuple[list[_Boundary], int]:
         """Forward and backward plans of every chunk boundary; groups made in one order on all ranks."""
-        key = (shape, dtype)
+        key = (signature(first_input), samples)
         if key not in self._plans:
-            layouts = self._layout(shape, dtype)
-            forward, backward = [], []
+            layouts = self._layout(first_input, samples)
+            boundaries, span = [], 1
             meshes = self.chunk_meshes
             for c in range(len(meshes) - 1):
-                _, out_spec, out_shape, out_dtype = layouts[c]
-                in_spec = layouts[c + 1][0]
-                forward.append(make_plan(out_shape, out_dtype, meshes[c], out_spec, meshes[c + 1], in_spec,
-                                         self.executor, self.sender_mode))
-                backward.append(make_plan(out_shape, out_dtype, meshes[c + 1], in_spec, meshes[c],
-                                          out_spec, self.executor, self.sender_mode))
-            for plan in forward:
-                self._groups[_FORWARD].ensure(plan.groups())
-            for plan in backward:
-                self._groups[_BACKWARD].ensure(plan.groups())
-            span = max((len(plan.ops) for plan in forward + backward), default=0) + 1
-            self._plans[key] = (forward, backward, span)
+                sent, received = layouts[c].outputs, layouts[c + 1].inputs
+                forward, backward, offsets, offset = [], [], [], 0
+                for (_, src), (_, dst) in zip(sent.tensors, received.tensors, strict=True):
+                    plan = make_plan(src.shape, src.dtype, meshes[c], src.spec, meshes[c + 1], dst.spec,
+                                     self.executor, self.sender_mode)
+                    back = make_plan(src.shape, src.dtype, meshes[c + 1], dst.spec, meshes[c], src.spec,
+                                     self.executor, self.sender_mode) if src.differentiable else None
+                    self._groups[_FORWARD].ensure(plan.groups())
+                    if back is not None:
+                        self._groups[_BACKWARD].ensure(back.groups())
+                    forward.append(plan)
+                    backward.append(back)
+                    offsets.append(offset)
+                    offset += max(len(plan.ops), len(back.ops) if back is not None else 0) + 1
+                boundaries.append(_Boundary(forward, backward, offsets))
+                span = max(span, offset)
+            self._plans[key] = (boundaries, span)
         return self._plans[key]
 
     def transports(self) -> set[tuple[str, int, int, str]]:
@@ -154,103 +209,218 @@ class PipelineRuntime:
         Which transport moves activations (``forward``) and gradients (``backward``) between which
         ranks, as decided by :func:`transport_pairs`; plans exist after the first :meth:`step`.
         """
-        return {(name, *pair) for forward, backward, _ in self._plans.values()
-                for name, direction, plans in (("forward", _FORWARD, forward), ("backward", _BACKWARD, backward))
-                for plan in plans for pair in transport_pairs(plan, self._shm[direction])}
+        pairs = set()
+        for boundaries, _ in self._plans.values():
+            for boundary in boundaries:
+                for name, direction, plans in (("forward", _FORWARD, boundary.forward),
+                                               ("backward", _BACKWARD, boundary.backward)):
+                    for plan in plans:
+                        if plan is not None:
+                            pairs |= {(name, *pair) for pair in transport_pairs(plan, self._shm[direction])}
+        return pairs
+
+    # -- transfers --------------------------------------------------------------------------------------
 
     def _tag(self, microbatch: int, direction: int, boundary: int, span: int) -> int:
         return ((microbatch * 2 + direction) * len(self.chunk_meshes) + boundary) * span
 
-    def _receive(self, plan: ReshardPlan, direction: int, tag: int) -> torch.Tensor:
-        return start_plan(plan, self.rank, None, self._groups[direction], tag, self._shm[direction]).wait()
+    def _send(self, direction: int, boundary: _Boundary, tensors: Sequence[torch.Tensor], base: int) -> None:
+        plans = boundary.forward if direction == _FORWARD else [p for p in boundary.backward if p is not None]
+        offsets = boundary.offsets if direction == _FORWARD else [
+            o for o, p in zip(boundary.offsets, boundary.backward, strict=True) if p is not None]
+        for plan, tensor, offset in zip(plans, tensors, offsets, strict=True):
+            self._outboxes[direction].put(plan, tensor, base + offset)
 
-    def step(self, inputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def _receive(self, direction: int, boundary: _Boundary, base: int) -> list[torch.Tensor]:
+        pairs = zip(boundary.forward, boundary.offsets, strict=True) if direction == _FORWARD else [
+            (p, o) for p, o in zip(boundary.backward, boundary.offsets, strict=True) if p is not None]
+        return [start_plan(plan, self.rank, None, self._groups[direction], base + offset,
+                           self._shm[direction]).wait() for plan, offset in pairs]
+
+    def _chunk_input(self, c: int, m: int, first_input: Any, layouts: list[_ChunkLayout], boundaries: list[_Boundary],
+                     span: int, grad: bool) -> tuple[Any, list[torch.Tensor]]:
+        """Chunk ``c``'s input for micro-batch ``m`` (cut locally or received) and its differentiable leaves."""
+        mesh = self.chunk_meshes[c]
+        if c == 0:
+            return layouts[0].inputs.local(first_input, mesh, self.rank), []
+        tensors = self._receive(_FORWARD, boundaries[c - 1], self._tag(m, _FORWARD, c - 1, span))
+        wanting = []
+        for (_, leaf), tensor in zip(layouts[c].inputs.tensors, tensors, strict=True):
+            if grad and leaf.differentiable:
+                wanting.append(tensor.requires_grad_(True))
+        return layouts[c].inputs.assemble(tensors), wanting
+
+    def _firsts(self, micro: list[Any], counts: list[int]) -> list[Any]:
+        """Every micro-batch's first-stage input; layouts and plans made now, in micro-batch order on every rank."""
+        firsts = [self.pipeline.inputs(mb) for mb in micro]
+        for first, samples in zip(firsts, counts, strict=True):
+            self._boundaries(first, samples)
+        return firsts
+
+    # -- training ---------------------------------------------------------------------------------------
+
+    def step(self, batch: Any) -> torch.Tensor:
         """Forward and backward of every micro-batch; gradients accumulate in the rank's chunks' parameters.
 
-        Returns the full-batch loss on every rank (detached).
+        Each micro-batch's loss is weighted by its share of the batch's samples. Returns the
+        full-batch loss on every rank (detached).
         """
-        total_rows = inputs.shape[0]
-        if total_rows < self.num_microbatches:
-            raise ValueError(f"batch of {total_rows} rows cannot be cut into {self.num_microbatches} micro-batches")
-        micro_inputs = inputs.tensor_split(self.num_microbatches)  # exactly as many as the order expects
-        micro_targets = target.tensor_split(self.num_microbatches)
+        micro, counts = split_microbatches(batch, self.num_microbatches)
+        total = sum(counts)
+        firsts = self._firsts(micro, counts)
         last = len(self.chunk_meshes) - 1
-        mesh = self.meshes[self.stage]
-        held: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
-        weight_grads: dict[tuple[int, int], torch.Tensor | None] = {}
+        held: dict[tuple[int, int], tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor | None]]] = {}
         loss_sum = torch.zeros((), dtype=torch.float64)
         for action in self._order:
             c, m = action.chunk, action.microbatch
-            shape, dtype = tuple(micro_inputs[m].shape), micro_inputs[m].dtype
-            forward, backward, span = self._boundary_plans(shape, dtype)
-            in_spec, out_spec, out_shape, _ = self._layout(shape, dtype)[c]
-            module = self.pipeline.stages[c].module
+            layouts = self._layout(firsts[m], counts[m])
+            boundaries, span = self._boundaries(firsts[m], counts[m])
             if action.kind == "F":
-                if c == 0:
-                    box = local_box(mesh, in_spec, shape, self.rank)
-                    x = micro_inputs[m][tuple(slice(a, b) for a, b in box)]
-                else:
-                    x = self._receive(forward[c - 1], _FORWARD, self._tag(m, _FORWARD, c - 1, span))
-                    x.requires_grad_(x.is_floating_point())
-                y = module(x)
+                x, wanting = self._chunk_input(c, m, firsts[m], layouts, boundaries, span, grad=True)
+                y = self.pipeline.stages[c].module(x)
                 if c < last:
-                    self._outboxes[_FORWARD].put(forward[c], y.detach(), self._tag(m, _FORWARD, c, span))
+                    sent = layouts[c].outputs.check(y, self.chunk_meshes[c], self.rank, f"stage {c} output")
+                    self._send(_FORWARD, boundaries[c], [t.detach() for t in sent], self._tag(m, _FORWARD, c, span))
+                    outs = [t for (_, leaf), t in zip(layouts[c].outputs.tensors, sent, strict=True)
+                            if leaf.differentiable]
+                    held[(c, m)] = (wanting, outs, [])
                 else:
-                    rows = local_box(mesh, out_spec, out_shape, self.rank)[0]
-                    if rows[1] > rows[0]:
-                        share = (rows[1] - rows[0]) / total_rows
-                        y = self.pipeline.loss(y, micro_targets[m][rows[0]:rows[1]]) * share
-                    else:
-                        y = y.sum() * 0.0
-                    loss_sum += y.detach().double()
-                held[(c, m)] = (x, y)
+                    loss = self._loss(y, micro[m], counts[m], total, layouts[c].batch_axes)
+                    if loss is not None:
+                        loss_sum += loss.detach().double()
+                    held[(c, m)] = (wanting, [], []) if loss is None else (wanting, [loss], [None])
             elif action.kind == "B":
-                x, y = held[(c, m)]
-                grad = None if c == last else self._receive(backward[c], _BACKWARD, self._tag(m, _BACKWARD, c, span))
-                if self._split_backward:
-                    x_grad = input_gradient(x, y, grad)
-                    weight_grads[(c, m)] = grad
-                else:
-                    del held[(c, m)]
-                    y.backward(grad)
-                    x_grad = x.grad if x.requires_grad else None
-                if c > 0 and x_grad is not None:
-                    self._outboxes[_BACKWARD].put(backward[c - 1], x_grad, self._tag(m, _BACKWARD, c - 1, span))
+                self._backward(action, held, boundaries, span)
             else:
-                _, y = held.pop((c, m))
-                weight_gradient(y, weight_grads.pop((c, m)), [p for p in module.parameters() if p.requires_grad])
+                _, outs, grads = held.pop((c, m))
+                params = [p for p in self.pipeline.stages[c].module.parameters() if p.requires_grad]
+                weight_gradient(outs, grads, params)
         for outbox in self._outboxes:
             outbox.flush()
-        self._reduce_stage_gradients()
+        layouts = self._layout(firsts[0], counts[0])
+        self._reduce_stage_gradients(layouts)
+        self._tied.reduce()
         if last in self.chunks:
-            loss_sum /= self._replication(mesh, ShardingSpec.parse(self.pipeline.stages[last].input_spec))
+            loss_sum /= self._replication(self.chunk_meshes[last], layouts[last].batch_axes)
         else:
             loss_sum.zero_()
         dist.all_reduce(loss_sum)
         return loss_sum.float()
 
-    @staticmethod
-    def _replication(mesh: Mesh, spec: ShardingSpec) -> int:
-        """How many ranks of a stage mesh hold the same rows."""
-        return mesh.size // spec.num_chunks(mesh, 0)
+    def _loss(self, output: Any, microbatch: Any, samples: int, total: int,
+              batch_axes: tuple[int, ...]) -> torch.Tensor | None:
+        """The loss of this rank's samples of a micro-batch, weighted by their share of the batch."""
+        start, stop = rows_of(self.chunk_meshes[-1], batch_axes, samples, self.rank)
+        if stop <= start:
+            return None
+        target = self.pipeline.target(take_rows(microbatch, start, stop))
+        loss = self.pipeline.loss(output, target)
+        if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
+            raise ValueError(f"the loss must be a scalar tensor (a mean over the micro-batch's samples), got "
+                             f"{_describe(loss)}")
+        return loss * ((stop - start) / total)
 
-    def _reduce_stage_gradients(self) -> None:
-        """Data parallel inside the stage mesh: sum row-weighted gradients, undo replica double counting."""
+    def _backward(self, action: Action, held: dict, boundaries: list[_Boundary], span: int) -> None:
+        c, m = action.chunk, action.microbatch
+        last = len(self.chunk_meshes) - 1
+        wanting, outs, grads = held[(c, m)]
+        if c < last:
+            grads = self._receive(_BACKWARD, boundaries[c], self._tag(m, _BACKWARD, c, span))
+            pairs = [(y, g) for y, g in zip(outs, grads, strict=True) if y.requires_grad]
+            outs, grads = [y for y, _ in pairs], [g for _, g in pairs]
+        elif outs and not outs[0].requires_grad:
+            outs, grads = [], []
+        if self._split_backward:
+            x_grads = input_gradient(wanting, outs, grads)
+            held[(c, m)] = (wanting, outs, grads)
+        else:
+            del held[(c, m)]
+            if outs:
+                torch.autograd.backward(outs, grads)
+            x_grads = [torch.zeros_like(x) if x.grad is None else x.grad for x in wanting]
+        if c > 0:
+            self._send(_BACKWARD, boundaries[c - 1], x_grads, self._tag(m, _BACKWARD, c - 1, span))
+
+    # -- evaluation -------------------------------------------------------------------------------------
+
+    def evaluate(self, batch: Any, fn: Callable[[Any, Any], Any]) -> list[tuple[int, int, int, Any]]:
+        """Forward-only pipeline over the batch's micro-batches (no gradients, each rank runs its chunks).
+
+        On ranks of the last stage, ``fn(output, micro-batch rows)`` runs on each micro-batch's output;
+        returns ``(micro-batch, first sample, end sample, result)`` per call, the samples counted in the
+        whole batch (an empty list elsewhere). Uses up to ``num_microbatches`` micro-batches.
+        """
+        micro, counts = split_microbatches(batch, min(self.num_microbatches, sample_count(batch)))
+        firsts = self._firsts(micro, counts)
+        last = len(self.chunk_meshes) - 1
+        results = []
+        offset = 0
+        starts = []
+        for samples in counts:
+            starts.append(offset)
+            offset += samples
+        with torch.no_grad():
+            for m in range(len(micro)):
+                layouts = self._layout(firsts[m], counts[m])
+                boundaries, span = self._boundaries(firsts[m], counts[m])
+                for c in self.chunks:
+                    x, _ = self._chunk_input(c, m, firsts[m], layouts, boundaries, span, grad=False)
+                    y = self.pipeline.stages[c].module(x)
+                    if c < last:
+                        sent = layouts[c].outputs.check(y, self.chunk_meshes[c], self.rank, f"stage {c} output")
+                        self._send(_FORWARD, boundaries[c], sent, self._tag(m, _FORWARD, c, span))
+                        continue
+                    start, stop = rows_of(self.chunk_meshes[c], layouts[c].batch_axes, counts[m], self.rank)
+                    if stop > start:
+                        result = fn(y, take_rows(micro[m], start, stop))
+                        results.append((m, starts[m] + start, starts[m] + stop, result))
+                    del x, y  # one micro-batch's output at a time: the last stage's logits are the largest
+        self._outboxes[_FORWARD].flush()
+        return results
+
+    def contributes(self) -> bool:
+        """Whether this rank's last-stage results count (the first replica of each sample block)."""
+        last = len(self.chunk_meshes) - 1
+        if last not in self.chunks or not self._layouts:
+            return False
+        axes = next(iter(self._layouts.values()))[last].batch_axes
+        mesh = self.chunk_meshes[last]
+        return all(x == 0 for axis, x in enumerate(mesh.coordinate(self.rank)) if axis not in axes)
+
+    # -- gradients and parameters -----------------------------------------------------------------------
+
+    @staticmethod
+    def _replication(mesh: Mesh, batch_axes: tuple[int, ...]) -> int:
+        """How many ranks of a stage mesh hold the same samples."""
+        parts = 1
+        for axis in batch_axes:
+            parts *= mesh.shape[axis]
+        return mesh.size // parts
+
+    def _reduce_stage_gradients(self, layouts: list[_ChunkLayout]) -> None:
+        """Data parallel inside the stage mesh: sum sample-weighted gradients, undo replica double counting."""
         mesh = self.meshes[self.stage]
         if mesh.size == 1:
             return
-        params = [(c, p) for c in self.chunks for p in self.pipeline.stages[c].module.parameters()
-                  if p.grad is not None]
+        replication: dict[int, int] = {}
+        params: dict[int, tuple[int, torch.Tensor]] = {}
+        for c in self.chunks:
+            for p in self.pipeline.stages[c].module.parameters():
+                if p.grad is None:
+                    continue
+                factor = self._replication(mesh, layouts[c].batch_axes)
+                if replication.setdefault(id(p), factor) != factor:
+                    raise ValueError(f"a parameter of stage {c} is shared with another stage on the same mesh whose "
+                                     "samples are spread differently; give both stages the same input_spec")
+                params.setdefault(id(p), (c, p))
         if not params:
             return
-        flat = torch.cat([p.grad.reshape(-1) for _, p in params])
+        flat = torch.cat([p.grad.reshape(-1) for _, p in params.values()])
         dist.all_reduce(flat, group=self._stage_groups[self.stage])
-        replication = {c: self._replication(mesh, ShardingSpec.parse(self.pipeline.stages[c].input_spec))
-                       for c in self.chunks}
         tensor_parallel = {id(p) for c in self.chunks for p in self._column_parallel_params(c)}
         offset = 0
-        for c, p in params:
-            p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad)).div_(replication[c])
+        for key, (c, p) in params.items():
+            p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad)).div_(replication[key])
             if id(p) in tensor_parallel:  # each row block came from the ranks of one TP slice only
                 p.grad.mul_(self._tp_parts[c])
             offset += p.numel()
@@ -262,15 +432,29 @@ class PipelineRuntime:
         linear = find_linear(self.pipeline.stages[stage].module, name)
         return [p for p in (linear.weight, linear.bias) if p is not None]
 
+    def owned_parameters(self) -> list[torch.Tensor]:
+        """The trainable parameters this rank counts in a sum over the world (each parameter on one rank).
+
+        After a step every holder of a parameter has its full gradient (replicas, tensor-parallel
+        slices and tied stages included), so a global norm adds each parameter once: on the first rank
+        of the first stage mesh holding it.
+        """
+        users = parameter_users([stage.module for stage in self.pipeline.stages])
+        return [p for p, chunks in users.values() if self.chunk_meshes[min(chunks)].ranks[0] == self.rank]
+
     def sync_parameters(self) -> None:
         """Give every rank every chunk's current parameters (collective; same order on every rank).
 
-        Column-parallel rows come from the first rank holding each slice, everything else from the
-        chunk's stage mesh's first rank.
+        Column-parallel rows come from the first rank holding each slice, everything else (a tied
+        weight once) from the first rank of the first chunk's stage mesh holding it.
         """
+        done: set[int] = set()
         for index, (stage, mesh) in enumerate(zip(self.pipeline.stages, self.chunk_meshes, strict=True)):
             sliced = {id(p) for p in self._column_parallel_params(index)}
             for tensor in [*stage.module.parameters(), *stage.module.buffers()]:
+                if id(tensor) in done:
+                    continue
+                done.add(id(tensor))
                 if id(tensor) not in sliced:
                     dist.broadcast(tensor.data, src=mesh.ranks[0])
                     continue
@@ -287,3 +471,10 @@ class PipelineRuntime:
         for arenas in self._shm:
             if arenas is not None:
                 arenas.close()
+
+
+def _describe(tree: Any) -> str:
+    """A short text of a pytree's structure with tensor shapes (for error messages)."""
+    leaves, spec = tree_flatten(tree)
+    shown = [f"{tuple(leaf.shape)} {leaf.dtype}" if isinstance(leaf, torch.Tensor) else repr(leaf) for leaf in leaves]
+    return f"{spec} with leaves [{', '.join(shown)}]"

@@ -13,6 +13,8 @@ import torch
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_grendel._process_group import ProcessGroupStrategy, StartMethod
@@ -23,9 +25,13 @@ from lightning_grendel.pipeline.checkpoint import (
     restrict_state,
     state_owners,
 )
+from lightning_grendel.pipeline.module_steps import ModuleSteps, gather_predictions
+from lightning_grendel.pipeline.pytree import sample_count, split_microbatches
 from lightning_grendel.pipeline.runtime import PipelineRuntime
 from lightning_grendel.pipeline.schedules import Schedule, check_schedule
-from lightning_grendel.pipeline.stages import get_pipeline
+from lightning_grendel.pipeline.split import TracedPipeline
+from lightning_grendel.pipeline.stages import Pipeline, PipelineStage, get_pipeline
+from lightning_grendel.pipeline.tied import tie_parameters
 from lightning_grendel.resharding.mesh import Mesh, check_disjoint
 from lightning_grendel.resharding.plan import Executor, check_executor
 from lightning_grendel.resharding.senders import SenderMode, check_sender_mode
@@ -36,15 +42,19 @@ class PipelineStrategy(ProcessGroupStrategy):
     """Pipeline parallelism over stage meshes with cross-mesh resharding (any schedule of ``SCHEDULES``).
 
     ``stage_meshes`` lists the global ranks of each stage (default: one rank per stage) and
-    ``mesh_shapes`` their shapes (default ``(1, n)``). The LightningModule defines
-    ``pipeline_stages(self) -> Pipeline`` (``virtual_stages`` chunks per stage mesh);
-    its ``training_step`` is replaced by the pipelined step,
-    which logs ``train/loss``. Every rank sees the same batches (the first stage reads the inputs,
-    the last the targets). A checkpoint is one ordinary Lightning file: full parameters, and every
-    stage's optimizer state merged by parameter; on resume each rank takes back its stage's part.
-    ``transport`` (``auto``, ``dist``, ``shm``) is how activations and gradients move, as in ``reshard()``.
+    ``mesh_shapes`` their shapes (default ``(1, n)``). The stages come from ``split_points`` (an
+    unmodified module cut by torch's tracer before those submodules) or from the module's
+    ``pipeline_stages(self) -> Pipeline`` hook (``virtual_stages`` chunks per stage mesh). The module's
+    own ``training_step`` is the loss (run per micro-batch on the last stage with forward returning the
+    pipeline's output) unless the hook's ``Pipeline`` has a ``loss`` (then ``train/loss`` is logged);
+    ``validate``, ``test`` and ``predict`` run forward-only pipelines the same way. Every rank sees the
+    same batches. A checkpoint is one ordinary Lightning file: full parameters, and every stage's
+    optimizer state merged by parameter; on resume each rank takes back its stage's part. ``transport``
+    (``auto``, ``dist``, ``shm``) is how activations and gradients move, as in ``reshard()``.
 
     Args:
+        split_points: submodule names (of the LightningModule) before which a new stage starts, e.g.
+            ``["model.transformer.encoder"]``; ``len(split_points) + 1`` stages, traced automatically.
         stage_meshes: global ranks of each stage mesh.
         mesh_shapes: shape of each stage mesh.
         schedule: ``gpipe``, ``1f1b``, ``eager_1f1b``, ``interleaved_1f1b`` or ``eager_interleaved_1f1b``
@@ -69,6 +79,7 @@ class PipelineStrategy(ProcessGroupStrategy):
     strategy_name = "pipeline"
 
     def __init__(self, stage_meshes: list[list[int]] | None = None, mesh_shapes: list[list[int]] | None = None,
+                 split_points: list[str] | None = None,
                  schedule: Schedule = "eager_1f1b", virtual_stages: int = 1, executor: Executor = "broadcast",
                  sender_mode: SenderMode = "normal", num_microbatches: int = 4, transfer_latency_s: float = 0.0,
                  start_method: StartMethod = "popen",
@@ -90,7 +101,10 @@ class PipelineStrategy(ProcessGroupStrategy):
         self.virtual_stages = virtual_stages
         self.num_microbatches, self.transfer_latency_s = num_microbatches, transfer_latency_s
         self._timeout_s, self.transport = timeout_s, transport
+        self.split_points = split_points
         self._runtime: PipelineRuntime | None = None
+        self._pipeline: Pipeline | None = None
+        self._steps: ModuleSteps | None = None
         self._pending_grads: list[tuple[Tensor, Tensor | None]] = []
 
     @staticmethod
@@ -105,32 +119,98 @@ class PipelineStrategy(ProcessGroupStrategy):
         return self._meshes or [Mesh([r], (1, 1)) for r in range(self.world_size)]
 
     def setup(self, trainer: Any) -> None:
-        super().setup(trainer)
         module = self.lightning_module
+        num_stages = len(self.meshes) * self.virtual_stages
+        traced = None
+        if self.split_points is not None:
+            if hasattr(module, "pipeline_stages"):
+                raise ValueError(f"{type(module).__name__} defines pipeline_stages() and the strategy has "
+                                 "split_points; use one of them")
+            if len(self.split_points) + 1 != num_stages:
+                raise ValueError(f"split_points {self.split_points} make {len(self.split_points) + 1} stages but the "
+                                 f"strategy runs {num_stages} (stage meshes x virtual stages)")
+            traced = TracedPipeline(module, self.split_points)
+            if any(mesh.size > 1 for mesh in self.meshes):
+                rank_zero_warn("PipelineStrategy(split_points=...) gives every stage a replicated input: the ranks "
+                               "of a stage mesh all compute the same samples (data parallelism inside a stage needs "
+                               "pipeline_stages() with sharded input specs)")
+            pipeline = Pipeline([PipelineStage(stage, meta=stage.meta) for stage in traced.stages])
+        else:
+            pipeline = get_pipeline(module, num_stages)
+            tie_parameters([stage.module for stage in pipeline.stages], pipeline.tied)  # before the optimisers
+            pipeline.tied = ()
+        super().setup(trainer)
         if not module.automatic_optimization:
             raise ValueError("PipelineStrategy runs forward and backward itself: use automatic optimisation")
         if trainer.accumulate_grad_batches != 1:
             raise ValueError("PipelineStrategy accumulates over micro-batches; set accumulate_grad_batches=1")
-        meshes = self.meshes
-        pipeline = get_pipeline(module, len(meshes) * self.virtual_stages)
-        self._runtime = PipelineRuntime(pipeline, meshes, schedule=self.schedule,
-                                        executor=self.executor, sender_mode=self.sender_mode,
-                                        num_microbatches=self.num_microbatches,
-                                        transfer_latency_s=self.transfer_latency_s, timeout_s=self._timeout_s,
-                                        transport=self.transport)
+        legacy = pipeline.loss is not None
+        if legacy and is_overridden("training_step", module):
+            rank_zero_warn(f"{type(module).__name__}.pipeline_stages() returns a Pipeline with a loss, so "
+                           "PipelineStrategy trains with that loss and does not run training_step (its extra terms and "
+                           "self.log calls are not used); return Pipeline(stages) without a loss to run training_step "
+                           "as the loss")
+        self._steps = ModuleSteps(module, traced, None if traced is not None else pipeline.inputs, legacy)
+        self._pipeline = Pipeline(pipeline.stages, pipeline.loss if legacy else self._steps.loss,
+                                  inputs=self._steps.first_input,
+                                  target=pipeline.target if legacy else Pipeline.whole_batch())
+        if traced is None:
+            self._build_runtime()
 
-    def training_step(self, batch: Any, batch_idx: int = 0, *args: Any, **kwargs: Any) -> Tensor:
-        assert self._runtime is not None
-        params = [p for module in self._runtime.modules for p in module.parameters()]
-        for p in params:
+    def _build_runtime(self) -> PipelineRuntime:
+        """The runtime (collective); a split model's is built at its first batch, once a trace made the stages."""
+        if self._runtime is None:
+            assert self._pipeline is not None
+            self._runtime = PipelineRuntime(self._pipeline, self.meshes, schedule=self.schedule,
+                                            executor=self.executor, sender_mode=self.sender_mode,
+                                            num_microbatches=self.num_microbatches,
+                                            transfer_latency_s=self.transfer_latency_s, timeout_s=self._timeout_s,
+                                            transport=self.transport)
+            local = {id(p) for module in self._runtime.modules for p in module.parameters()}
+            for optimizer in self.optimizers:  # state loaded before the stages existed: keep this rank's own
+                for p in [p for p in optimizer.state if id(p) not in local]:
+                    del optimizer.state[p]
+        return self._runtime
+
+    def _runtime_for(self, step: str, batch: Any, *args: Any) -> PipelineRuntime:
+        """Point the module steps at this step and batch; trace a split model on its first micro-batch."""
+        assert self._steps is not None
+        self._steps.begin(step, batch, *args)
+        if self._runtime is None:
+            count = self.num_microbatches if step == "training_step" else min(self.num_microbatches,
+                                                                                sample_count(batch))
+            self._steps.first_input(split_microbatches(batch, count)[0][0])
+            return self._build_runtime()
+        return self._runtime
+
+    def training_step(self, batch: Any, batch_idx: int = 0, *args: Any, **kwargs: Any) -> Any:
+        runtime = self._runtime_for("training_step", batch, batch_idx)
+        module = self.lightning_module
+        params = [p for module_ in runtime.modules for p in module_.parameters()]
+        for p in module.parameters():
             p.grad = None
-        loss = self._runtime.step(batch[0], batch[1])
+        loss = runtime.step(batch)
+        self._check_gradients(runtime)
         # Lightning zeroes gradients between training_step and backward: keep ours aside until then.
         self._pending_grads = [(p, p.grad) for p in params]
         for p in params:
             p.grad = None
-        self.lightning_module.log("train/loss", loss, prog_bar=True)
-        return loss
+        assert self._steps is not None
+        if self._steps.legacy_loss:
+            module.log("train/loss", loss, prog_bar=True)
+            return loss
+        outputs = self._steps.publish(runtime.contributes())
+        return {"loss": loss, **outputs} if isinstance(outputs, dict) else loss
+
+    def _check_gradients(self, runtime: PipelineRuntime) -> None:
+        """What went wrong in the module's step on any rank (a loss term on another stage's parameter, forward
+        called twice) is raised on every rank."""
+        assert self._steps is not None
+        if self._steps.legacy_loss:
+            return
+        mine = {id(p) for module in runtime.modules for p in module.parameters()}
+        module = self.lightning_module
+        self._steps.check([name for name, p in module.named_parameters() if p.grad is not None and id(p) not in mine])
 
     def backward(self, closure_loss: Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> Tensor:
         """The pipelined step already ran every backward: hand its gradients to the optimiser step."""
@@ -139,13 +219,30 @@ class PipelineStrategy(ProcessGroupStrategy):
         self._pending_grads = []
         return closure_loss
 
+    def _evaluate(self, step: str, context: Any, batch: Any, batch_idx: int, *args: Any) -> Any:
+        """A forward-only pipeline; the module's own step runs on the last stage, its logs on every rank."""
+        runtime = self._runtime_for(step, batch, batch_idx, *args)
+        assert self._steps is not None
+        with context:
+            results = runtime.evaluate(batch, self._steps.evaluate)
+        self._steps.check([])
+        if step == "predict_step":
+            return gather_predictions(results, runtime.contributes())
+        return self._steps.publish(runtime.contributes())
+
+    def validation_step(self, batch: Any, batch_idx: int = 0, *args: Any, **kwargs: Any) -> Any:
+        return self._evaluate("validation_step", self.precision_plugin.val_step_context(), batch, batch_idx, *args)
+
+    def test_step(self, batch: Any, batch_idx: int = 0, *args: Any, **kwargs: Any) -> Any:
+        return self._evaluate("test_step", self.precision_plugin.test_step_context(), batch, batch_idx, *args)
+
+    def predict_step(self, batch: Any, batch_idx: int = 0, *args: Any, **kwargs: Any) -> Any:
+        return self._evaluate("predict_step", self.precision_plugin.predict_step_context(), batch, batch_idx, *args)
+
     def sync_parameters(self) -> None:
         """Give every rank every stage's current parameters (for validation, checkpoints, rank 0's copy)."""
         if self._runtime is not None:
             self._runtime.sync_parameters()
-
-    def on_validation_start(self) -> None:
-        self.sync_parameters()
 
     def on_train_end(self) -> None:
         self.sync_parameters()
@@ -162,11 +259,11 @@ class PipelineStrategy(ProcessGroupStrategy):
         """
         if isinstance(optimizer, LightningOptimizer):
             optimizer = optimizer._optimizer
-        if self._runtime is None:
+        if self._pipeline is None or not torch.distributed.is_initialized():
             return super().optimizer_state(optimizer)
-        stages = [stage.module for stage in self._runtime.pipeline.stages]
-        owners = state_owners(optimizer_parameters(optimizer), stages, self._runtime.chunk_meshes)
-        return gather_optimizer_state(optimizer, owners)
+        stages = [stage.module for stage in self._pipeline.stages]  # also after fit, once the runtime is closed
+        meshes = [self.meshes[c % len(self.meshes)] for c in range(len(stages))]
+        return gather_optimizer_state(optimizer, state_owners(optimizer_parameters(optimizer), stages, meshes))
 
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
         """Each rank keeps its own stage's part of the merged state: exactly what it held before saving."""

@@ -68,7 +68,7 @@ def _equivalence(rank: int, world: int, schedules, executors, sender_mode, trans
         modules = _stages(virtual)
         runtime = PipelineRuntime(_pipeline(modules), MESHES, schedule=schedule, executor=executor,
                                   sender_mode=sender_mode, num_microbatches=3, transport=transport)
-        loss = runtime.step(x, y)
+        loss = runtime.step((x, y))
         assert torch.allclose(loss, torch.tensor(want_loss), rtol=1e-5, atol=0), (schedule, executor, transport)
         mine = runtime.chunks
         assert mine == list(range(runtime.stage, len(modules), 3))
@@ -113,7 +113,7 @@ def _lorentz_equivalence(rank: int) -> None:
     model = _lorentz_model()
     pipeline = model.pipeline_stages()
     runtime = PipelineRuntime(pipeline, [Mesh([0, 1], (2, 1)), Mesh([2, 3, 4, 5], (2, 2))], num_microbatches=3)
-    loss = runtime.step(tokens, labels)
+    loss = runtime.step((tokens, labels))
     runtime.close()
     assert torch.allclose(loss, want.detach(), rtol=1e-5, atol=0)
     mine = {id(p) for p in pipeline.stages[runtime.stage].module.parameters() if p.requires_grad}
