@@ -9,11 +9,14 @@ stages the pipeline has ``v * S`` chunks and chunk ``c`` runs on stage mesh ``c 
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from lightning_grendel.pipeline.meta_forward import autocast_state, meta_forward
 from lightning_grendel.pipeline.outbox import Outbox, input_gradient, weight_gradient
 from lightning_grendel.pipeline.schedules import Schedule, check_schedule, stage_order
 from lightning_grendel.pipeline.stages import Pipeline, output_spec, resolve_stage_specs
@@ -33,12 +36,15 @@ class PipelineRuntime:
     Every rank of the default process group must construct it and call :meth:`step` with the same
     batch: plans are derived identically everywhere and process groups are created in one order.
     ``transport`` is that of :func:`reshard` (``auto``: shared memory for the transfers among ranks on
-    one host, torch.distributed across hosts; see :meth:`transports`).
+    one host, torch.distributed across hosts; see :meth:`transports`). ``forward_context`` is entered
+    around every stage forward and loss (not around backward), as Lightning's precision plugin wraps
+    ``training_step``: autocast for mixed precision, the default dtype for true half precision.
     """
 
     def __init__(self, pipeline: Pipeline, meshes: Sequence[Mesh], *, schedule: Schedule = "eager_1f1b",
                  executor: Executor = "broadcast", sender_mode: SenderMode = "normal", num_microbatches: int = 4,
-                 transfer_latency_s: float = 0.0, timeout_s: float = 120.0, transport: Transport = "auto") -> None:
+                 transfer_latency_s: float = 0.0, timeout_s: float = 120.0, transport: Transport = "auto",
+                 forward_context: Callable[[], AbstractContextManager[Any]] = nullcontext) -> None:
         check_transport(transport)
         check_sender_mode(sender_mode)
         check_executor(executor)
@@ -56,6 +62,7 @@ class PipelineRuntime:
         self.chunk_meshes = [self.meshes[c % len(meshes)] for c in range(num_chunks)]
         self.schedule, self.executor, self.sender_mode = schedule, executor, sender_mode
         self.num_microbatches = num_microbatches
+        self._forward_context = forward_context
         self.rank = dist.get_rank()
         world = dist.get_world_size()
         used = sorted(r for mesh in self.meshes for r in mesh.ranks)
@@ -107,9 +114,17 @@ class PipelineRuntime:
         self._layouts: dict[tuple, list[tuple[ShardingSpec, ShardingSpec, tuple[int, ...], torch.dtype]]] = {}
         self._plans: dict[tuple, tuple[list[ReshardPlan], list[ReshardPlan], int]] = {}
 
-    def _layout(self, shape: tuple[int, ...], dtype: torch.dtype):
-        """Per stage: (input spec, output spec, full output shape) for a micro-batch of ``shape``."""
-        key = (shape, dtype)
+    def _key(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> tuple:
+        """What a micro-batch's layouts depend on: its shape and dtype, and the autocast of the forward context."""
+        with self._forward_context():
+            return shape, dtype, device.type, autocast_state(device.type)
+
+    def _layout(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device):
+        """Per stage: (input spec, output spec, full output shape, output dtype) for a micro-batch of ``shape``.
+
+        Dtypes are those of the real forward on ``device`` under the forward context (autocast).
+        """
+        key = self._key(shape, dtype, device)
         if key not in self._layouts:
             layouts = []
             x = torch.empty(shape, dtype=dtype, device="meta")
@@ -117,8 +132,8 @@ class PipelineRuntime:
                 mesh = self.chunk_meshes[index]
                 in_spec = resolve_stage_specs(stage, mesh, index, x.ndim)
                 in_spec.validate(mesh, x.shape)
-                with torch.no_grad():
-                    x = meta(x)
+                with self._forward_context():
+                    x = meta_forward(meta, x, device)
                 tp_axis = None if stage.column_parallel is None else mesh.ndim - 1
                 out_spec = output_spec(in_spec, x.ndim, tp_axis)
                 out_spec.validate(mesh, x.shape)
@@ -126,11 +141,11 @@ class PipelineRuntime:
             self._layouts[key] = layouts
         return self._layouts[key]
 
-    def _boundary_plans(self, shape: tuple[int, ...], dtype: torch.dtype):
+    def _boundary_plans(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device):
         """Forward and backward plans of every chunk boundary; groups made in one order on all ranks."""
-        key = (shape, dtype)
+        key = self._key(shape, dtype, device)
         if key not in self._plans:
-            layouts = self._layout(shape, dtype)
+            layouts = self._layout(shape, dtype, device)
             forward, backward = [], []
             meshes = self.chunk_meshes
             for c in range(len(meshes) - 1):
@@ -181,9 +196,9 @@ class PipelineRuntime:
         loss_sum = torch.zeros((), dtype=torch.float64)
         for action in self._order:
             c, m = action.chunk, action.microbatch
-            shape, dtype = tuple(micro_inputs[m].shape), micro_inputs[m].dtype
-            forward, backward, span = self._boundary_plans(shape, dtype)
-            in_spec, out_spec, out_shape, _ = self._layout(shape, dtype)[c]
+            shape, dtype, device = tuple(micro_inputs[m].shape), micro_inputs[m].dtype, micro_inputs[m].device
+            forward, backward, span = self._boundary_plans(shape, dtype, device)
+            in_spec, out_spec, out_shape, _ = self._layout(shape, dtype, device)[c]
             module = self.pipeline.stages[c].module
             if action.kind == "F":
                 if c == 0:
@@ -192,16 +207,18 @@ class PipelineRuntime:
                 else:
                     x = self._receive(forward[c - 1], _FORWARD, self._tag(m, _FORWARD, c - 1, span))
                     x.requires_grad_(x.is_floating_point())
-                y = module(x)
+                with self._forward_context():
+                    y = module(x)
+                    if c == last:
+                        rows = local_box(mesh, out_spec, out_shape, self.rank)[0]
+                        if rows[1] > rows[0]:
+                            share = (rows[1] - rows[0]) / total_rows
+                            y = self.pipeline.loss(y, micro_targets[m][rows[0]:rows[1]]) * share
+                        else:
+                            y = y.sum() * 0.0
                 if c < last:
                     self._outboxes[_FORWARD].put(forward[c], y.detach(), self._tag(m, _FORWARD, c, span))
                 else:
-                    rows = local_box(mesh, out_spec, out_shape, self.rank)[0]
-                    if rows[1] > rows[0]:
-                        share = (rows[1] - rows[0]) / total_rows
-                        y = self.pipeline.loss(y, micro_targets[m][rows[0]:rows[1]]) * share
-                    else:
-                        y = y.sum() * 0.0
                     loss_sum += y.detach().double()
                 held[(c, m)] = (x, y)
             elif action.kind == "B":

@@ -23,6 +23,9 @@ from lightning_grendel.pipeline.checkpoint import (
     restrict_state,
     state_owners,
 )
+from lightning_grendel.pipeline.clipping import counted_parameters
+from lightning_grendel.pipeline.flags import check_trainer
+from lightning_grendel.pipeline.precision import clip_over_pipeline
 from lightning_grendel.pipeline.runtime import PipelineRuntime
 from lightning_grendel.pipeline.schedules import Schedule, check_schedule
 from lightning_grendel.pipeline.stages import get_pipeline
@@ -104,40 +107,65 @@ class PipelineStrategy(ProcessGroupStrategy):
         """Stage meshes; without ``stage_meshes`` every process is a stage of its own."""
         return self._meshes or [Mesh([r], (1, 1)) for r in range(self.world_size)]
 
+    def setup_environment(self) -> None:
+        """Refuse unsupported Trainer settings first (``flags.py``): before loggers or checkpoints write anything."""
+        check_trainer(self.lightning_module.trainer, self.lightning_module)
+        super().setup_environment()
+
     def setup(self, trainer: Any) -> None:
         super().setup(trainer)
         module = self.lightning_module
-        if not module.automatic_optimization:
-            raise ValueError("PipelineStrategy runs forward and backward itself: use automatic optimisation")
-        if trainer.accumulate_grad_batches != 1:
-            raise ValueError("PipelineStrategy accumulates over micro-batches; set accumulate_grad_batches=1")
         meshes = self.meshes
         pipeline = get_pipeline(module, len(meshes) * self.virtual_stages)
         self._runtime = PipelineRuntime(pipeline, meshes, schedule=self.schedule,
                                         executor=self.executor, sender_mode=self.sender_mode,
                                         num_microbatches=self.num_microbatches,
                                         transfer_latency_s=self.transfer_latency_s, timeout_s=self._timeout_s,
-                                        transport=self.transport)
+                                        transport=self.transport,
+                                        forward_context=self.precision_plugin.train_step_context)
+        clip_over_pipeline(self.precision_plugin, self._counted_parameters)
+
+    def _counted_parameters(self, params: list[Tensor]) -> list[Tensor]:
+        """The parameters among ``params`` whose gradients this rank counts in the global norm."""
+        assert self._runtime is not None
+        stages = [stage.module for stage in self._runtime.pipeline.stages]
+        return counted_parameters(params, stages, self._runtime.chunk_meshes, self.global_rank)
 
     def training_step(self, batch: Any, batch_idx: int = 0, *args: Any, **kwargs: Any) -> Tensor:
         assert self._runtime is not None
         params = [p for module in self._runtime.modules for p in module.parameters()]
+        accumulated = [p.grad for p in params]  # the earlier batches of an accumulate_grad_batches window
         for p in params:
-            p.grad = None
+            p.grad = None  # the step's stage reduction must see this batch's gradients only
         loss = self._runtime.step(batch[0], batch[1])
         # Lightning zeroes gradients between training_step and backward: keep ours aside until then.
         self._pending_grads = [(p, p.grad) for p in params]
-        for p in params:
-            p.grad = None
+        for p, grad in zip(params, accumulated, strict=True):
+            p.grad = grad
         self.lightning_module.log("train/loss", loss, prog_bar=True)
         return loss
 
     def backward(self, closure_loss: Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> Tensor:
-        """The pipelined step already ran every backward: hand its gradients to the optimiser step."""
+        """The pipelined step already ran every backward: hand its gradients to the optimiser step.
+
+        With ``accumulate_grad_batches=N`` Lightning backpropagates ``loss / N`` and sums over the window;
+        so this adds ``grad / N`` to what the window holds. The ``on_before_backward`` and
+        ``on_after_backward`` hooks run around it, as in a plain run.
+        """
+        module = self.lightning_module
+        closure_loss = self.precision_plugin.pre_backward(closure_loss, module)
+        scale = 1.0 / module.trainer.accumulate_grad_batches
         for p, grad in self._pending_grads:
-            p.grad = grad
+            if grad is None:
+                continue
+            if scale != 1.0:
+                grad.mul_(scale)
+            if p.grad is None:
+                p.grad = grad
+            else:
+                p.grad.add_(grad)
         self._pending_grads = []
-        return closure_loss
+        return self.precision_plugin.post_backward(closure_loss, module)
 
     def sync_parameters(self) -> None:
         """Give every rank every stage's current parameters (for validation, checkpoints, rank 0's copy)."""

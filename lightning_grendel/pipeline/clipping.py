@@ -1,0 +1,90 @@
+"""Gradient clipping by the norm over the whole pipeline, as ``torch.nn.utils.clip_grad_norm_`` on the plain model.
+
+A pipeline rank holds the gradients of its own stage only, so ``clip_grad_norm_`` there clips each
+stage by its own norm. The global norm needs every parameter counted exactly once over the world:
+:func:`counted_parameters` says which ones a rank counts, :func:`clip_grad_norm_` adds the ranks'
+shares and scales every local gradient by the one resulting factor. Clipping by value needs nothing:
+it is elementwise, and every rank holding a parameter holds its full gradient.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Iterable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lightning_grendel.pipeline.checkpoint import state_owners
+from lightning_grendel.resharding.mesh import Mesh
+
+
+def counted_parameters(params: Sequence[torch.Tensor], stages: Sequence[nn.Module], meshes: Sequence[Mesh],
+                       rank: int) -> list[torch.Tensor]:
+    """The parameters among ``params`` whose gradients ``rank`` counts in the global norm.
+
+    Rule: a parameter is counted by the first rank of the mesh of the first stage holding it, and
+    nowhere else. This is exact because after a pipelined step every rank of a stage mesh holds the
+    full, identical gradient of every parameter of its stage: data-parallel ranks and replicas get
+    the reduced sum, and a column-parallel Linear's row blocks are summed into the full gradient by the
+    stage reduction. A parameter of no stage on this rank has no gradient here, so it adds nothing.
+    It is the owner rule of the checkpoint's optimizer state (:func:`state_owners`); a parameter held by
+    several stages (tied) is counted once, by the first of them, once their gradients have been summed.
+    """
+    return [p for p, owner in zip(params, state_owners(params, stages, meshes), strict=True) if owner == rank]
+
+
+def _norm_parts(norm_type: float) -> tuple[bool, dist.ReduceOp]:
+    if norm_type == math.inf:
+        return True, dist.ReduceOp.MAX
+    if not 0 < norm_type < math.inf:
+        raise ValueError(f"norm_type {norm_type}: the pipeline's global norm supports a positive p or inf")
+    return False, dist.ReduceOp.SUM
+
+
+def global_grad_norm(counted: Iterable[torch.Tensor], norm_type: float = 2.0,
+                     group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """The ``norm_type``-norm of the gradients counted by all ranks of ``group`` together (collective).
+
+    Each rank computes the norm of each of its counted gradients as torch does; the shares are added
+    (``p``-th powers) or maxed (``inf``) in float64 over the group. The result has the gradients' dtype
+    (float32 when a rank counts none), as ``torch.nn.utils.get_total_norm`` gives.
+    """
+    is_max, op = _norm_parts(norm_type)
+    grads = [p.grad for p in counted if p.grad is not None]
+    norms = [torch.linalg.vector_norm(g, norm_type).double() for g in grads]
+    device = grads[0].device if grads else torch.device("cpu")
+    if not norms:
+        share = torch.zeros((), dtype=torch.float64, device=device)
+    elif is_max:
+        share = torch.stack(norms).max()
+    else:
+        share = torch.stack(norms).pow(norm_type).sum()
+    dist.all_reduce(share, op=op, group=group)
+    total = share if is_max else share.pow(1.0 / norm_type)
+    return total.to(functools.reduce(torch.promote_types, (g.dtype for g in grads), grads[0].dtype)
+                    if grads else torch.float32)
+
+
+def clip_grad_norm_(parameters: Iterable[torch.Tensor], counted: Iterable[torch.Tensor], max_norm: float,
+                    norm_type: float = 2.0, error_if_nonfinite: bool = False,
+                    group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` over a pipeline (collective over ``group``, default: the world).
+
+    ``parameters`` are this rank's (all of them are scaled), ``counted`` the subset it counts in the
+    norm (:func:`counted_parameters`). Every rank scales by the same factor
+    ``min(1, max_norm / (total_norm + 1e-6))`` and raises the same error on a non-finite norm when
+    ``error_if_nonfinite``; returns the total norm.
+    """
+    parameters = [p for p in parameters if p.grad is not None]
+    total = global_grad_norm(counted, norm_type, group)
+    if error_if_nonfinite and not torch.isfinite(total):
+        raise RuntimeError(f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, "
+                           "so it cannot be clipped. To disable this error and scale the gradients by the "
+                           "non-finite norm anyway, set `error_if_nonfinite=False`")
+    coefficient = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for p in parameters:
+        p.grad.mul_(coefficient.to(p.grad.device, p.grad.dtype))
+    return total
