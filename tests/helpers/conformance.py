@@ -108,10 +108,14 @@ def _windows(count: int, seed: int) -> TensorDataset:
 
 
 class ConformanceData(LightningDataModule):
-    """Random token windows: 4 training batches of 8, 2 batches each to validate, test and predict."""
+    """Random token windows: 32 to train (4 batches of 8 by default), 2 batches of 8 each to validate, test, predict."""
+
+    def __init__(self, batch_size: int = 8) -> None:
+        super().__init__()
+        self.batch_size = batch_size
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(_windows(32, 0), batch_size=8, shuffle=False)
+        return DataLoader(_windows(32, 0), batch_size=self.batch_size, shuffle=False)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(_windows(16, 1), batch_size=8, shuffle=False)
@@ -158,7 +162,11 @@ class _StepClock:
 
 @dataclass(frozen=True)
 class Cell:
-    """A Trainer configuration: ``trainer`` kwargs, model options, callbacks by name, what to run."""
+    """A Trainer configuration: ``trainer`` kwargs, model options, callbacks by name, what to run.
+
+    ``plain`` replaces Trainer kwargs and ``plain_batch_size`` the batch size of the unpipelined run,
+    for a reference that computes at the pipeline's micro-batch granularity.
+    """
 
     layout: str = "tp"
     trainer: dict = field(default_factory=dict)
@@ -166,6 +174,8 @@ class Cell:
     schedulers: tuple[str, ...] = ()
     callbacks: tuple[str, ...] = ()
     run: str = "fit"  # fit, evaluate (fit then validate/test/predict), max_time (fit on a step clock)
+    plain: dict = field(default_factory=dict)
+    plain_batch_size: int = 8
 
 
 CELLS = {
@@ -175,6 +185,10 @@ CELLS = {
     "16-true": Cell("exact", {"precision": "16-true"}),
     "bf16-mixed": Cell("exact", {"precision": "bf16-mixed"}),
     "16-mixed-cpu": Cell("exact", {"precision": "16-mixed"}),
+    # 2 micro-batches x 2 data-parallel ranks: each gradient piece is a bf16 product over 2 rows, summed in
+    # float32, as in a plain run over batches of 2 accumulated 4 at a time (the same loss weights, 1/4).
+    "bf16-mixed-micro-batches": Cell("dp", {"precision": "bf16-mixed", "limit_val_batches": 0},
+                                     plain={"accumulate_grad_batches": 4}, plain_batch_size=2),
     "clip-norm": Cell("tp", {"gradient_clip_val": 0.05}),
     "clip-value": Cell("tp", {"gradient_clip_val": 0.002, "gradient_clip_algorithm": "value"}),
     "accumulate": Cell("tp", {"accumulate_grad_batches": 3, "gradient_clip_val": 0.05}),
@@ -252,16 +266,18 @@ def run_cell(name: str, pipelined: bool, folder: Path) -> dict:
     cell = CELLS[name]
     folder.mkdir(parents=True, exist_ok=True)
     model = make_model(cell.layout, cell.optimizer, cell.schedulers)
-    trainer = _trainer(pipelined, cell.layout, folder, cell.callbacks, **cell.trainer)
+    options = cell.trainer if pipelined else {**cell.trainer, **cell.plain}
+    trainer = _trainer(pipelined, cell.layout, folder, cell.callbacks, **options)
+    data = ConformanceData(8 if pipelined else cell.plain_batch_size)
     result: dict[str, Any] = {}
     if cell.run == "max_time":
         real_time, timer_module.time = timer_module.time, SimpleNamespace(monotonic=_StepClock().monotonic)
         try:
-            trainer.fit(model, ConformanceData())
+            trainer.fit(model, data)
         finally:
             timer_module.time = real_time
     else:
-        trainer.fit(model, ConformanceData())
+        trainer.fit(model, data)
     if cell.run == "evaluate":
         result["validate"] = trainer.validate(model, ConformanceData(), verbose=False)
         result["test"] = trainer.test(model, ConformanceData(), verbose=False)

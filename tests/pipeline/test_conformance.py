@@ -129,7 +129,8 @@ def test_cell_equals_the_plain_run(runs, name):
         got, what = results[name], f"{name}, rank {rank}"
         assert got["global_step"] == want["global_step"], what
         _assert_weights(got["weights"], want["weights"], exact, what)
-        _assert_logged(got["logged"], want["logged"], what)
+        if not CELLS[name].plain:  # a reference with other batches logs other losses
+            _assert_logged(got["logged"], want["logged"], what)
         _assert_checkpoints(got["checkpoints"], want["checkpoints"], what)
         if CELLS[name].run == "evaluate":
             for stage in ("validate", "test"):
@@ -157,6 +158,8 @@ def test_the_cells_would_catch_the_old_defects(runs):
 
     for name in ("64-true", "bf16-true", "16-true", "bf16-mixed"):  # and these cells compare bit for bit
         assert distance(name, "32-true") > 0, name
+    # early-stopping stops after the same 8 steps of the same layout in float32
+    assert distance("bf16-mixed-micro-batches", "early-stopping") > 1e-4
     for name in ("clip-norm", "clip-value"):
         assert distance(name, "deterministic") > 1e-3, name  # "deterministic" is the same layout unclipped
     assert plain["max-time"]["global_step"] < 12 and plain["early-stopping"]["global_step"] < 24
