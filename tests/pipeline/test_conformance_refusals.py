@@ -62,13 +62,16 @@ def test_the_supported_configuration_has_no_refusal():
 
 
 @pytest.mark.parametrize(("model", "kwargs", "names"), [
-    (_ManualLM, {}, "automatic_optimization = False"),
-    (_OwnClippingLM, {}, "configure_gradient_clipping"),
-    (_BatchNormLM, {}, "BatchNorm"),
-    (_BatchNormLM, {"sync_batchnorm": True}, "sync_batchnorm"),
-    (ConformanceLM, {"callbacks": [StochasticWeightAveraging(swa_lrs=0.1)]}, "StochasticWeightAveraging"),
-    (ConformanceLM, {"plugins": [MixedPrecision("16-mixed", "cpu")]}, "precision='16-mixed' trains with a GradScaler"),
-    (ConformanceLM, {"plugins": [_CustomPrecision()]}, "precision plugin _CustomPrecision is not supported"),
+    pytest.param(_ManualLM, {}, "automatic_optimization = False", id="manual-optimisation"),
+    pytest.param(_OwnClippingLM, {}, "configure_gradient_clipping", id="configure-gradient-clipping"),
+    pytest.param(_BatchNormLM, {}, "BatchNorm", id="batchnorm"),
+    pytest.param(_BatchNormLM, {"sync_batchnorm": True}, "sync_batchnorm", id="sync-batchnorm"),
+    pytest.param(ConformanceLM, {"callbacks": [StochasticWeightAveraging(swa_lrs=0.1)]}, "StochasticWeightAveraging",
+                 id="swa"),
+    pytest.param(ConformanceLM, {"plugins": [MixedPrecision("16-mixed", "cpu")]},
+                 "precision='16-mixed' trains with a GradScaler", id="16-mixed-gradscaler"),
+    pytest.param(ConformanceLM, {"plugins": [_CustomPrecision()]}, "precision plugin _CustomPrecision is not supported",
+                 id="other-precision-plugin"),
 ])
 def test_each_refusal_names_its_flag(model, kwargs, names):
     problems = _refusals(model(), **kwargs)
