@@ -46,6 +46,9 @@ class PipelineStrategy(ProcessGroupStrategy):
     the last the targets). A checkpoint is one ordinary Lightning file: full parameters, and every
     stage's optimizer state merged by parameter; on resume each rank takes back its stage's part.
     ``transport`` (``auto``, ``dist``, ``shm``) is how activations and gradients move, as in ``reshard()``.
+    Trainer flags run as in a plain run or are refused in ``setup_environment`` (``flags.py``;
+    docs/pipeline_conformance.md): the precision plugin's forward context wraps every stage forward,
+    norm clipping uses the norm over all stages, ``accumulate_grad_batches`` sums over the window.
 
     Args:
         stage_meshes: global ranks of each stage mesh.
