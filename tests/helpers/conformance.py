@@ -237,8 +237,9 @@ def _trainer(pipelined: bool, layout: str, folder: Path, callbacks: tuple[str, .
     if pipelined:  # Lightning's launcher then calls the function in this process, in the existing group
         os.environ.update(LOCAL_RANK=str(torch.distributed.get_rank()), NODE_RANK="0")
     made = _callbacks(callbacks, folder)
+    # deterministic=False resets torch's global switch after the cell that turns it on
     options = dict(max_epochs=2, log_every_n_steps=1, limit_val_batches=None if layout == "dp" else 0,
-                   enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in made))
+                   enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in made), deterministic=False)
     options.update(kwargs)
     return Trainer(accelerator="cpu", devices=WORLD if pipelined else 1,
                    strategy=pipeline_strategy(layout) if pipelined else "auto", logger=RecordingLogger(),
