@@ -41,8 +41,8 @@ def meta_forward(module: nn.Module, args: Any, device: torch.device) -> Any:
             return module(*args)
     tensors = {name: (t.shape, t.dtype) for name, t in itertools.chain(module.named_parameters(),
                                                                       module.named_buffers())}
-    with FakeTensorMode(), torch.no_grad():
+    with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():  # tensors kept as plain attributes
         fake = {name: torch.empty(shape, dtype=dtype, device=device) for name, (shape, dtype) in tensors.items()}
         fake_args = tree_map_only(torch.Tensor, lambda t: torch.empty(t.shape, dtype=t.dtype, device=device), args)
         out = functional_call(module, fake, fake_args)
-        return tree_map_only(torch.Tensor, _to_meta, out)
+    return tree_map_only(torch.Tensor, _to_meta, out)  # outside the mode: plain meta tensors
