@@ -36,6 +36,9 @@ def counted_parameters(params: Sequence[torch.Tensor], stages: Sequence[nn.Modul
     return [p for p, owner in zip(params, state_owners(params, stages, meshes), strict=True) if owner == rank]
 
 
+_GRAD_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def _norm_parts(norm_type: float) -> tuple[bool, dist.ReduceOp]:
     if norm_type == math.inf:
         return True, dist.ReduceOp.MAX
@@ -45,27 +48,32 @@ def _norm_parts(norm_type: float) -> tuple[bool, dist.ReduceOp]:
 
 
 def global_grad_norm(counted: Iterable[torch.Tensor], norm_type: float = 2.0,
-                     group: dist.ProcessGroup | None = None) -> torch.Tensor:
+                     group: dist.ProcessGroup | None = None, local: Iterable[torch.Tensor] = ()) -> torch.Tensor:
     """The ``norm_type``-norm of the gradients counted by all ranks of ``group`` together (collective).
 
     Each rank computes the norm of each of its counted gradients as torch does; the shares are added
-    (``p``-th powers) or maxed (``inf``) in float64 over the group. The result has the gradients' dtype
-    (float32 when a rank counts none), as ``torch.nn.utils.get_total_norm`` gives.
+    (``p``-th powers) or maxed (``inf``) in float64 in one all-reduce, which also carries whether a
+    share is NaN (a max may drop it) and which dtypes the gradients of ``counted`` and ``local`` (this
+    rank's other parameters) have. The total is then rounded, on every rank alike, to the promotion
+    of all those dtypes (float32 if there are none): the dtype torch's total has on the plain model.
     """
     is_max, op = _norm_parts(norm_type)
-    grads = [p.grad for p in counted if p.grad is not None]
-    norms = [torch.linalg.vector_norm(g, norm_type).double() for g in grads]
-    device = grads[0].device if grads else torch.device("cpu")
-    if not norms:
-        share = torch.zeros((), dtype=torch.float64, device=device)
-    elif is_max:
-        share = torch.stack(norms).max()
-    else:
-        share = torch.stack(norms).pow(norm_type).sum()
-    dist.all_reduce(share, op=op, group=group)
-    total = share if is_max else share.pow(1.0 / norm_type)
-    return total.to(functools.reduce(torch.promote_types, (g.dtype for g in grads), grads[0].dtype)
-                    if grads else torch.float32)
+    counted = [p for p in counted if p.grad is not None]
+    norms = [torch.linalg.vector_norm(p.grad, norm_type).double() for p in counted]
+    holders = counted + [p for p in local if p.grad is not None]
+    device = holders[0].grad.device if holders else torch.device("cpu")
+    share = torch.zeros((), dtype=torch.float64, device=device)
+    if norms:
+        share = torch.stack(norms).max() if is_max else torch.stack(norms).pow(norm_type).sum()
+    present = [any(p.grad.dtype == dtype for p in holders) for dtype in _GRAD_DTYPES]
+    packed = torch.tensor([0.0 if share.isnan() else share.item(), float(share.isnan()), *map(float, present)],
+                          dtype=torch.float64, device=device)
+    dist.all_reduce(packed, op=op, group=group)
+    total = packed[0] if is_max else packed[0].pow(1.0 / norm_type)
+    if packed[1] > 0:
+        total = torch.full_like(total, math.nan)
+    dtypes = [dtype for dtype, flag in zip(_GRAD_DTYPES, packed[2:].tolist(), strict=True) if flag > 0]
+    return total.to(functools.reduce(torch.promote_types, dtypes) if dtypes else torch.float32)
 
 
 def clip_grad_norm_(parameters: Iterable[torch.Tensor], counted: Iterable[torch.Tensor], max_norm: float,
@@ -74,17 +82,17 @@ def clip_grad_norm_(parameters: Iterable[torch.Tensor], counted: Iterable[torch.
     """``torch.nn.utils.clip_grad_norm_`` over a pipeline (collective over ``group``, default: the world).
 
     ``parameters`` are this rank's (all of them are scaled), ``counted`` the subset it counts in the
-    norm (:func:`counted_parameters`). Every rank scales by the same factor
-    ``min(1, max_norm / (total_norm + 1e-6))`` and raises the same error on a non-finite norm when
-    ``error_if_nonfinite``; returns the total norm.
+    norm (:func:`counted_parameters`). Every rank computes the same total (:func:`global_grad_norm`),
+    scales by the same ``min(1, max_norm / (total_norm + 1e-6))`` in the total's dtype, as torch does,
+    and raises the same error on a non-finite norm when ``error_if_nonfinite``; returns the total.
     """
     parameters = [p for p in parameters if p.grad is not None]
-    total = global_grad_norm(counted, norm_type, group)
+    total = global_grad_norm(counted, norm_type, group, parameters)
     if error_if_nonfinite and not torch.isfinite(total):
         raise RuntimeError(f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, "
                            "so it cannot be clipped. To disable this error and scale the gradients by the "
                            "non-finite norm anyway, set `error_if_nonfinite=False`")
     coefficient = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     for p in parameters:
-        p.grad.mul_(coefficient.to(p.grad.device, p.grad.dtype))
+        p.grad.mul_(coefficient.to(p.grad.device))
     return total

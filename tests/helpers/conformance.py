@@ -191,6 +191,8 @@ CELLS = {
                                      plain={"accumulate_grad_batches": 4}, plain_batch_size=2),
     "clip-norm": Cell("tp", {"gradient_clip_val": 0.05}),
     "clip-value": Cell("tp", {"gradient_clip_val": 0.002, "gradient_clip_algorithm": "value"}),
+    # replicas that count no gradient must still scale by the factor torch computes in bfloat16
+    "clip-norm-bf16-true": Cell("exact", {"precision": "bf16-true", "gradient_clip_val": 0.05}),
     "accumulate": Cell("tp", {"accumulate_grad_batches": 3, "gradient_clip_val": 0.05}),
     "checkpoint-monitor": Cell("dp", {"max_epochs": 3}, callbacks=("best_val", "best_train")),
     "early-stopping": Cell("dp", {"max_epochs": 6}, callbacks=("early_stop",)),

@@ -160,6 +160,7 @@ def test_the_cells_would_catch_the_old_defects(runs):
         assert distance(name, "32-true") > 0, name
     # early-stopping stops after the same 8 steps of the same layout in float32
     assert distance("bf16-mixed-micro-batches", "early-stopping") > 1e-4
+    assert distance("clip-norm-bf16-true", "bf16-true") > 1e-3
     for name in ("clip-norm", "clip-value"):
         assert distance(name, "deterministic") > 1e-3, name  # "deterministic" is the same layout unclipped
     assert plain["max-time"]["global_step"] < 12 and plain["early-stopping"]["global_step"] < 24

@@ -71,24 +71,27 @@ def one_rank(tmp_path):
     dist.destroy_process_group()
 
 
-def _grads() -> list[nn.Parameter]:
+def _grads(dtype: torch.dtype = torch.float32) -> list[nn.Parameter]:
     torch.manual_seed(1)
-    params = [nn.Parameter(torch.randn(3, 4)), nn.Parameter(torch.randn(5)), nn.Parameter(torch.randn(2, 2))]
+    params = [nn.Parameter(torch.randn(3, 4, dtype=dtype)), nn.Parameter(torch.randn(5, dtype=dtype)),
+              nn.Parameter(torch.randn(2, 2, dtype=dtype))]
     for p in params[:2]:
         p.grad = torch.randn_like(p) * 3
     return params  # the last one has no gradient, as a parameter of another stage
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("norm_type", [2.0, math.inf, 1.5])
-def test_norm_and_clipping_equal_torch(one_rank, norm_type):
-    params, reference = _grads(), _grads()
+def test_norm_and_clipping_equal_torch(one_rank, norm_type, dtype):
+    """Also the total's dtype, in which torch computes the clip factor (bf16 gradients: a bf16 factor)."""
+    params, reference = _grads(dtype), _grads(dtype)
     want = torch.nn.utils.clip_grad_norm_(reference, max_norm=1.0, norm_type=norm_type)
     got = clip_grad_norm_(params, params, max_norm=1.0, norm_type=norm_type)
     torch.testing.assert_close(got, want)
     for mine, theirs in zip(params[:2], reference[:2], strict=True):
         torch.testing.assert_close(mine.grad, theirs.grad)
-    torch.testing.assert_close(global_grad_norm(params[2:], norm_type), torch.tensor(0.0))  # counts none
+    torch.testing.assert_close(global_grad_norm(params[2:], norm_type), torch.tensor(0.0))  # holds none
 
 
 @pytest.mark.timeout(60)
@@ -97,5 +100,6 @@ def test_bad_norms_are_refused(one_rank):
     with pytest.raises(ValueError, match="norm_type 0"):
         global_grad_norm(params, 0)
     params[0].grad[0, 0] = math.nan
+    assert global_grad_norm(params, math.inf).isnan()  # a max over ranks may drop NaN; the norm keeps it
     with pytest.raises(RuntimeError, match="non-finite"):
         clip_grad_norm_(params, params, 1.0, error_if_nonfinite=True)
