@@ -93,8 +93,14 @@ def test_evaluation_refuses_only_what_evaluation_uses():
     assert _refusals(_model(), TrainerFn.TESTING, plugins=[_CustomPrecision()])
 
 
+@pytest.fixture
+def one_thread(monkeypatch):
+    """Lightning's launcher sets torch's thread count unless OMP_NUM_THREADS is set: keep it for later tests."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+
 @pytest.mark.timeout(120)
-def test_fit_raises_before_the_logger_writes(tmp_path):
+def test_fit_raises_before_the_logger_writes(tmp_path, one_thread):
     trainer = Trainer(accelerator="cpu", devices=1, strategy=PipelineStrategy(), logger=CSVLogger(tmp_path),
                       callbacks=[StochasticWeightAveraging(swa_lrs=0.1)], enable_progress_bar=False)
     with pytest.raises(ValueError, match="StochasticWeightAveraging"):
@@ -103,7 +109,7 @@ def test_fit_raises_before_the_logger_writes(tmp_path):
 
 
 @pytest.mark.timeout(120)
-def test_several_optimisers_are_refused_by_lightning_itself():
+def test_several_optimisers_are_refused_by_lightning_itself(one_thread):
     """Automatic optimisation takes one optimiser (Lightning's own error); manual optimisation is refused above."""
     trainer = Trainer(accelerator="cpu", devices=1, strategy=PipelineStrategy(), logger=False,
                       enable_progress_bar=False, enable_checkpointing=False)
