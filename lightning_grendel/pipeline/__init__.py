@@ -1,6 +1,7 @@
 """Pipeline parallelism over stage meshes of any shape: stages, schedules, the runtime and ``PipelineStrategy``.
 
-Everything but :class:`PipelineStrategy` is free of Lightning; the strategy is imported on first use.
+Everything but :class:`PipelineStrategy` and its Lightning glue (``flags.py``, ``precision.py``) is free of
+Lightning; the strategy is imported on first use.
 """
 
 from __future__ import annotations

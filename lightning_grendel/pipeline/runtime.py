@@ -5,12 +5,15 @@ through an outbox thread, so a stage moves on to its next action as soon as an o
 transfer overlaps compute; every forward and loss runs on the calling thread. With ``v`` virtual
 stages the pipeline has ``v * S`` chunks and chunk ``c`` runs on stage mesh ``c mod S``. Stage inputs
 and outputs are pytrees: each tensor leaf crosses a boundary through its own resharding plan.
+A forward context (the precision plugin's autocast or default dtype) is entered around every forward
+and loss, never around backward, and the layouts and plans are kept per autocast state.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +21,9 @@ import torch
 import torch.distributed as dist
 from torch.utils._pytree import tree_flatten
 
+from lightning_grendel.pipeline.meta_forward import autocast_state, meta_forward
 from lightning_grendel.pipeline.outbox import Outbox, input_gradient, weight_gradient
+from lightning_grendel.pipeline.ownership import parameter_users
 from lightning_grendel.pipeline.pytree import (
     Layout,
     input_layout,
@@ -34,7 +39,7 @@ from lightning_grendel.pipeline.schedule_orders import Action
 from lightning_grendel.pipeline.schedules import Schedule, check_schedule, stage_order
 from lightning_grendel.pipeline.stages import Pipeline
 from lightning_grendel.pipeline.tensor_parallel import find_linear, make_column_parallel
-from lightning_grendel.pipeline.tied import TiedGradients, parameter_users, tie_parameters
+from lightning_grendel.pipeline.tied import TiedGradients, tie_parameters
 from lightning_grendel.resharding.executors import GroupCache, start_plan, transport_pairs
 from lightning_grendel.resharding.mesh import Mesh, check_disjoint, chunk_bounds
 from lightning_grendel.resharding.plan import Executor, ReshardPlan, check_executor, make_plan
@@ -69,11 +74,15 @@ class PipelineRuntime:
     :meth:`evaluate`) with the same batch: plans are derived identically everywhere and process groups
     are created in one order. ``transport`` is that of :func:`reshard` (``auto``: shared memory for the
     transfers among ranks on one host, torch.distributed across hosts; see :meth:`transports`).
+    ``forward_context`` is entered around every stage forward and loss of :meth:`step` (not around
+    backward), as Lightning's precision plugin wraps ``training_step``: autocast for mixed precision,
+    the default dtype for true half precision; :meth:`evaluate` takes its own.
     """
 
     def __init__(self, pipeline: Pipeline, meshes: Sequence[Mesh], *, schedule: Schedule = "eager_1f1b",
                  executor: Executor = "broadcast", sender_mode: SenderMode = "normal", num_microbatches: int = 4,
-                 transfer_latency_s: float = 0.0, timeout_s: float = 120.0, transport: Transport = "auto") -> None:
+                 transfer_latency_s: float = 0.0, timeout_s: float = 120.0, transport: Transport = "auto",
+                 forward_context: Callable[[], AbstractContextManager[Any]] = nullcontext) -> None:
         check_transport(transport)
         check_sender_mode(sender_mode)
         check_executor(executor)
@@ -93,6 +102,7 @@ class PipelineRuntime:
         self.chunk_meshes = [self.meshes[c % len(meshes)] for c in range(num_chunks)]
         self.schedule, self.executor, self.sender_mode = schedule, executor, sender_mode
         self.num_microbatches = num_microbatches
+        self._forward_context = forward_context
         self.rank = dist.get_rank()
         world = dist.get_world_size()
         used = sorted(r for mesh in self.meshes for r in mesh.ranks)
@@ -143,65 +153,73 @@ class PipelineRuntime:
                 arenas.close()
         self._outboxes = [Outbox(self.rank, self._groups[d], transfer_latency_s, self._shm[d])
                           for d in (_FORWARD, _BACKWARD)]
-        self._layouts: dict[Any, list[_ChunkLayout]] = {}
-        self._plans: dict[Any, tuple[list[_Boundary], int]] = {}
+        self._layouts: dict[Hashable, list[_ChunkLayout]] = {}
+        self._plans: dict[Hashable, tuple[list[_Boundary], int]] = {}
 
     # -- layouts and plans ------------------------------------------------------------------------------
 
-    def _meta_forward(self, chunk: int, x: Any) -> Any:
+    def _meta_forward(self, chunk: int, x: Any, device: torch.device) -> Any:
         stage = self.pipeline.stages[chunk]
-        return stage.meta(x) if stage.meta is not None else self._meta[chunk](x)
+        return stage.meta(x) if stage.meta is not None else meta_forward(self._meta[chunk], (x,), device)
 
-    def _layout(self, first_input: Any, samples: int) -> list[_ChunkLayout]:
-        """Every chunk's layouts for a micro-batch whose first-stage input is ``first_input`` (a meta pass)."""
-        key = (signature(first_input), samples)
+    def _prepare(self, first_input: Any, samples: int) -> Hashable:
+        """The layout key of a micro-batch (call under the forward context); its layouts and plans made now.
+
+        Layouts depend on the first-stage input's signature and device and on the autocast state the
+        forwards will run under (it changes output dtypes): a meta pass under the same context.
+        """
+        tensors = [leaf for leaf in tree_flatten(first_input)[0] if isinstance(leaf, torch.Tensor)]
+        device = tensors[0].device if tensors else torch.device("cpu")
+        key = (signature(first_input), samples, device.type, autocast_state(device.type))
         if key not in self._layouts:
-            layouts = []
-            x = to_meta(first_input)
-            last = len(self.chunk_meshes) - 1
-            for c, (stage, mesh) in enumerate(zip(self.pipeline.stages, self.chunk_meshes, strict=True)):
-                where = f"stage {c}"
-                tp_axis = None if stage.column_parallel is None else mesh.ndim - 1
-                inputs, axes = input_layout(x, stage.input_spec, mesh, samples, where, tp_axis)
-                outputs = None
-                if c < last:
-                    try:
-                        with torch.no_grad():
-                            x = self._meta_forward(c, x)
-                    except Exception as error:
-                        raise ValueError(f"{where} cannot take its input {_describe(x)} (run on meta tensors to "
-                                         f"learn its output layout): {error}") from error
-                    outputs = output_layout(x, mesh, axes, samples, where, tp_axis)
-                layouts.append(_ChunkLayout(inputs, outputs, axes))
-            self._layouts[key] = layouts
-        return self._layouts[key]
-
-    def _boundaries(self, first_input: Any, samples: int) -> tuple[list[_Boundary], int]:
-        """Forward and backward plans of every chunk boundary; groups made in one order on all ranks."""
-        key = (signature(first_input), samples)
+            self._layouts[key] = self._make_layouts(first_input, samples, device)
         if key not in self._plans:
-            layouts = self._layout(first_input, samples)
-            boundaries, span = [], 1
-            meshes = self.chunk_meshes
-            for c in range(len(meshes) - 1):
-                sent, received = layouts[c].outputs, layouts[c + 1].inputs
-                forward, backward, offsets, offset = [], [], [], 0
-                for (_, src), (_, dst) in zip(sent.tensors, received.tensors, strict=True):
-                    plan = make_plan(src.shape, src.dtype, meshes[c], src.spec, meshes[c + 1], dst.spec,
-                                     self.executor, self.sender_mode)
-                    back = make_plan(src.shape, src.dtype, meshes[c + 1], dst.spec, meshes[c], src.spec,
-                                     self.executor, self.sender_mode) if src.differentiable else None
-                    self._groups[_FORWARD].ensure(plan.groups())
-                    if back is not None:
-                        self._groups[_BACKWARD].ensure(back.groups())
-                    forward.append(plan)
-                    backward.append(back)
-                    offsets.append(offset)
-                    offset += max(len(plan.ops), len(back.ops) if back is not None else 0) + 1
-                boundaries.append(_Boundary(forward, backward, offsets))
-                span = max(span, offset)
-            self._plans[key] = (boundaries, span)
-        return self._plans[key]
+            self._plans[key] = self._make_boundaries(self._layouts[key])
+        return key
+
+    def _make_layouts(self, first_input: Any, samples: int, device: torch.device) -> list[_ChunkLayout]:
+        """Every chunk's layouts for a micro-batch whose first-stage input is ``first_input`` (a meta pass)."""
+        layouts = []
+        x = to_meta(first_input)
+        last = len(self.chunk_meshes) - 1
+        for c, (stage, mesh) in enumerate(zip(self.pipeline.stages, self.chunk_meshes, strict=True)):
+            where = f"stage {c}"
+            tp_axis = None if stage.column_parallel is None else mesh.ndim - 1
+            inputs, axes = input_layout(x, stage.input_spec, mesh, samples, where, tp_axis)
+            outputs = None
+            if c < last:
+                try:
+                    with torch.no_grad():
+                        x = self._meta_forward(c, x, device)
+                except Exception as error:
+                    raise ValueError(f"{where} cannot take its input {_describe(x)} (run on meta tensors to "
+                                     f"learn its output layout): {error}") from error
+                outputs = output_layout(x, mesh, axes, samples, where, tp_axis)
+            layouts.append(_ChunkLayout(inputs, outputs, axes))
+        return layouts
+
+    def _make_boundaries(self, layouts: list[_ChunkLayout]) -> tuple[list[_Boundary], int]:
+        """Forward and backward plans of every chunk boundary; groups made in one order on all ranks."""
+        boundaries, span = [], 1
+        meshes = self.chunk_meshes
+        for c in range(len(meshes) - 1):
+            sent, received = layouts[c].outputs, layouts[c + 1].inputs
+            forward, backward, offsets, offset = [], [], [], 0
+            for (_, src), (_, dst) in zip(sent.tensors, received.tensors, strict=True):
+                plan = make_plan(src.shape, src.dtype, meshes[c], src.spec, meshes[c + 1], dst.spec,
+                                 self.executor, self.sender_mode)
+                back = make_plan(src.shape, src.dtype, meshes[c + 1], dst.spec, meshes[c], src.spec,
+                                 self.executor, self.sender_mode) if src.differentiable else None
+                self._groups[_FORWARD].ensure(plan.groups())
+                if back is not None:
+                    self._groups[_BACKWARD].ensure(back.groups())
+                forward.append(plan)
+                backward.append(back)
+                offsets.append(offset)
+                offset += max(len(plan.ops), len(back.ops) if back is not None else 0) + 1
+            boundaries.append(_Boundary(forward, backward, offsets))
+            span = max(span, offset)
+        return boundaries, span
 
     def transports(self) -> set[tuple[str, int, int, str]]:
         """``(direction, from rank, to rank, "shm" or "dist")`` of every chunk boundary planned so far.
@@ -250,12 +268,19 @@ class PipelineRuntime:
                 wanting.append(tensor.requires_grad_(True))
         return layouts[c].inputs.assemble(tensors), wanting
 
-    def _firsts(self, micro: list[Any], counts: list[int]) -> list[Any]:
-        """Every micro-batch's first-stage input; layouts and plans made now, in micro-batch order on every rank."""
-        firsts = [self.pipeline.inputs(mb) for mb in micro]
-        for first, samples in zip(firsts, counts, strict=True):
-            self._boundaries(first, samples)
-        return firsts
+    def _firsts(self, micro: list[Any], counts: list[int],
+                context: Callable[[], AbstractContextManager[Any]]) -> tuple[list[Any], list[Hashable]]:
+        """Every micro-batch's first-stage input and layout key, in micro-batch order on every rank.
+
+        Under the forward context, so a split model is traced and every stage's output dtype is
+        learnt under the autocast its forwards run under.
+        """
+        firsts, keys = [], []
+        for mb, samples in zip(micro, counts, strict=True):
+            with context():
+                firsts.append(self.pipeline.inputs(mb))
+                keys.append(self._prepare(firsts[-1], samples))
+        return firsts, keys
 
     # -- training ---------------------------------------------------------------------------------------
 
@@ -267,17 +292,19 @@ class PipelineRuntime:
         """
         micro, counts = split_microbatches(batch, self.num_microbatches)
         total = sum(counts)
-        firsts = self._firsts(micro, counts)
+        firsts, keys = self._firsts(micro, counts, self._forward_context)
         last = len(self.chunk_meshes) - 1
         held: dict[tuple[int, int], tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor | None]]] = {}
         loss_sum = torch.zeros((), dtype=torch.float64)
         for action in self._order:
             c, m = action.chunk, action.microbatch
-            layouts = self._layout(firsts[m], counts[m])
-            boundaries, span = self._boundaries(firsts[m], counts[m])
+            layouts = self._layouts[keys[m]]
+            boundaries, span = self._plans[keys[m]]
             if action.kind == "F":
                 x, wanting = self._chunk_input(c, m, firsts[m], layouts, boundaries, span, grad=True)
-                y = self.pipeline.stages[c].module(x)
+                with self._forward_context():
+                    y = self.pipeline.stages[c].module(x)
+                    loss = None if c < last else self._loss(y, micro[m], counts[m], total, layouts[c].batch_axes)
                 if c < last:
                     sent = layouts[c].outputs.check(y, self.chunk_meshes[c], self.rank, f"stage {c} output")
                     self._send(_FORWARD, boundaries[c], [t.detach() for t in sent], self._tag(m, _FORWARD, c, span))
@@ -285,7 +312,6 @@ class PipelineRuntime:
                             if leaf.differentiable]
                     held[(c, m)] = (wanting, outs, [])
                 else:
-                    loss = self._loss(y, micro[m], counts[m], total, layouts[c].batch_axes)
                     if loss is not None:
                         loss_sum += loss.detach().double()
                     held[(c, m)] = (wanting, [], []) if loss is None else (wanting, [loss], [None])
@@ -297,7 +323,7 @@ class PipelineRuntime:
                 weight_gradient(outs, grads, params)
         for outbox in self._outboxes:
             outbox.flush()
-        layouts = self._layout(firsts[0], counts[0])
+        layouts = self._layouts[keys[0]]
         self._reduce_stage_gradients(layouts)
         self._tied.reduce()
         if last in self.chunks:
@@ -343,15 +369,19 @@ class PipelineRuntime:
 
     # -- evaluation -------------------------------------------------------------------------------------
 
-    def evaluate(self, batch: Any, fn: Callable[[Any, Any], Any]) -> list[tuple[int, int, int, Any]]:
+    def evaluate(self, batch: Any, fn: Callable[[Any, Any], Any],
+                 forward_context: Callable[[], AbstractContextManager[Any]] | None = None,
+                 ) -> list[tuple[int, int, int, Any]]:
         """Forward-only pipeline over the batch's micro-batches (no gradients, each rank runs its chunks).
 
-        On ranks of the last stage, ``fn(output, micro-batch rows)`` runs on each micro-batch's output;
+        ``forward_context`` (default: the training one) is entered around every forward and ``fn``. On
+        ranks of the last stage, ``fn(output, micro-batch rows)`` runs on each micro-batch's output;
         returns ``(micro-batch, first sample, end sample, result)`` per call, the samples counted in the
         whole batch (an empty list elsewhere). Uses up to ``num_microbatches`` micro-batches.
         """
         micro, counts = split_microbatches(batch, min(self.num_microbatches, sample_count(batch)))
-        firsts = self._firsts(micro, counts)
+        context = forward_context or self._forward_context
+        firsts, keys = self._firsts(micro, counts, context)
         last = len(self.chunk_meshes) - 1
         results = []
         offset = 0
@@ -361,19 +391,21 @@ class PipelineRuntime:
             offset += samples
         with torch.no_grad():
             for m in range(len(micro)):
-                layouts = self._layout(firsts[m], counts[m])
-                boundaries, span = self._boundaries(firsts[m], counts[m])
+                layouts = self._layouts[keys[m]]
+                boundaries, span = self._plans[keys[m]]
                 for c in self.chunks:
                     x, _ = self._chunk_input(c, m, firsts[m], layouts, boundaries, span, grad=False)
-                    y = self.pipeline.stages[c].module(x)
+                    with context():
+                        y = self.pipeline.stages[c].module(x)
+                        if c == last:
+                            start, stop = rows_of(self.chunk_meshes[c], layouts[c].batch_axes, counts[m], self.rank)
+                            if stop > start:
+                                result = fn(y, take_rows(micro[m], start, stop))
+                                results.append((m, starts[m] + start, starts[m] + stop, result))
                     if c < last:
                         sent = layouts[c].outputs.check(y, self.chunk_meshes[c], self.rank, f"stage {c} output")
                         self._send(_FORWARD, boundaries[c], sent, self._tag(m, _FORWARD, c, span))
                         continue
-                    start, stop = rows_of(self.chunk_meshes[c], layouts[c].batch_axes, counts[m], self.rank)
-                    if stop > start:
-                        result = fn(y, take_rows(micro[m], start, stop))
-                        results.append((m, starts[m] + start, starts[m] + stop, result))
                     del x, y  # one micro-batch's output at a time: the last stage's logits are the largest
         self._outboxes[_FORWARD].flush()
         return results
@@ -431,16 +463,6 @@ class PipelineRuntime:
             return []
         linear = find_linear(self.pipeline.stages[stage].module, name)
         return [p for p in (linear.weight, linear.bias) if p is not None]
-
-    def owned_parameters(self) -> list[torch.Tensor]:
-        """The trainable parameters this rank counts in a sum over the world (each parameter on one rank).
-
-        After a step every holder of a parameter has its full gradient (replicas, tensor-parallel
-        slices and tied stages included), so a global norm adds each parameter once: on the first rank
-        of the first stage mesh holding it.
-        """
-        users = parameter_users([stage.module for stage in self.pipeline.stages])
-        return [p for p, chunks in users.values() if self.chunk_meshes[min(chunks)].ranks[0] == self.rank]
 
     def sync_parameters(self) -> None:
         """Give every rank every chunk's current parameters (collective; same order on every rank).

@@ -6,7 +6,7 @@ strategy uses the package's cross-mesh resharding for every activation and gradi
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -23,9 +23,11 @@ from lightning_grendel.pipeline.checkpoint import (
     local_indices,
     optimizer_parameters,
     restrict_state,
-    state_owners,
 )
+from lightning_grendel.pipeline.flags import check_trainer
 from lightning_grendel.pipeline.module_steps import ModuleSteps, gather_predictions
+from lightning_grendel.pipeline.ownership import counted_parameters, owners
+from lightning_grendel.pipeline.precision import clip_over_pipeline
 from lightning_grendel.pipeline.pytree import sample_count, split_microbatches
 from lightning_grendel.pipeline.runtime import PipelineRuntime
 from lightning_grendel.pipeline.schedules import Schedule, check_schedule
@@ -51,6 +53,14 @@ class PipelineStrategy(ProcessGroupStrategy):
     same batches. A checkpoint is one ordinary Lightning file: full parameters, and every stage's
     optimizer state merged by parameter; on resume each rank takes back its stage's part. ``transport``
     (``auto``, ``dist``, ``shm``) is how activations and gradients move, as in ``reshard()``.
+    Trainer flags run as in a plain run or are refused in ``setup_environment`` (``flags.py``;
+    docs/pipeline_conformance.md): the precision plugin's step contexts wrap every stage forward and
+    loss, norm clipping uses the norm over all stages, ``accumulate_grad_batches`` sums over the window.
+
+    Call order: ``setup_environment`` (refusals, process group), ``setup`` (stages cut or traced, tied
+    weights made one before the optimisers exist, the runtime built; a split model's at its first
+    batch), then per step ``training_step`` (the whole pipelined forward and backward) and
+    ``backward`` (hands the step's gradients to Lightning's optimiser step).
 
     Args:
         split_points: submodule names (of the LightningModule) before which a new stage starts, e.g.
@@ -118,6 +128,11 @@ class PipelineStrategy(ProcessGroupStrategy):
         """Stage meshes; without ``stage_meshes`` every process is a stage of its own."""
         return self._meshes or [Mesh([r], (1, 1)) for r in range(self.world_size)]
 
+    def setup_environment(self) -> None:
+        """Refuse unsupported Trainer settings first (``flags.py``): before loggers or checkpoints write anything."""
+        check_trainer(self.lightning_module.trainer, self.lightning_module)
+        super().setup_environment()
+
     def setup(self, trainer: Any) -> None:
         module = self.lightning_module
         num_stages = len(self.meshes) * self.virtual_stages
@@ -140,10 +155,6 @@ class PipelineStrategy(ProcessGroupStrategy):
             tie_parameters([stage.module for stage in pipeline.stages], pipeline.tied)  # before the optimisers
             pipeline.tied = ()
         super().setup(trainer)
-        if not module.automatic_optimization:
-            raise ValueError("PipelineStrategy runs forward and backward itself: use automatic optimisation")
-        if trainer.accumulate_grad_batches != 1:
-            raise ValueError("PipelineStrategy accumulates over micro-batches; set accumulate_grad_batches=1")
         legacy = pipeline.loss is not None
         if legacy and is_overridden("training_step", module):
             rank_zero_warn(f"{type(module).__name__}.pipeline_stages() returns a Pipeline with a loss, so "
@@ -154,8 +165,20 @@ class PipelineStrategy(ProcessGroupStrategy):
         self._pipeline = Pipeline(pipeline.stages, pipeline.loss if legacy else self._steps.loss,
                                   inputs=self._steps.first_input,
                                   target=pipeline.target if legacy else Pipeline.whole_batch())
+        clip_over_pipeline(self.precision_plugin, self._counted_parameters)
         if traced is None:
             self._build_runtime()
+
+    def _stage_meshes(self) -> list[Mesh]:
+        """Each stage's (chunk's) mesh: chunk ``c`` runs on stage mesh ``c mod S``."""
+        assert self._pipeline is not None
+        return [self.meshes[c % len(self.meshes)] for c in range(len(self._pipeline.stages))]
+
+    def _counted_parameters(self, params: list[Tensor]) -> list[Tensor]:
+        """The parameters among ``params`` whose gradients this rank counts in the global norm."""
+        assert self._pipeline is not None
+        stages = [stage.module for stage in self._pipeline.stages]
+        return counted_parameters(params, stages, self._stage_meshes(), self.global_rank)
 
     def _build_runtime(self) -> PipelineRuntime:
         """The runtime (collective); a split model's is built at its first batch, once a trace made the stages."""
@@ -165,36 +188,43 @@ class PipelineStrategy(ProcessGroupStrategy):
                                             executor=self.executor, sender_mode=self.sender_mode,
                                             num_microbatches=self.num_microbatches,
                                             transfer_latency_s=self.transfer_latency_s, timeout_s=self._timeout_s,
-                                            transport=self.transport)
+                                            transport=self.transport,
+                                            forward_context=self.precision_plugin.train_step_context)
             local = {id(p) for module in self._runtime.modules for p in module.parameters()}
             for optimizer in self.optimizers:  # state loaded before the stages existed: keep this rank's own
                 for p in [p for p in optimizer.state if id(p) not in local]:
                     del optimizer.state[p]
         return self._runtime
 
-    def _runtime_for(self, step: str, batch: Any, *args: Any) -> PipelineRuntime:
-        """Point the module steps at this step and batch; trace a split model on its first micro-batch."""
+    def _runtime_for(self, step: str, context: Callable[[], Any], batch: Any, *args: Any) -> PipelineRuntime:
+        """Point the module steps at this step and batch; trace a split model on its first micro-batch.
+
+        The trace runs under the step's forward ``context``, as every later one does (a trace is kept
+        per autocast state), so a mixed-precision run traces once, with autocast.
+        """
         assert self._steps is not None
         self._steps.begin(step, batch, *args)
         if self._runtime is None:
             count = self.num_microbatches if step == "training_step" else min(self.num_microbatches,
                                                                                 sample_count(batch))
-            self._steps.first_input(split_microbatches(batch, count)[0][0])
+            with context():
+                self._steps.first_input(split_microbatches(batch, count)[0][0])
             return self._build_runtime()
         return self._runtime
 
     def training_step(self, batch: Any, batch_idx: int = 0, *args: Any, **kwargs: Any) -> Any:
-        runtime = self._runtime_for("training_step", batch, batch_idx)
+        runtime = self._runtime_for("training_step", self.precision_plugin.train_step_context, batch, batch_idx)
         module = self.lightning_module
         params = [p for module_ in runtime.modules for p in module_.parameters()]
+        accumulated = [p.grad for p in params]  # the earlier batches of an accumulate_grad_batches window
         for p in module.parameters():
-            p.grad = None
+            p.grad = None  # the stage reduction sees this batch's gradients only; strays are found below
         loss = runtime.step(batch)
         self._check_gradients(runtime)
         # Lightning zeroes gradients between training_step and backward: keep ours aside until then.
         self._pending_grads = [(p, p.grad) for p in params]
-        for p in params:
-            p.grad = None
+        for p, grad in zip(params, accumulated, strict=True):
+            p.grad = grad
         assert self._steps is not None
         if self._steps.legacy_loss:
             module.log("train/loss", loss, prog_bar=True)
@@ -213,31 +243,46 @@ class PipelineStrategy(ProcessGroupStrategy):
         self._steps.check([name for name, p in module.named_parameters() if p.grad is not None and id(p) not in mine])
 
     def backward(self, closure_loss: Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> Tensor:
-        """The pipelined step already ran every backward: hand its gradients to the optimiser step."""
-        for p, grad in self._pending_grads:
-            p.grad = grad
-        self._pending_grads = []
-        return closure_loss
+        """The pipelined step already ran every backward: hand its gradients to the optimiser step.
 
-    def _evaluate(self, step: str, context: Any, batch: Any, batch_idx: int, *args: Any) -> Any:
-        """A forward-only pipeline; the module's own step runs on the last stage, its logs on every rank."""
-        runtime = self._runtime_for(step, batch, batch_idx, *args)
+        With ``accumulate_grad_batches=N`` Lightning backpropagates ``loss / N`` and sums over the window;
+        so this adds ``grad / N`` to what the window holds. The ``on_before_backward`` and
+        ``on_after_backward`` hooks run around it, as in a plain run.
+        """
+        module = self.lightning_module
+        closure_loss = self.precision_plugin.pre_backward(closure_loss, module)
+        scale = 1.0 / module.trainer.accumulate_grad_batches
+        for p, grad in self._pending_grads:
+            if grad is None:
+                continue
+            if scale != 1.0:
+                grad.mul_(scale)
+            if p.grad is None:
+                p.grad = grad
+            else:
+                p.grad.add_(grad)
+        self._pending_grads = []
+        return self.precision_plugin.post_backward(closure_loss, module)
+
+    def _evaluate(self, step: str, context: Callable[[], Any], batch: Any, batch_idx: int, *args: Any) -> Any:
+        """A forward-only pipeline; the module's own step runs on the last stage (under the precision
+        plugin's ``context`` for that step), its logs on every rank."""
+        runtime = self._runtime_for(step, context, batch, batch_idx, *args)
         assert self._steps is not None
-        with context:
-            results = runtime.evaluate(batch, self._steps.evaluate)
+        results = runtime.evaluate(batch, self._steps.evaluate, context)
         self._steps.check([])
         if step == "predict_step":
             return gather_predictions(results, runtime.contributes())
         return self._steps.publish(runtime.contributes())
 
     def validation_step(self, batch: Any, batch_idx: int = 0, *args: Any, **kwargs: Any) -> Any:
-        return self._evaluate("validation_step", self.precision_plugin.val_step_context(), batch, batch_idx, *args)
+        return self._evaluate("validation_step", self.precision_plugin.val_step_context, batch, batch_idx, *args)
 
     def test_step(self, batch: Any, batch_idx: int = 0, *args: Any, **kwargs: Any) -> Any:
-        return self._evaluate("test_step", self.precision_plugin.test_step_context(), batch, batch_idx, *args)
+        return self._evaluate("test_step", self.precision_plugin.test_step_context, batch, batch_idx, *args)
 
     def predict_step(self, batch: Any, batch_idx: int = 0, *args: Any, **kwargs: Any) -> Any:
-        return self._evaluate("predict_step", self.precision_plugin.predict_step_context(), batch, batch_idx, *args)
+        return self._evaluate("predict_step", self.precision_plugin.predict_step_context, batch, batch_idx, *args)
 
     def sync_parameters(self) -> None:
         """Give every rank every stage's current parameters (for validation, checkpoints, rank 0's copy)."""
@@ -262,8 +307,7 @@ class PipelineStrategy(ProcessGroupStrategy):
         if self._pipeline is None or not torch.distributed.is_initialized():
             return super().optimizer_state(optimizer)
         stages = [stage.module for stage in self._pipeline.stages]  # also after fit, once the runtime is closed
-        meshes = [self.meshes[c % len(self.meshes)] for c in range(len(stages))]
-        return gather_optimizer_state(optimizer, state_owners(optimizer_parameters(optimizer), stages, meshes))
+        return gather_optimizer_state(optimizer, owners(optimizer_parameters(optimizer), stages, self._stage_meshes()))
 
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
         """Each rank keeps its own stage's part of the merged state: exactly what it held before saving."""

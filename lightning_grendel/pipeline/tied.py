@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lightning_grendel.pipeline.ownership import parameter_users
 from lightning_grendel.resharding.mesh import Mesh
 
 
@@ -45,16 +46,6 @@ def tie_parameters(modules: Sequence[nn.Module], groups: Sequence[Sequence[str]]
                                  "weight")
             owner, _, leaf = name.rpartition(".")
             setattr(module.get_submodule(owner), leaf, first[1])
-
-
-def parameter_users(modules: Sequence[nn.Module]) -> dict[int, tuple[torch.Tensor, list[int]]]:
-    """Per trainable parameter (by identity): the tensor and the stages (chunks) that hold it."""
-    users: dict[int, tuple[torch.Tensor, list[int]]] = {}
-    for index, module in enumerate(modules):
-        for p in module.parameters():
-            if p.requires_grad:
-                users.setdefault(id(p), (p, []))[1].append(index)
-    return users
 
 
 class TiedGradients:
