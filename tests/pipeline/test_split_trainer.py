@@ -33,6 +33,7 @@ from lightning_grendel.pipeline import PipelineStrategy
 from tests.helpers.distributed import run_distributed
 
 VOCAB, LENGTH = 24, 6
+CLIP = 0.1  # below the GPT-2's gradient norms: the global-norm clip scales every step
 DEMO_SPLITS = ["model.transformer.encoder", "model.transformer.decoder.layers.1"]
 
 
@@ -110,22 +111,48 @@ def _loader(count: int, batch_size: int, seed: int) -> DataLoader:
 
 
 class _StepByStep(Callback):
-    """Per step: the plain model's loss and gradients from the pipelined run's current weights."""
+    """Per step: the plain model's loss and gradients from the pipelined run's current weights.
 
-    def __init__(self, reference: LightningModule) -> None:
+    With ``bf16`` the plain model runs its step under autocast, as Lightning's ``bf16-mixed`` does, on
+    the same ``micro`` micro-batches, each in its own autocast region with its own backward (bf16 rounds
+    each matmul's result, so a row's value depends on the batch it was computed in, and one region
+    would sum the micro-batches' gradients of a weight's cached bf16 copy in bf16; Lightning's plain
+    run at that granularity is ``accumulate_grad_batches``).
+    With ``clip`` the gradients are compared after clipping too (the optimiser's step post-hook sees
+    them), against ``torch.nn.utils.clip_grad_norm_`` on the whole plain model.
+    """
+
+    def __init__(self, reference: LightningModule, bf16: bool = False, micro: int = 1,
+                 clip: float | None = None) -> None:
         self.reference, self.loss_errors, self.grad_errors, self.checked = reference, [], [], set()
+        self.bf16, self.micro, self.clip, self.clipped_errors, self.norms = bf16, micro, clip, [], []
+        self.hook = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self.batch = batch
+        self.batch, self.module = batch, pl_module
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         trainer.strategy.sync_parameters()  # collective: every rank gets every stage's current weights
         self.reference.load_state_dict(pl_module.state_dict())
         self.reference.zero_grad()
         self.reference.__dict__["log"] = lambda *args, **kwargs: None
-        loss = self.reference.training_step(self.batch, 0)
-        loss.backward()
-        self.want = loss.item()
+        self.want = 0.0
+        for piece in zip(*(part.tensor_split(self.micro) for part in self.batch), strict=True):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):  # one region per micro-batch
+                loss = self.reference.training_step(piece, 0) * (len(piece[0]) / len(self.batch[0]))
+            loss.backward()
+            self.want += loss.item()
+        self.grad_errors.append(self._compare(pl_module))
+        if self.clip is not None:
+            self.norms.append(float(torch.nn.utils.clip_grad_norm_(self.reference.parameters(), self.clip)))
+            if self.hook is None:
+                self.hook = optimizer.register_step_post_hook(self._after_clipping)
+
+    def _after_clipping(self, *args) -> None:
+        self.clipped_errors.append(self._compare(self.module))
+
+    def _compare(self, pl_module: LightningModule) -> float:
+        """The largest gradient difference relative to the largest entry, over the parameters this rank holds."""
         want = dict(self.reference.named_parameters())
         worst = 0.0
         for name, p in pl_module.named_parameters():
@@ -133,7 +160,7 @@ class _StepByStep(Callback):
                 scale = float(want[name].grad.abs().max()) or 1.0
                 worst = max(worst, float((p.grad - want[name].grad).abs().max()) / scale)
                 self.checked.add(name)
-        self.grad_errors.append(worst)
+        return worst
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.loss_errors.append(abs(float(outputs["loss"]) - self.want) / abs(self.want))
@@ -147,13 +174,15 @@ def _trainer(world: int, splits: list[str], callbacks: list, **kwargs) -> Traine
 
 
 def _fit(rank: int, world: int, model: LightningModule, reference: LightningModule, splits: list[str],
-         steps: int) -> tuple[dict, Trainer]:
-    recorder = _StepByStep(reference)
-    trainer = _trainer(world, splits, [recorder], max_steps=steps, num_sanity_val_steps=0)
+         steps: int, bf16: bool = False, clip: float | None = None) -> tuple[dict, Trainer]:
+    recorder = _StepByStep(reference, bf16, 2 if bf16 else 1, clip)  # the strategy's 2 micro-batches
+    trainer = _trainer(world, splits, [recorder], max_steps=steps, num_sanity_val_steps=0,
+                       precision="bf16-mixed" if bf16 else "32-true", gradient_clip_val=clip)
     trainer.fit(model, _loader(8 * steps, 8, seed=1))
     names = {name for name, _ in model.named_parameters()}
     return {"loss": recorder.loss_errors, "grad": recorder.grad_errors, "checked": recorder.checked,
-            "names": names, "train_loss": float(trainer.callback_metrics.get("train_loss", torch.nan))}, trainer
+            "names": names, "train_loss": float(trainer.callback_metrics.get("train_loss", torch.nan)),
+            "clipped": recorder.clipped_errors, "norms": recorder.norms}, trainer
 
 
 def _in_process(rank: int, world: int) -> None:
@@ -186,6 +215,9 @@ def _demo_two_stages_and_gpt2(rank: int, world: int, folder: str) -> dict:
     if importlib.util.find_spec("transformers") is not None:
         results["gpt2"], trainer = _fit(rank, world, _GPT2(), _GPT2(), ["model.transformer.h.1"], steps=3)
         results["gpt2_checkpoint"] = _gpt2_checkpoint(rank, world, trainer, folder)
+        results["gpt2_bf16_clip"] = _fit(rank, world, _GPT2(), _GPT2(), ["model.transformer.h.1"], steps=3,
+                                         bf16=True, clip=CLIP)[0]
+        results["gpt2_clip"] = _fit(rank, world, _GPT2(), _GPT2(), ["model.transformer.h.1"], steps=3, clip=CLIP)[0]
     return results
 
 
@@ -199,10 +231,13 @@ def _demo_three_stages(rank: int, world: int) -> dict:
     return results
 
 
-def _assert_trained_like_plain(results: list[dict], steps: int) -> None:
+def _assert_trained_like_plain(results: list[dict], steps: int, clipped: bool = False) -> None:
     for rank, result in enumerate(results):
         assert len(result["loss"]) == steps and max(result["loss"]) < 1e-5, (rank, result["loss"])
         assert max(result["grad"]) < 1e-5, (rank, result["grad"])
+        if clipped:  # the gradients the optimiser stepped with, after a clip that did scale them
+            assert len(result["clipped"]) == steps and max(result["clipped"]) < 1e-5, (rank, result["clipped"])
+            assert min(result["norms"]) > 2 * CLIP, result["norms"]
     assert set().union(*(r["checked"] for r in results)) == results[0]["names"]  # every parameter, on some rank
 
 
@@ -236,6 +271,9 @@ def test_demo_transformer_and_gpt2_split_automatically_train_and_evaluate_like_t
         saved = [result["gpt2_checkpoint"] for result in results]
         assert saved[0]["entries"] == saved[0]["unique"] and all(entry["local"] for entry in saved)
         torch.testing.assert_close(saved[0]["tied"], saved[1]["tied"], rtol=0, atol=0)  # both holders
+        # bf16-mixed and global-norm clipping on a split model, the tied weight summed then counted once
+        for name in ("gpt2_bf16_clip", "gpt2_clip"):
+            _assert_trained_like_plain([result[name] for result in results], 3, clipped=True)
 
 
 @pytest.mark.timeout(600)
