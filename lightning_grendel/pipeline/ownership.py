@@ -6,10 +6,12 @@ trained), and every stage of a tied weight. After a pipelined step all holders h
 gradient (the stage reduction and the tied sum ran), so a sum over the world, such as a global
 gradient norm or a checkpoint's optimizer state, takes each parameter once, from its *owner*: the
 first rank of the mesh of the first stage holding it. A parameter no stage holds belongs to rank 0.
+Buffers follow the same rule (a buffer a stage's forward updates is current on that stage's ranks).
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -28,13 +30,13 @@ def parameter_users(modules: Sequence[nn.Module]) -> dict[int, tuple[torch.Tenso
     return users
 
 
-def owners(params: Sequence[torch.Tensor], stages: Sequence[nn.Module], meshes: Sequence[Mesh]) -> list[int]:
-    """Per parameter of ``params``, its owner rank (``meshes[c]`` is stage ``c``'s mesh)."""
+def owners(tensors: Sequence[torch.Tensor], stages: Sequence[nn.Module], meshes: Sequence[Mesh]) -> list[int]:
+    """Per parameter or buffer of ``tensors``, its owner rank (``meshes[c]`` is stage ``c``'s mesh)."""
     owner: dict[int, int] = {}
     for module, mesh in zip(stages, meshes, strict=True):
-        for p in module.parameters():
-            owner.setdefault(id(p), mesh.ranks[0])
-    return [owner.get(id(p), 0) for p in params]
+        for t in itertools.chain(module.parameters(), module.buffers()):
+            owner.setdefault(id(t), mesh.ranks[0])
+    return [owner.get(id(t), 0) for t in tensors]
 
 
 def counted_parameters(params: Sequence[torch.Tensor], stages: Sequence[nn.Module], meshes: Sequence[Mesh],

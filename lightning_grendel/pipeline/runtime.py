@@ -41,7 +41,7 @@ from lightning_grendel.pipeline.stages import Pipeline
 from lightning_grendel.pipeline.tensor_parallel import find_linear, make_column_parallel
 from lightning_grendel.pipeline.tied import TiedGradients, tie_parameters
 from lightning_grendel.resharding.executors import GroupCache, start_plan, transport_pairs
-from lightning_grendel.resharding.mesh import Mesh, check_disjoint, chunk_bounds
+from lightning_grendel.resharding.mesh import Mesh, check_disjoint
 from lightning_grendel.resharding.plan import Executor, ReshardPlan, check_executor, make_plan
 from lightning_grendel.resharding.senders import SenderMode, check_sender_mode
 from lightning_grendel.resharding.shm import Transport, arenas_for, check_transport, create_arenas
@@ -463,29 +463,6 @@ class PipelineRuntime:
             return []
         linear = find_linear(self.pipeline.stages[stage].module, name)
         return [p for p in (linear.weight, linear.bias) if p is not None]
-
-    def sync_parameters(self) -> None:
-        """Give every rank every chunk's current parameters (collective; same order on every rank).
-
-        Column-parallel rows come from the first rank holding each slice, everything else (a tied
-        weight once) from the first rank of the first chunk's stage mesh holding it.
-        """
-        done: set[int] = set()
-        for index, (stage, mesh) in enumerate(zip(self.pipeline.stages, self.chunk_meshes, strict=True)):
-            sliced = {id(p) for p in self._column_parallel_params(index)}
-            for tensor in [*stage.module.parameters(), *stage.module.buffers()]:
-                if id(tensor) in done:
-                    continue
-                done.add(id(tensor))
-                if id(tensor) not in sliced:
-                    dist.broadcast(tensor.data, src=mesh.ranks[0])
-                    continue
-                parts = mesh.shape[-1]
-                for j in range(parts):
-                    start, stop = chunk_bounds(tensor.shape[0], parts, j)
-                    piece = tensor.data[start:stop].contiguous()
-                    dist.broadcast(piece, src=mesh.rank_at((0,) * (mesh.ndim - 1) + (j,)))
-                    tensor.data[start:stop].copy_(piece)
 
     def close(self) -> None:
         for outbox in self._outboxes:

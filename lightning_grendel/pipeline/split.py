@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,10 +125,12 @@ class TracedPipeline:
 
     :meth:`stage_input` turns the arguments of one forward call into the first stage's input, tracing
     the model for an input signature (and train/eval mode) it has not seen: call it in the same order
-    on every rank, so every rank holds the same traces.
+    on every rank, so every rank holds the same traces. A trace runs the whole model: ``whole_model``
+    is entered around it (where ranks hold only their stages' weights, it gives them all back).
     """
 
-    def __init__(self, root: nn.Module, split_points: Sequence[str]) -> None:
+    def __init__(self, root: nn.Module, split_points: Sequence[str],
+                 whole_model: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext) -> None:
         names = [name for name, _ in root.named_modules() if name]
         for point in split_points:
             if point not in names:
@@ -136,7 +139,7 @@ class TracedPipeline:
                                  + (f"; did you mean {close}?" if close else ""))
         if len(set(split_points)) != len(split_points) or not split_points:
             raise ValueError(f"split_points must name distinct submodules, at least one, got {list(split_points)}")
-        self.root, self.split_points = root, list(split_points)
+        self.root, self.split_points, self.whole_model = root, list(split_points), whole_model
         count = len(split_points) + 1
         self.stages = [TracedStage(i, i == count - 1) for i in range(count)]
         self._keys: dict[Hashable, str] = {}
@@ -160,7 +163,7 @@ class TracedPipeline:
         tensors = tuple(leaf for leaf in in_leaves if isinstance(leaf, torch.Tensor))
         args, kwargs = in_spec.unflatten(in_leaves)
         devices = [tensors[0].device.index or 0] if tensors and tensors[0].is_cuda else []
-        with torch.random.fork_rng(devices=devices), torch.inference_mode(False):
+        with torch.random.fork_rng(devices=devices), torch.inference_mode(False), self.whole_model():
             order, eager = self._eager(args, kwargs)
             out_leaves, out_spec = tree_flatten(eager)
             for leaf in out_leaves:

@@ -6,7 +6,8 @@ strategy uses the package's cross-mesh resharding for every activation and gradi
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -29,11 +30,13 @@ from lightning_grendel.pipeline.module_steps import ModuleSteps, gather_predicti
 from lightning_grendel.pipeline.ownership import counted_parameters, owners
 from lightning_grendel.pipeline.precision import clip_over_pipeline
 from lightning_grendel.pipeline.pytree import sample_count, split_microbatches
+from lightning_grendel.pipeline.residency import StageResidency
 from lightning_grendel.pipeline.runtime import PipelineRuntime
 from lightning_grendel.pipeline.schedules import Schedule, check_schedule
 from lightning_grendel.pipeline.split import TracedPipeline
 from lightning_grendel.pipeline.stages import Pipeline, PipelineStage, get_pipeline
 from lightning_grendel.pipeline.tied import tie_parameters
+from lightning_grendel.pipeline.whole_model import WholeModelAtEnd
 from lightning_grendel.resharding.mesh import Mesh, check_disjoint
 from lightning_grendel.resharding.plan import Executor, check_executor
 from lightning_grendel.resharding.senders import SenderMode, check_sender_mode
@@ -115,6 +118,8 @@ class PipelineStrategy(ProcessGroupStrategy):
         self._runtime: PipelineRuntime | None = None
         self._pipeline: Pipeline | None = None
         self._steps: ModuleSteps | None = None
+        self._residency: StageResidency | None = None
+        self._at_end = WholeModelAtEnd(self.sync_parameters)
         self._pending_grads: list[tuple[Tensor, Tensor | None]] = []
 
     @staticmethod
@@ -144,7 +149,7 @@ class PipelineStrategy(ProcessGroupStrategy):
             if len(self.split_points) + 1 != num_stages:
                 raise ValueError(f"split_points {self.split_points} make {len(self.split_points) + 1} stages but the "
                                  f"strategy runs {num_stages} (stage meshes x virtual stages)")
-            traced = TracedPipeline(module, self.split_points)
+            traced = TracedPipeline(module, self.split_points, whole_model=self._whole_model)
             if any(mesh.size > 1 for mesh in self.meshes):
                 rank_zero_warn("PipelineStrategy(split_points=...) gives every stage a replicated input: the ranks "
                                "of a stage mesh all compute the same samples (data parallelism inside a stage needs "
@@ -166,6 +171,9 @@ class PipelineStrategy(ProcessGroupStrategy):
                                   inputs=self._steps.first_input,
                                   target=pipeline.target if legacy else Pipeline.whole_batch())
         clip_over_pipeline(self.precision_plugin, self._counted_parameters)
+        self._residency = None
+        if self._at_end not in trainer.callbacks:
+            trainer.callbacks.insert(0, self._at_end)
         if traced is None:
             self._build_runtime()
 
@@ -194,7 +202,21 @@ class PipelineStrategy(ProcessGroupStrategy):
             for optimizer in self.optimizers:  # state loaded before the stages existed: keep this rank's own
                 for p in [p for p in optimizer.state if id(p) not in local]:
                     del optimizer.state[p]
+            self._residency = StageResidency(self.lightning_module, [stage.module for stage in self._pipeline.stages],
+                                             self._stage_meshes(), self.global_rank)
         return self._runtime
+
+    @contextlib.contextmanager
+    def _whole_model(self) -> Iterator[None]:
+        """Every rank holds every weight inside (collective): a split model's trace runs the whole forward."""
+        released = self._residency is not None and self._residency.released
+        if released:
+            self._residency.materialize()
+        try:
+            yield
+        finally:
+            if released:
+                self._residency.release()
 
     def _runtime_for(self, step: str, context: Callable[[], Any], batch: Any, *args: Any) -> PipelineRuntime:
         """Point the module steps at this step and batch; trace a split model on its first micro-batch.
@@ -209,7 +231,9 @@ class PipelineStrategy(ProcessGroupStrategy):
                                                                                 sample_count(batch))
             with context():
                 self._steps.first_input(split_microbatches(batch, count)[0][0])
-            return self._build_runtime()
+            self._build_runtime()
+        assert self._runtime is not None and self._residency is not None
+        self._residency.release()  # from the first step on, other stages' weights are not held here
         return self._runtime
 
     def training_step(self, batch: Any, batch_idx: int = 0, *args: Any, **kwargs: Any) -> Any:
@@ -285,16 +309,19 @@ class PipelineStrategy(ProcessGroupStrategy):
         return self._evaluate("predict_step", self.precision_plugin.predict_step_context, batch, batch_idx, *args)
 
     def sync_parameters(self) -> None:
-        """Give every rank every stage's current parameters (for validation, checkpoints, rank 0's copy)."""
-        if self._runtime is not None:
-            self._runtime.sync_parameters()
+        """Collective: every rank holds every stage's current parameters again, until the next pipelined step.
 
-    def on_train_end(self) -> None:
-        self.sync_parameters()
+        Runs when a Trainer call ends (``WholeModelAtEnd``), so the module is whole afterwards.
+        """
+        if self._residency is not None:
+            self._residency.materialize()
 
     def lightning_module_state_dict(self) -> dict[str, Any]:
-        self.sync_parameters()
-        return super().lightning_module_state_dict()
+        """The full state dict on rank 0 (a checkpoint): while other stages' weights are released, a
+        collective in which each tensor is sent once by its owner; otherwise every rank's are current."""
+        if self._residency is None or not self._residency.released:
+            return super().lightning_module_state_dict()
+        return self._residency.state_dict(dst=0)
 
     def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
         """Every stage's optimizer state, merged by parameter on rank 0 (collective, like the state dict).

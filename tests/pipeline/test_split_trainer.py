@@ -126,12 +126,13 @@ class _StepByStep(Callback):
                  clip: float | None = None) -> None:
         self.reference, self.loss_errors, self.grad_errors, self.checked = reference, [], [], set()
         self.bf16, self.micro, self.clip, self.clipped_errors, self.norms = bf16, micro, clip, [], []
-        self.hook = None
+        self.hook, self.released = None, []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.batch, self.module = batch, pl_module
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.released.append({name for name, p in pl_module.named_parameters() if p.numel() == 0})
         trainer.strategy.sync_parameters()  # collective: every rank gets every stage's current weights
         self.reference.load_state_dict(pl_module.state_dict())
         self.reference.zero_grad()
@@ -182,7 +183,8 @@ def _fit(rank: int, world: int, model: LightningModule, reference: LightningModu
     names = {name for name, _ in model.named_parameters()}
     return {"loss": recorder.loss_errors, "grad": recorder.grad_errors, "checked": recorder.checked,
             "names": names, "train_loss": float(trainer.callback_metrics.get("train_loss", torch.nan)),
-            "clipped": recorder.clipped_errors, "norms": recorder.norms}, trainer
+            "clipped": recorder.clipped_errors, "norms": recorder.norms, "released": recorder.released,
+            "whole_after_fit": all(p.numel() > 0 for p in model.parameters())}, trainer
 
 
 def _in_process(rank: int, world: int) -> None:
@@ -239,6 +241,9 @@ def _assert_trained_like_plain(results: list[dict], steps: int, clipped: bool = 
             assert len(result["clipped"]) == steps and max(result["clipped"]) < 1e-5, (rank, result["clipped"])
             assert min(result["norms"]) > 2 * CLIP, result["norms"]
     assert set().union(*(r["checked"] for r in results)) == results[0]["names"]  # every parameter, on some rank
+    for result in results:  # during the steps a rank holds its stage's weights only; after fit, all of them
+        assert result["released"] and all(r == result["names"] - result["checked"] for r in result["released"])
+        assert result["whole_after_fit"]
 
 
 def _plain_evaluation() -> tuple[float, float, list[torch.Tensor]]:
