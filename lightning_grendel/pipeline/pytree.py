@@ -108,6 +108,11 @@ class Layout:
             leaf[tuple(slice(a, b) for a, b in local_box(mesh, layout.spec, layout.shape, rank))]
             if isinstance(layout, TensorLeaf) else layout for leaf, layout in zip(leaves, self.leaves, strict=True)])
 
+    def zeros(self, mesh: Mesh, rank: int, device: torch.device) -> list[torch.Tensor]:
+        """This rank's tensors of the layout, zero-filled: what a rank whose step failed sends on."""
+        return [torch.zeros([b - a for a, b in local_box(mesh, leaf.spec, leaf.shape, rank)], dtype=leaf.dtype,
+                            device=device) for _, leaf in self.tensors]
+
     def assemble(self, tensors: Sequence[torch.Tensor]) -> Any:
         """The pytree from received tensors (in leaf order) and the layout's constants."""
         received = iter(tensors)

@@ -168,8 +168,7 @@ class PipelineRuntime:
         Layouts depend on the first-stage input's signature and device and on the autocast state the
         forwards will run under (it changes output dtypes): a meta pass under the same context.
         """
-        tensors = [leaf for leaf in tree_flatten(first_input)[0] if isinstance(leaf, torch.Tensor)]
-        device = tensors[0].device if tensors else torch.device("cpu")
+        device = _device_of(first_input)
         key = (signature(first_input), samples, device.type, autocast_state(device.type))
         if key not in self._layouts:
             self._layouts[key] = self._make_layouts(first_input, samples, device)
@@ -288,50 +287,109 @@ class PipelineRuntime:
         """Forward and backward of every micro-batch; gradients accumulate in the rank's chunks' parameters.
 
         Each micro-batch's loss is weighted by its share of the batch's samples. Returns the
-        full-batch loss on every rank (detached).
+        full-batch loss on every rank (detached). An exception in a forward, loss or backward on any
+        rank raises :class:`PipelineStepError` on every rank after the schedule (see :meth:`_settle`).
         """
         micro, counts = split_microbatches(batch, self.num_microbatches)
         total = sum(counts)
         firsts, keys = self._firsts(micro, counts, self._forward_context)
+        device = _device_of(firsts[0])
         last = len(self.chunk_meshes) - 1
-        held: dict[tuple[int, int], tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor | None]]] = {}
+        held: dict[tuple[int, int], tuple[list[torch.Tensor], list[torch.Tensor] | None, list | None]] = {}
         loss_sum = torch.zeros((), dtype=torch.float64)
+        failure: _Failure | None = None
         for action in self._order:
             c, m = action.chunk, action.microbatch
             layouts = self._layouts[keys[m]]
             boundaries, span = self._plans[keys[m]]
             if action.kind == "F":
                 x, wanting = self._chunk_input(c, m, firsts[m], layouts, boundaries, span, grad=True)
-                with self._forward_context():
-                    y = self.pipeline.stages[c].module(x)
-                    loss = None if c < last else self._loss(y, micro[m], counts[m], total, layouts[c].batch_axes)
+                sent = None
+                if failure is None:
+                    try:
+                        sent, outs, loss = self._forward(c, x, micro[m], counts[m], total, layouts)
+                        held[(c, m)] = (wanting, outs, [] if loss is None or c < last else [None])
+                        if loss is not None:
+                            loss_sum += loss.detach().double()
+                    except Exception as error:  # noqa: BLE001 - raised on every rank by _settle
+                        failure = _Failure(self.rank, action, error)
+                if failure is not None:  # the schedule's transfers go on, with zeros and no graph
+                    held[(c, m)] = (wanting, None, None)
                 if c < last:
-                    sent = layouts[c].outputs.check(y, self.chunk_meshes[c], self.rank, f"stage {c} output")
-                    self._send(_FORWARD, boundaries[c], [t.detach() for t in sent], self._tag(m, _FORWARD, c, span))
-                    outs = [t for (_, leaf), t in zip(layouts[c].outputs.tensors, sent, strict=True)
-                            if leaf.differentiable]
-                    held[(c, m)] = (wanting, outs, [])
-                else:
-                    if loss is not None:
-                        loss_sum += loss.detach().double()
-                    held[(c, m)] = (wanting, [], []) if loss is None else (wanting, [loss], [None])
+                    if sent is None:
+                        sent = layouts[c].outputs.zeros(self.chunk_meshes[c], self.rank, device)
+                    self._send(_FORWARD, boundaries[c], sent, self._tag(m, _FORWARD, c, span))
             elif action.kind == "B":
-                self._backward(action, held, boundaries, span)
+                wanting, outs, grads = held[(c, m)]
+                if c < last:
+                    grads = self._receive(_BACKWARD, boundaries[c], self._tag(m, _BACKWARD, c, span))
+                x_grads = None
+                if failure is None and outs is not None:
+                    try:
+                        x_grads = self._backward(c, m, held, outs, grads)
+                    except Exception as error:  # noqa: BLE001 - raised on every rank by _settle
+                        failure = _Failure(self.rank, action, error)
+                if x_grads is None:
+                    held[(c, m)] = (wanting, None, None)
+                    if not self._split_backward:
+                        del held[(c, m)]
+                    x_grads = [torch.zeros_like(x) for x in wanting]
+                if c > 0:
+                    self._send(_BACKWARD, boundaries[c - 1], x_grads, self._tag(m, _BACKWARD, c - 1, span))
             else:
                 _, outs, grads = held.pop((c, m))
-                params = [p for p in self.pipeline.stages[c].module.parameters() if p.requires_grad]
-                weight_gradient(outs, grads, params)
+                if failure is None and outs is not None:
+                    params = [p for p in self.pipeline.stages[c].module.parameters() if p.requires_grad]
+                    try:
+                        weight_gradient(outs, grads, params)
+                    except Exception as error:  # noqa: BLE001 - raised on every rank by _settle
+                        failure = _Failure(self.rank, action, error)
         for outbox in self._outboxes:
             outbox.flush()
         layouts = self._layouts[keys[0]]
-        self._reduce_stage_gradients(layouts)
-        self._tied.reduce()
         if last in self.chunks:
             loss_sum /= self._replication(self.chunk_meshes[last], layouts[last].batch_axes)
         else:
             loss_sum.zero_()
-        dist.all_reduce(loss_sum)
+        self._settle(failure, loss_sum)
+        self._reduce_stage_gradients(layouts)
+        self._tied.reduce()
         return loss_sum.float()
+
+    def _forward(self, c: int, x: Any, microbatch: Any, samples: int, total: int,
+                 layouts: list[_ChunkLayout]) -> tuple[list[torch.Tensor] | None, list[torch.Tensor], Any]:
+        """Chunk ``c`` on its input: (detached tensors to send, differentiable outputs, weighted loss or None)."""
+        last = len(self.chunk_meshes) - 1
+        with self._forward_context():
+            y = self.pipeline.stages[c].module(x)
+            loss = None if c < last else self._loss(y, microbatch, samples, total, layouts[c].batch_axes)
+        if c == last:
+            return None, [] if loss is None else [loss], loss
+        sent = layouts[c].outputs.check(y, self.chunk_meshes[c], self.rank, f"stage {c} output")
+        outs = [t for (_, leaf), t in zip(layouts[c].outputs.tensors, sent, strict=True) if leaf.differentiable]
+        return [t.detach() for t in sent], outs, None
+
+    def _settle(self, failure: _Failure | None, loss: torch.Tensor | None = None) -> None:
+        """Collective: sum ``loss`` over the world (in place) and raise on every rank what failed on any.
+
+        A rank whose forward, loss or backward raised went on with the schedule's transfers (zeros),
+        so no rank waits on it; one all-reduce carries a failure flag beside the loss, and only when
+        it is set do the ranks exchange what failed where.
+        """
+        packed = torch.zeros(2, dtype=torch.float64)
+        packed[0] = 0.0 if loss is None else loss
+        packed[1] = float(failure is not None)
+        dist.all_reduce(packed)
+        if loss is not None:
+            loss.copy_(packed[0])
+        if packed[1] == 0:
+            return
+        parts: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, None if failure is None else failure.describe())
+        found = sorted(part for part in parts if part is not None)
+        text = "; also ".join(message for _, message in found)
+        raise PipelineStepError(f"the pipelined step failed on {text}") from (None if failure is None else
+                                                                              failure.error)
 
     def _loss(self, output: Any, microbatch: Any, samples: int, total: int,
               batch_axes: tuple[int, ...]) -> torch.Tensor | None:
@@ -346,12 +404,11 @@ class PipelineRuntime:
                              f"{_describe(loss)}")
         return loss * ((stop - start) / total)
 
-    def _backward(self, action: Action, held: dict, boundaries: list[_Boundary], span: int) -> None:
-        c, m = action.chunk, action.microbatch
-        last = len(self.chunk_meshes) - 1
-        wanting, outs, grads = held[(c, m)]
-        if c < last:
-            grads = self._receive(_BACKWARD, boundaries[c], self._tag(m, _BACKWARD, c, span))
+    def _backward(self, c: int, m: int, held: dict, outs: list[torch.Tensor],
+                  grads: list[torch.Tensor | None]) -> list[torch.Tensor]:
+        """The input gradients of chunk ``c`` for micro-batch ``m`` (the weights' too unless backward is split)."""
+        wanting = held[(c, m)][0]
+        if c < len(self.chunk_meshes) - 1:
             pairs = [(y, g) for y, g in zip(outs, grads, strict=True) if y.requires_grad]
             outs, grads = [y for y, _ in pairs], [g for _, g in pairs]
         elif outs and not outs[0].requires_grad:
@@ -359,13 +416,11 @@ class PipelineRuntime:
         if self._split_backward:
             x_grads = input_gradient(wanting, outs, grads)
             held[(c, m)] = (wanting, outs, grads)
-        else:
-            del held[(c, m)]
-            if outs:
-                torch.autograd.backward(outs, grads)
-            x_grads = [torch.zeros_like(x) if x.grad is None else x.grad for x in wanting]
-        if c > 0:
-            self._send(_BACKWARD, boundaries[c - 1], x_grads, self._tag(m, _BACKWARD, c - 1, span))
+            return x_grads
+        del held[(c, m)]
+        if outs:
+            torch.autograd.backward(outs, grads)
+        return [torch.zeros_like(x) if x.grad is None else x.grad for x in wanting]
 
     # -- evaluation -------------------------------------------------------------------------------------
 
@@ -389,25 +444,37 @@ class PipelineRuntime:
         for samples in counts:
             starts.append(offset)
             offset += samples
+        device = _device_of(firsts[0])
+        failure: _Failure | None = None
         with torch.no_grad():
             for m in range(len(micro)):
                 layouts = self._layouts[keys[m]]
                 boundaries, span = self._plans[keys[m]]
                 for c in self.chunks:
                     x, _ = self._chunk_input(c, m, firsts[m], layouts, boundaries, span, grad=False)
-                    with context():
-                        y = self.pipeline.stages[c].module(x)
-                        if c == last:
-                            start, stop = rows_of(self.chunk_meshes[c], layouts[c].batch_axes, counts[m], self.rank)
-                            if stop > start:
-                                result = fn(y, take_rows(micro[m], start, stop))
-                                results.append((m, starts[m] + start, starts[m] + stop, result))
+                    sent = None
+                    if failure is None:
+                        try:
+                            with context():
+                                y = self.pipeline.stages[c].module(x)
+                                if c == last:
+                                    start, stop = rows_of(self.chunk_meshes[c], layouts[c].batch_axes, counts[m],
+                                                          self.rank)
+                                    if stop > start:
+                                        result = fn(y, take_rows(micro[m], start, stop))
+                                        results.append((m, starts[m] + start, starts[m] + stop, result))
+                            if c < last:
+                                sent = layouts[c].outputs.check(y, self.chunk_meshes[c], self.rank,
+                                                                f"stage {c} output")
+                            del x, y  # one micro-batch's output at a time: the last stage's logits are the largest
+                        except Exception as error:  # noqa: BLE001 - raised on every rank by _settle
+                            failure = _Failure(self.rank, Action("F", m, c), error)
                     if c < last:
-                        sent = layouts[c].outputs.check(y, self.chunk_meshes[c], self.rank, f"stage {c} output")
+                        if sent is None:
+                            sent = layouts[c].outputs.zeros(self.chunk_meshes[c], self.rank, device)
                         self._send(_FORWARD, boundaries[c], sent, self._tag(m, _FORWARD, c, span))
-                        continue
-                    del x, y  # one micro-batch's output at a time: the last stage's logits are the largest
         self._outboxes[_FORWARD].flush()
+        self._settle(failure)
         return results
 
     def contributes(self) -> bool:
@@ -470,6 +537,33 @@ class PipelineRuntime:
         for arenas in self._shm:
             if arenas is not None:
                 arenas.close()
+
+
+class PipelineStepError(RuntimeError):
+    """A forward, loss or backward raised on some rank; raised on every rank, naming each failing rank."""
+
+
+@dataclass(frozen=True)
+class _Failure:
+    """The first exception a rank met in a step, and where (its position orders failures across ranks)."""
+
+    rank: int
+    action: Action
+    error: Exception
+
+    def describe(self) -> tuple[tuple[int, int, int, int], str]:
+        kind = {"F": "forward", "B": "backward", "W": "weight gradient"}[self.action.kind]
+        where = (f"rank {self.rank} (stage {self.action.chunk}, {kind} of micro-batch {self.action.microbatch}): "
+                 f"{type(self.error).__name__}: {self.error}")
+        phase = "FBW".index(self.action.kind)
+        chunk = self.action.chunk if self.action.kind == "F" else -self.action.chunk
+        return (self.action.microbatch, phase, chunk, self.rank), where
+
+
+def _device_of(tree: Any) -> torch.device:
+    """The device of a pytree's first tensor (CPU without one)."""
+    tensors = [leaf for leaf in tree_flatten(tree)[0] if isinstance(leaf, torch.Tensor)]
+    return tensors[0].device if tensors else torch.device("cpu")
 
 
 def _describe(tree: Any) -> str:

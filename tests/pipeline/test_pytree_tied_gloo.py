@@ -7,7 +7,7 @@ two meshes of different shapes) and returns a flattened ``[B*T, V]`` output, so 
 only be right if they come from the batch's sample count. The reference is the same model run
 unpipelined in one process: the loss, every gradient, and the tied weight's gradient (the sum of
 both uses) on every rank holding it; and forward-only evaluation's outputs, gathered from the ranks
-that hold each block of samples.
+that hold each block of samples. An error on one rank only is raised on every rank, naming it.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from lightning_grendel.pipeline.pytree import Layout, input_layout, split_microbatches
-from lightning_grendel.pipeline.runtime import PipelineRuntime
+from lightning_grendel.pipeline.runtime import PipelineRuntime, PipelineStepError
 from lightning_grendel.pipeline.stages import Pipeline, PipelineStage
 from lightning_grendel.pipeline.tied import tie_parameters
 from lightning_grendel.resharding import Mesh
@@ -128,8 +128,59 @@ def _run(rank: int, world: int) -> int:
     with torch.no_grad():
         want = modules[2](modules[1](modules[0](_batch()["ids"])))
     torch.testing.assert_close(torch.cat([output for _, _, (output, _) in pieces]), want, rtol=1e-5, atol=1e-6)
+    _one_rank_fails(rank, want_loss)
     dist.barrier()
     return checked
+
+
+class _Restructuring(_Block):
+    """Hands on a list instead of a tuple from its second real call on: a structure change on its own rank."""
+
+    calls = 0
+
+    def forward(self, x: dict) -> tuple | list:
+        out = super().forward(x)
+        if x["h"].is_meta:  # the layout pass
+            return out
+        self.calls += 1
+        return out if self.calls < 2 else list(out)
+
+
+def _one_rank_fails(rank: int, want_loss: float) -> None:
+    """An error on one rank (a structure change on the sender, a loss or an evaluation step raising on one
+    rank of the last stage) is raised on every rank, naming that rank, never a hang."""
+    modules = _modules()
+    modules[1] = _Restructuring()
+    runtime = PipelineRuntime(_pipeline(modules), MESHES, schedule="1f1b", num_microbatches=3)
+    with pytest.raises(PipelineStepError, match=r"failed on rank 2 \(stage 1, forward of micro-batch 1\): "
+                                                "ValueError: stage 1 output changed structure"):
+        runtime.step(_batch())
+    runtime.close()
+
+    failing = {"rank": 4}
+
+    def loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if dist.get_rank() == failing["rank"]:
+            raise KeyError("no such target")
+        return _loss(output, target)
+
+    modules = _modules()
+    pipeline = _pipeline(modules)
+    pipeline.loss = loss
+    runtime = PipelineRuntime(pipeline, MESHES, schedule="zb_h1", num_microbatches=3)
+    with pytest.raises(PipelineStepError, match=r"failed on rank 4 \(stage 2, forward of micro-batch 0\): "
+                                                "KeyError: 'no such target'"):
+        runtime.step(_batch())
+
+    def evaluate(output: torch.Tensor, rows: dict) -> None:
+        if dist.get_rank() == 3:
+            raise RuntimeError("evaluation step failed")
+
+    with pytest.raises(PipelineStepError, match=r"failed on rank 3 \(stage 2, forward of micro-batch 0\)"):
+        runtime.evaluate(_batch(), evaluate)
+    failing["rank"] = None  # the runtime goes on: the next step is the plain model's
+    torch.testing.assert_close(runtime.step(_batch()), torch.tensor(want_loss), rtol=1e-5, atol=0)
+    runtime.close()
 
 
 @pytest.mark.timeout(300)

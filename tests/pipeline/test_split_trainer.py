@@ -30,6 +30,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_grendel.pipeline import PipelineStrategy
+from lightning_grendel.pipeline.runtime import PipelineStepError
 from tests.helpers.distributed import run_distributed
 
 VOCAB, LENGTH = 24, 6
@@ -78,6 +79,14 @@ class _DemoTwice(_Demo):
 
     def training_step(self, batch, batch_idx):
         return super().training_step(batch, batch_idx) + 0.0 * self(*batch).sum()
+
+
+class _DemoRaises(_Demo):
+    """Raises after forward: only the last stage gets there (the other ranks stop the step at forward)."""
+
+    def training_step(self, batch, batch_idx):
+        super().training_step(batch, batch_idx)
+        raise KeyError("a key the step cannot find")
 
 
 class _GPT2(LightningModule):
@@ -230,6 +239,9 @@ def _demo_three_stages(rank: int, world: int) -> dict:
         _trainer(world, DEMO_SPLITS, [], max_steps=1).fit(_DemoL2(), _loader(8, 8, seed=1))  # on every rank
     with pytest.raises(ValueError, match="called forward 2 times"):
         _trainer(world, DEMO_SPLITS, [], max_steps=1).fit(_DemoTwice(), _loader(8, 8, seed=1))
+    with pytest.raises(PipelineStepError, match=r"failed on rank 2 \(stage 2, forward of micro-batch 0\): "
+                                                "KeyError: 'a key the step cannot find'"):  # on every rank
+        _trainer(world, DEMO_SPLITS, [], max_steps=1).fit(_DemoRaises(), _loader(8, 8, seed=1))
     return results
 
 
