@@ -133,6 +133,20 @@ def _run(rank: int, world: int) -> int:
     return checked
 
 
+class _FailingBackward(_Block):
+    """Its output's gradient hook raises on rank 2: an error inside one rank's backward."""
+
+    def forward(self, x: dict) -> tuple:
+        out = super().forward(x)
+        if not out[0].is_meta and dist.get_rank() == 2:
+            out[0].register_hook(_raise_in_backward)
+        return out
+
+
+def _raise_in_backward(grad: torch.Tensor) -> None:
+    raise FloatingPointError("NaN in a gradient")
+
+
 class _Restructuring(_Block):
     """Hands on a list instead of a tuple from its second real call on: a structure change on its own rank."""
 
@@ -147,13 +161,21 @@ class _Restructuring(_Block):
 
 
 def _one_rank_fails(rank: int, want_loss: float) -> None:
-    """An error on one rank (a structure change on the sender, a loss or an evaluation step raising on one
-    rank of the last stage) is raised on every rank, naming that rank, never a hang."""
+    """An error on one rank (a structure change on the sender, a backward raising, a loss or an evaluation
+    step raising on one rank of the last stage) is raised on every rank, naming that rank, never a hang."""
     modules = _modules()
     modules[1] = _Restructuring()
     runtime = PipelineRuntime(_pipeline(modules), MESHES, schedule="1f1b", num_microbatches=3)
     with pytest.raises(PipelineStepError, match=r"failed on rank 2 \(stage 1, forward of micro-batch 1\): "
                                                 "ValueError: stage 1 output changed structure"):
+        runtime.step(_batch())
+    runtime.close()
+
+    modules = _modules()
+    modules[1] = _FailingBackward()
+    runtime = PipelineRuntime(_pipeline(modules), MESHES, schedule="1f1b", num_microbatches=3)
+    with pytest.raises(PipelineStepError, match=r"failed on rank 2 \(stage 1, backward of micro-batch 0\): "
+                                                "FloatingPointError: NaN in a gradient"):
         runtime.step(_batch())
     runtime.close()
 
