@@ -20,6 +20,7 @@ _SHORT_PATHS = {
     "GaussianSplattingDataModule": "lightning_grendel.splatting.data.datamodule",
     "RunSummary": "lightning_grendel.splatting.callbacks",
     "RunLogger": "lightning_grendel.loggers",
+    "LastCheckpoint": "lightning_grendel.checkpointing",
     "GrendelStrategy": "lightning_grendel.splatting.grendel.strategy",
     "PipelineStrategy": "lightning_grendel.pipeline.strategy",
     "LorentzGCNModule": "lightning_grendel.hyperbolic.modules.gcn",

@@ -111,12 +111,16 @@ class ProcessGroupStrategy(ParallelStrategy):
     def process_group_backend(self) -> str | None:
         return self._process_group_backend
 
+    # Launcher classes for popen and for spawn/fork/forkserver; a subclass may name subclasses of these.
+    script_launcher: type[_SubprocessScriptLauncher] = _SubprocessScriptLauncher
+    spawn_launcher: type[_MultiProcessingLauncher] = _LeaveTogetherLauncher
+
     def _configure_launcher(self) -> None:
         assert self.cluster_environment is not None
         if self._start_method == "popen":
-            self._launcher = _SubprocessScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
+            self._launcher = self.script_launcher(self.cluster_environment, self.num_processes, self.num_nodes)
         else:
-            self._launcher = _LeaveTogetherLauncher(self, start_method=self._start_method)
+            self._launcher = self.spawn_launcher(self, start_method=self._start_method)
 
     def set_world_ranks(self) -> None:
         if self.cluster_environment is not None:

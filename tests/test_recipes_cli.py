@@ -3,8 +3,10 @@ checkpoint the fit wrote, so saved hyper-parameters can never break ``test`` (bo
 
 Multi-process recipes are covered where their launchers are tested: ``gaussian/grendel_cpu`` by
 tests/splatting/grendel/test_grendel_recipes.py, ``smoke/grendel`` by tests/splatting/grendel/test_trainer.py
-and tests/test_cli.py, ``pipeline/*`` by
-tests/pipeline/test_cli.py; ``gaussian/grendel_gpu`` needs CUDA, ``gaussian/scaling_w4`` four ranks.
+and tests/test_cli_fit_render.py, ``pipeline/tiny_lm_3stages`` and ``pipeline/tensor_parallel`` by
+tests/pipeline/test_cli.py, the other two pipeline recipes by tests/test_docs_commands.py (docs/pipeline.md
+runs them); ``gaussian/grendel_gpu`` needs CUDA, ``gaussian/scaling_w4`` (four ranks) runs in
+tests/benchmarks/test_scaling_quick.py.
 """
 
 from __future__ import annotations
@@ -49,14 +51,14 @@ def test_fit_then_test_from_the_checkpoint(name, tmp_path, shared_dataset, monke
         folder = write_hgcn_folder(tmp_path / GENERATED[name], generate_disease_like(depth=3, branching=4.0, seed=0))
         args += ["--data.path", str(folder)]
     main(["fit", *args])
-    checkpoints = sorted(Path(tmp_path / "run").rglob("*.ckpt"))
-    assert checkpoints, f"{name}: fit wrote no checkpoint"
-    main(["test", *args, "--ckpt_path", str(checkpoints[-1])])
+    (last,) = Path(tmp_path / "run").rglob("last.ckpt")  # LastCheckpoint in every recipe
+    main(["test", *args, "--ckpt_path", str(last)])
 
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("name", sorted(GENERATED))
-def test_an_hgcn_recipe_without_a_path_names_it(name, tmp_path, monkeypatch):
+def test_an_hgcn_recipe_without_a_path_names_it(name, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ValueError, match="--data.path"):
+    with pytest.raises(SystemExit) as exit_info:
         main(["fit", "-c", name, "--trainer.default_root_dir", str(tmp_path)])
+    assert exit_info.value.code == 2 and "pass --data.path" in capsys.readouterr().err

@@ -6,16 +6,18 @@ Gaussian and its N - 1 new copies share an opacity and scale chosen so that the 
 like the original did (:func:`relocated_opacity_and_scale`). Then the population grows by
 ``growth`` (5%), by the same sampling, until it reaches the budget. After every optimiser step the
 means get noise shaped by their covariance and gated by low opacity (the SGLD step of the paper), and
-the loss gets L1 penalties on opacity and scale that push unused Gaussians to die and be recycled.
+the loss gets L1 penalties on opacity and scale that push unused Gaussians to die and be recycled
+(scene-wide means: the module passes its ``gaussian_mean``).
 
-The operations are local to one shard of Gaussians: under :class:`GrendelStrategy` each rank
-relocates within its own shard and grows up to its share of ``cap_max``, so the ranks never talk and
-the scene-wide total converges to ``cap_max``.
+Relocation, growth and noise are local to one shard of Gaussians: under :class:`GrendelStrategy` each
+rank relocates within its own shard and grows up to its share of ``cap_max``, so the ranks never talk
+for them and the scene-wide total converges to ``cap_max``.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -117,17 +119,14 @@ class MCMCDensifier:
     def reset_statistics(self, count: int, device: torch.device) -> None:
         """Nothing to reset (see :meth:`accumulate`)."""
 
-    def regularization(self, params: dict[str, Tensor], total_count: int) -> Tensor:
-        """``opacity_reg``·mean opacity + ``scale_reg``·mean scale over all ``total_count`` Gaussians.
+    def regularization(self, params: dict[str, Tensor], mean: Callable[[Tensor], Tensor]) -> Tensor:
+        """``opacity_reg``·mean opacity + ``scale_reg``·mean scale, per image.
 
-        On a shard, it sums this shard's rows over the global count, so the ranks' terms add up to the
-        scene-wide means (and gradients) of a single process.
+        ``mean`` is the scene-wide mean over every Gaussian: ``GaussianSplattingModule.gaussian_mean``, which
+        under GrendelStrategy adds up every shard (a plain ``Tensor.mean`` would average one shard only).
         """
         c = self.config
-        count = max(total_count, 1)
-        opacity = activated_opacities(params).sum() / count
-        scale = activated_scales(params).sum() / (3 * count)
-        return c.opacity_reg * opacity + c.scale_reg * scale
+        return c.opacity_reg * mean(activated_opacities(params)) + c.scale_reg * mean(activated_scales(params))
 
     def is_refine_step(self, images_before: int, images_after: int) -> bool:
         c = self.config

@@ -6,24 +6,44 @@ which the strategy may replace; the loss covers exactly the rows rendered here),
 is a ``GaussianShardingStrategy`` it keeps the rows ``shard_indices(n)`` of the initial points, calls
 ``after_density_change`` after densification and ``gather_gaussians`` to export a PLY.
 Optimisation is manual because densification changes the number of parameters.
+
+Losses are scene-wide on every rank. Under GrendelStrategy a rank holds a shard of the Gaussians and
+renders a strip of each image; :meth:`GaussianSplattingModule.render_loss` adds the ranks' strip losses
+up (:meth:`~GaussianSplattingModule.sum_over_ranks`), so ``train/loss`` and everything logged is the
+number one process would get, on every rank. A regulariser over the Gaussians must do the same: write it
+with :meth:`~GaussianSplattingModule.gaussian_mean` / :meth:`~GaussianSplattingModule.gaussian_sum` in an
+override of :meth:`~GaussianSplattingModule.regularization`. **A plain** ``self.gaussians[...].mean()``
+**is the mean of this rank's shard only: added on every rank, its gradients scale with the world size
+(W times the single-process gradient on W ranks), each rank logs another value, and nothing can detect
+it.** For example::
+
+    class SmallSplats(GaussianSplattingModule):
+        def regularization(self) -> Tensor:
+            scales = self.gaussians["scales"].exp()
+            return super().regularization() + 0.01 * self.gaussian_mean(scales)  # not scales.mean()
+
+Trainer flags the module cannot honour are refused before the run starts (``check_trainer``); which
+flags work, and the test of each, is in docs/grendel_conformance.md.
 """
 
 from __future__ import annotations
 
-import logging
 import math
+import time
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
-from lightning.pytorch import LightningModule
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 
 from lightning_grendel.splatting.batching import BatchScaling, scale_adam_hyperparameters
 from lightning_grendel.splatting.cameras import Cameras, scene_extent
 from lightning_grendel.splatting.densify import DensifyConfig
+from lightning_grendel.splatting.fit_summary import fit_summary
 from lightning_grendel.splatting.gaussians import PARAM_KEYS, init_from_points, make_parameters
 from lightning_grendel.splatting.grendel.checkpoint import CheckedCheckpointIO
 from lightning_grendel.splatting.guards import FiniteGuard, NonFiniteMode
@@ -34,8 +54,8 @@ from lightning_grendel.splatting.ply import save_ply
 from lightning_grendel.splatting.projection import RasterizeMode
 from lightning_grendel.splatting.protocols import GaussianShardingStrategy, Renderer
 from lightning_grendel.splatting.render import SingleProcessRenderer
-
-log = logging.getLogger(__name__)
+from lightning_grendel.splatting.shard_reduce import gaussian_mean, gaussian_sum, sum_over_ranks
+from lightning_grendel.splatting.trainer_flags import ClipAlgorithm, check_clip_arguments, refuse_unsupported_flags
 
 RasterizerBackend = Literal["auto", "torch", "cpp", "gsplat"]
 
@@ -81,6 +101,10 @@ class GaussianSplattingModule(LightningModule):
         on_nonfinite: what a NaN or infinite loss, gradient or Gaussian does (checked on every rank after
             each step and densification, see :mod:`lightning_grendel.splatting.guards`): ``stop`` raises
             (non-zero exit, no checkpoint after the failure); ``skip`` drops the step or restores the rows.
+        gradient_clip_val: clip the gradients before each step (None: no clipping); ``Trainer(gradient_clip_val)``
+            does not apply to manual optimisation, this does.
+        gradient_clip_algorithm: ``norm`` scales every gradient so that their global L2 norm, over every
+            Gaussian of every rank's shard, is at most ``gradient_clip_val``; ``value`` clamps each element.
     """
 
     def __init__(
@@ -103,8 +127,11 @@ class GaussianSplattingModule(LightningModule):
         rasterize_mode: RasterizeMode = "classic",
         export_ply: bool = True,
         on_nonfinite: NonFiniteMode = "stop",
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: ClipAlgorithm = "norm",
     ) -> None:
         super().__init__()
+        check_clip_arguments(gradient_clip_val, gradient_clip_algorithm, type(self).__name__)
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.renderer: Renderer = SingleProcessRenderer(backend, rasterize_mode)
@@ -116,6 +143,7 @@ class GaussianSplattingModule(LightningModule):
         self.register_buffer("background", torch.zeros(3), persistent=False)
         self._lpips: nn.Module | None = None
         self._lpips_checked = False
+        self._fit_started = 0.0
 
     # --- model creation and checkpoints -------------------------------------------------------------
 
@@ -143,6 +171,21 @@ class GaussianSplattingModule(LightningModule):
         if hasattr(datamodule, "background"):
             self.background = datamodule.background.to(self.device)
 
+    def check_trainer(self, trainer: Trainer) -> None:
+        """Refuse Trainer flags this module cannot honour (see :mod:`~lightning_grendel.splatting.trainer_flags`).
+
+        GrendelStrategy calls it in the launching process before any rank starts; on other strategies
+        :meth:`configure_callbacks` does, the first module hook Lightning calls, before its own checks.
+        """
+        backend = getattr(trainer.strategy, "rasterizer_backend", None) or self.renderer.backend
+        refuse_unsupported_flags(trainer, backend, type(self).__name__)
+
+    def configure_callbacks(self) -> list:
+        """No callbacks: the first hook of every run, where the flags are checked and the fit clock starts."""
+        self.check_trainer(self.trainer)
+        self._fit_started = time.perf_counter()  # so the summary's time includes loading data and set-up
+        return []
+
     def setup(self, stage: str) -> None:
         """On one process, checkpoint errors name the file (and say when it is a Grendel directory)."""
         strategy = self.trainer.strategy  # GrendelStrategy reads its directories itself, not through this
@@ -160,6 +203,30 @@ class GaussianSplattingModule(LightningModule):
         extra = checkpoint.get("gaussian_splatting", {})
         self.images_seen = int(extra.get("images_seen", 0))
         self.extent = float(extra.get("extent", self.extent))
+
+    # --- scene-wide reductions ----------------------------------------------------------------------
+
+    @property
+    def gaussians_sharded(self) -> bool:
+        """Whether each rank holds only a shard of the Gaussians (a sharding strategy on several ranks)."""
+        trainer = self._trainer
+        return (trainer is not None and trainer.world_size > 1
+                and isinstance(trainer.strategy, GaussianShardingStrategy))
+
+    def sum_over_ranks(self, share: Tensor) -> Tensor:
+        """Every rank's ``share`` added up (the same on every rank; a collective when sharded), with the
+        gradient of the scene-wide value on this rank's share; ``share`` itself on one process."""
+        return sum_over_ranks(share, sharded=self.gaussians_sharded)
+
+    def gaussian_sum(self, values: Tensor) -> Tensor:
+        """Sum of a per-Gaussian tensor [N_local, ...] over every Gaussian of every rank (a collective when
+        sharded); its gradient on each row is the single-process gradient of that row."""
+        return gaussian_sum(values, sharded=self.gaussians_sharded)
+
+    def gaussian_mean(self, values: Tensor) -> Tensor:
+        """Mean of a per-Gaussian tensor [N_local, ...] over every element of every rank's shard (a collective
+        when sharded). ``values.mean()`` would be this shard's mean: use this in regularisers."""
+        return gaussian_mean(values, sharded=self.gaussians_sharded)
 
     # --- optimisation -------------------------------------------------------------------------------
 
@@ -209,7 +276,8 @@ class GaussianSplattingModule(LightningModule):
     # --- training ----------------------------------------------------------------------------------
 
     def render_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, Any]:
-        """Sum over the batch's views of each view's loss on the rows rendered here (plus the render)."""
+        """The photometric loss summed over the batch's views, scene-wide (the same on every rank), and the
+        render. Each rank computes the loss of the rows it rendered; :meth:`sum_over_ranks` adds them up."""
         cameras = cameras_from_batch(batch)
         targets = batch["image"]
         halo = SSIM_HALO if self.hparams.ssim_weight > 0 else 0
@@ -223,7 +291,18 @@ class GaussianSplattingModule(LightningModule):
                 view.image, target, view.own_start - view.row_start, view.own_end - view.row_start,
                 full_pixels, self.hparams.ssim_weight,
             )
-        return loss, result
+        return self.sum_over_ranks(loss), result
+
+    def regularization(self) -> Tensor:
+        """Per-image regulariser over the Gaussians, scene-wide: MCMC's opacity and scale terms (else zero).
+
+        Added to every view's loss. Override it to add terms, written with :meth:`gaussian_mean` or
+        :meth:`gaussian_sum` (never a plain ``.mean()`` over ``self.gaussians``: see the module docstring).
+        """
+        terms = getattr(self.densifier, "regularization", None)
+        if terms is None:
+            return self.gaussians["means"].new_zeros(())
+        return terms(self.gaussians, self.gaussian_mean)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         optimizer = self.optimizers()
@@ -232,10 +311,9 @@ class GaussianSplattingModule(LightningModule):
             if group.get("name") == "means":
                 group["lr"] = self.means_learning_rate(self.images_seen)
         optimizer.zero_grad(set_to_none=True)
-        loss, result = self.render_loss(batch)
-        regularization = getattr(self.densifier, "regularization", None)  # MCMC's opacity and scale terms
-        if regularization is not None:
-            loss = loss + views * regularization(self.gaussians, self.global_gaussian_count())
+        photometric, result = self.render_loss(batch)
+        regularization = self.regularization()
+        loss = photometric + views * regularization
         self.manual_backward(loss)
         step, inner = self.global_step + 1, optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
         for param in self.gaussians.values():
@@ -243,6 +321,8 @@ class GaussianSplattingModule(LightningModule):
                 param.grad /= views
         if not self.guard.before_step(loss, self.gaussians, inner, step, self.images_seen):  # skipped on every rank
             return loss.detach()
+        if self.hparams.gradient_clip_val is not None:
+            self.clip_gradients(inner, self.hparams.gradient_clip_val, self.hparams.gradient_clip_algorithm)
         view_grad = result.means2d.grad if result.absgrad is None else result.absgrad.grad  # AbsGS: |.| per pixel
         if view_grad is not None:
             self.densifier.accumulate(view_grad, result.radii, result.width, result.height)
@@ -251,7 +331,10 @@ class GaussianSplattingModule(LightningModule):
 
         before, self.images_seen = self.images_seen, self.images_seen + views
         self._density_control(inner, before, step)
-        self.log("train/loss", loss.detach() / views, prog_bar=True, sync_dist=True, reduce_fx="sum")
+        # Scene-wide already (render_loss and regularization add the ranks' shares up): no sync_dist.
+        self.log("train/loss", loss.detach() / views, prog_bar=True)
+        self.log("train/photometric", photometric.detach() / views)
+        self.log("train/regularization", regularization.detach())
         self.log("train/gaussians", float(self.global_gaussian_count()), prog_bar=True)
         self.log("train/sh_degree", float(self.active_sh_degree))
         for name, value in self.renderer.last_stats.items():  # exchange volume, balance
@@ -267,6 +350,32 @@ class GaussianSplattingModule(LightningModule):
             if isinstance(strategy, GaussianShardingStrategy):
                 strategy.after_density_change(self.gaussians, optimizer)
                 densifier.reset_statistics(self.gaussians["means"].shape[0], self.device)
+
+    def clip_gradients(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Lightning's ``clip_gradients``, with the norm over every rank's shard when the Gaussians are sharded.
+
+        Clipping by value is elementwise, so each rank clamps its own rows. Clipping by norm needs the
+        norm of the whole gradient: the ranks add their squared norms up before scaling.
+        """
+        if gradient_clip_val is None or (gradient_clip_algorithm or "norm") != "norm" or not self.gaussians_sharded:
+            super().clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        gaussians = {id(p) for p in self.gaussians.values()}
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        replicated = [p for p in params if id(p) not in gaussians]
+        if replicated:
+            raise ValueError(f"{type(self).__name__}.clip_gradients: the global norm over shards covers the Gaussians "
+                             f"only; the optimiser also holds {len(replicated)} replicated parameter(s)")
+        squares = self.gaussians["means"].new_zeros((), dtype=torch.float64)
+        for param in params:
+            squares = squares + param.grad.detach().to(torch.float64).pow(2).sum()
+        norm = self.sum_over_ranks(squares).sqrt()
+        scale = (gradient_clip_val / (norm + 1e-6)).clamp(max=1.0)  # torch.nn.utils.clip_grad_norm_'s rule
+        for param in params:
+            param.grad.mul_(scale.to(param.grad.dtype))
 
     def global_gaussian_count(self) -> int:
         local = self.gaussians["means"].shape[0]
@@ -338,11 +447,22 @@ class GaussianSplattingModule(LightningModule):
         return {key: value.detach().cpu() for key, value in self.gaussians.items()}
 
     def on_fit_end(self) -> None:
-        if not self.hparams.export_ply:
-            return
-        params = self.gathered_gaussians()
-        log_dir = self.trainer.log_dir  # a collective under multi-process strategies: every rank asks
-        if params is not None and self.trainer.is_global_zero and log_dir is not None:
-            path = Path(log_dir) / "point_cloud.ply"
-            save_ply(path, params)
-            log.info("wrote %d Gaussians to %s", params["means"].shape[0], path)
+        """Export the PLY (all Gaussians, gathered on rank 0) and print the run's summary once."""
+        trainer = self.trainer
+        log_dir = trainer.log_dir  # a collective under multi-process strategies: every rank asks
+        count = self.global_gaussian_count()  # a collective too
+        ply = None
+        if self.hparams.export_ply:
+            params = self.gathered_gaussians()
+            if params is not None and trainer.is_global_zero and log_dir is not None:
+                ply = Path(log_dir) / "point_cloud.ply"
+                save_ply(ply, params)
+        if trainer.is_global_zero:
+            psnr_value = trainer.callback_metrics.get("val/psnr")
+            checkpoint = trainer.checkpoint_callback
+            rank_zero_info(fit_summary(
+                type(self).__name__, count, trainer.world_size, time.perf_counter() - self._fit_started,
+                trainer.global_step, self.images_seen, None if psnr_value is None else float(psnr_value),
+                log_dir, getattr(checkpoint, "last_model_path", "") or getattr(checkpoint, "best_model_path", ""),
+                ply,
+            ))

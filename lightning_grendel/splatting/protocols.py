@@ -4,6 +4,10 @@ A module renders through a :class:`Renderer`, which a strategy may replace with 
 renders one pixel partition per rank). A strategy that shards Gaussians offers the module
 :class:`GaussianShardingStrategy`; on a plain Lightning strategy the module keeps every Gaussian.
 A user's own Gaussian module works with :class:`~lightning_grendel.GrendelStrategy` by following these.
+Its loss should be scene-wide on every rank (each rank's share added up with
+:func:`~lightning_grendel.splatting.shard_reduce.sum_over_ranks`), and it may define
+``check_trainer(trainer)``, which GrendelStrategy calls before launching any rank, to refuse Trainer
+flags it cannot honour.
 """
 
 from __future__ import annotations

@@ -97,6 +97,7 @@ class GrendelRenderer:
         self, params: dict[str, Tensor], cameras: Cameras, sh_degree: int, differentiable: bool,
         absgrad: bool = False,
     ) -> tuple[Splats, Tensor, list[list[RowTask]], list[Tensor], Tensor]:
+        self._check_same_cameras(cameras)
         width, height = cameras.width, cameras.height
         _, tiles_y = tile_grid(width, height)
         costs = self.balancer.row_costs(cameras.ids, len(cameras), tiles_y)
@@ -121,6 +122,28 @@ class GrendelRenderer:
             "cost_imbalance_planned": imbalance(part_costs(costs, cuts)),
         }
         return splats, cuts, tasks, per_view, received
+
+    def _check_same_cameras(self, cameras: Cameras) -> None:
+        """Every rank must render the same cameras: one small all-reduce compares a position-weighted digest.
+
+        A DataLoader shuffled differently on each rank would otherwise give images stitched from
+        different views, silently. The error is raised on every rank at once (no rank is left waiting).
+        """
+        parts = [cameras.world_to_camera, cameras.intrinsics]
+        if cameras.ids is not None:
+            parts.append(torch.as_tensor(cameras.ids))
+        flat = torch.cat([t.detach().reshape(-1).to(torch.float64).cpu() for t in parts])
+        weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64)
+        digest = torch.tensor([float(len(cameras)), float(cameras.width), float(cameras.height),
+                               float((torch.nan_to_num(flat, nan=7.0) * weights).sum())], dtype=torch.float64)
+        bounds = torch.cat([digest, -digest]).to(cameras.world_to_camera.device)
+        dist.all_reduce(bounds, op=dist.ReduceOp.MAX, group=self.group)  # [max, -min] of every entry
+        if not torch.equal(bounds[:4], -bounds[4:]):
+            raise RuntimeError(
+                "GrendelStrategy: the ranks got different cameras in this batch; every rank must see the same "
+                "batches in the same order (GrendelStrategy turns Lightning's distributed sampler off): shuffle "
+                "the train DataLoader with a seeded torch.Generator, as GaussianSplattingDataModule does"
+            )
 
     def _render_task(
         self, task: RowTask, rows: Tensor, width: int, height: int, background: Tensor

@@ -5,6 +5,12 @@ partitions; a sparse all-to-all moves only the splats each partition needs (see 
 It is a ``ParallelStrategy``, not a ``DDPStrategy``: DDP insists on equal parameter shapes on every
 rank, and densification changes them. Gaussians get no gradient all-reduce; any other (replicated)
 parameters of the module do.
+
+Call order: ``launch`` (after the module's ``check_trainer``, so a refused Trainer flag fails in the
+launching process before any rank starts), ``setup_environment`` (process group), ``setup`` (renderer,
+optimisers; Lightning's distributed sampler is turned off: every rank reads every batch), the training
+steps (``optimizer_step`` averages replicated gradients; the module calls ``after_density_change``),
+``save_checkpoint`` / ``load_checkpoint`` (sharded directories), ``gather_gaussians`` at export.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from lightning_grendel.splatting.grendel.checkpoint import (
     reshard,
     save_sharded,
 )
+from lightning_grendel.splatting.grendel.launchers import CheckedScriptLauncher, CheckedSpawnLauncher
 from lightning_grendel.splatting.grendel.redistribute import even_shares, redistribute
 from lightning_grendel.splatting.grendel.renderer import GrendelRenderer
 from lightning_grendel.splatting.protocols import Renderer
@@ -56,6 +63,8 @@ class GrendelStrategy(ProcessGroupStrategy):
     """
 
     strategy_name = "grendel"
+    script_launcher = CheckedScriptLauncher  # the module's check_trainer runs before any rank starts
+    spawn_launcher = CheckedSpawnLauncher
 
     def __init__(
         self,
@@ -88,8 +97,16 @@ class GrendelStrategy(ProcessGroupStrategy):
 
     # --- model set-up ------------------------------------------------------------------------------
 
+    @property
+    def is_distributed(self) -> bool:
+        """True: Lightning then honours ``self.log(..., sync_dist=True)`` (it drops ``sync_dist`` otherwise)."""
+        return True
+
     def setup(self, trainer: Trainer) -> None:
         assert self.accelerator is not None and self.model is not None
+        # is_distributed would make Lightning wrap the loaders in a DistributedSampler, reshuffled by its own
+        # seed: every rank needs the same batches, in the loader's own order (the single-process order).
+        trainer._accelerator_connector.use_distributed_sampler = False
         self.accelerator.setup(trainer)
         self.precision_plugin.convert_module(self.model)
         self.model_to_device()

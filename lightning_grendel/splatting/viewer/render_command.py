@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import inspect
 import json
 import os
 import shutil
@@ -21,9 +20,12 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
+from jsonargparse import ArgumentError
 from PIL import Image
 from tqdm import tqdm
 
+from lightning_grendel._atomic import as_if_created
+from lightning_grendel._hparams import instantiate_from_hparams
 from lightning_grendel._recipes import resolve_config
 from lightning_grendel.splatting.data.datamodule import GaussianSplattingDataModule
 from lightning_grendel.splatting.gaussians import PARAM_KEYS, make_parameters
@@ -103,16 +105,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 def _recipe_data(config: str | None) -> dict[str, Any]:
     if config is None:
         return {}
-    path = Path(resolve_config(config))
-    if not path.is_file():
-        raise RenderError(f"--config {config}: no such recipe or file")
+    path = Path(resolve_config(config, "--config"))
     data = (yaml.safe_load(path.read_text()) or {}).get("data", {})
     return dict(data.get("init_args", {})) if isinstance(data, dict) else {}
-
-
-def _known_args(target: Any, values: dict[str, Any]) -> dict[str, Any]:
-    names = inspect.signature(target).parameters
-    return {key: value for key, value in values.items() if key in names}
 
 
 def make_datamodule(args: argparse.Namespace, checkpoint: dict[str, Any] | None) -> GaussianSplattingDataModule:
@@ -124,9 +119,9 @@ def make_datamodule(args: argparse.Namespace, checkpoint: dict[str, Any] | None)
         raise RenderError("--ply needs the test cameras: give --data.path (or --config with a data: section, "
                           "or --data.format demo)")
     try:
-        datamodule = GaussianSplattingDataModule(**_known_args(GaussianSplattingDataModule, values))
+        datamodule = instantiate_from_hparams(GaussianSplattingDataModule, values, "--data.* / --config")
         datamodule.setup("test")
-    except (ValueError, FileNotFoundError, OSError) as error:
+    except (ArgumentError, ValueError, OSError) as error:
         raise RenderError(f"--data.path / --config: cannot load the dataset: {error}") from error
     return datamodule
 
@@ -134,10 +129,13 @@ def make_datamodule(args: argparse.Namespace, checkpoint: dict[str, Any] | None)
 def make_module(args: argparse.Namespace, checkpoint: dict[str, Any] | None) -> GaussianSplattingModule:
     """The module as ``test`` restores it: hyperparameters, Gaussians, images seen (SH degree)."""
     if checkpoint is not None:
-        hparams = _known_args(GaussianSplattingModule, dict(checkpoint.get("hyper_parameters", {})))
-        if args.backend is not None:
-            hparams["backend"] = args.backend
-        module = GaussianSplattingModule(**hparams)
+        overrides = {} if args.backend is None else {"backend": args.backend}
+        try:
+            module = instantiate_from_hparams(GaussianSplattingModule, checkpoint.get("hyper_parameters", {}),
+                                              f"--ckpt {args.ckpt}", **overrides)
+        except (ArgumentError, ValueError) as error:
+            raise RenderError(f"--ckpt {args.ckpt}: cannot rebuild the module from its hyperparameters: "
+                              f"{error}") from error
         module.on_load_checkpoint(checkpoint)
         module.load_state_dict(checkpoint["state_dict"], strict=False)
         return module
@@ -152,15 +150,21 @@ def make_module(args: argparse.Namespace, checkpoint: dict[str, Any] | None) -> 
     return module
 
 
-def _staging_dir(out: Path, overwrite: bool) -> Path:
+def _check_out(out: Path, overwrite: bool) -> None:
     if out.exists() and not overwrite:
         raise RenderError(f"--out {out}: already exists (pass --overwrite to replace it)")
+
+
+def _staging_dir(out: Path, overwrite: bool) -> Path:
+    _check_out(out, overwrite)
     parent = out.parent if str(out.parent) else Path(".")
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(dir=parent, prefix=f".{out.name}.", suffix=".tmp"))
+        staging = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out.name}.", suffix=".tmp"))
     except OSError as error:
         raise RenderError(f"--out {out}: cannot write there: {error}") from error
+    as_if_created(staging)  # mkdtemp makes it 0700; --out gets the mode mkdir would give it
+    return staging
 
 
 def _to_uint8(image: torch.Tensor) -> np.ndarray:
@@ -190,6 +194,7 @@ def run(args: argparse.Namespace) -> Path:
     for flag in ("path_frames", "fps"):
         if getattr(args, flag) < 0 or (flag == "fps" and args.fps == 0):
             raise RenderError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    _check_out(args.out, args.overwrite)  # before minutes of loading; checked again when the folder is made
     checkpoint = load_checkpoint(args.ckpt) if args.ckpt is not None else None
     datamodule = make_datamodule(args, checkpoint)
     module = make_module(args, checkpoint).to(args.device)
@@ -226,10 +231,6 @@ def run(args: argparse.Namespace) -> Path:
 
 
 def main(argv: list[str]) -> None:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        out = run(args)
-    except RenderError as error:
-        parser.error(str(error))
+    """``lightning-grendel render ARGS``; a :class:`RenderError` reaches the command's one-line error report."""
+    out = run(build_parser().parse_args(argv))
     print(f"wrote {out}")

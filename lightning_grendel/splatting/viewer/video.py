@@ -1,4 +1,5 @@
-"""Frames to a GIF (Pillow) or an MP4 (OpenCV's bundled encoder, MPEG-4 part 2), written atomically."""
+"""Frames to a GIF (Pillow) or an MP4 (OpenCV's bundled encoder, MPEG-4 part 2), written atomically
+(with the mode the umask gives, as the PLY writer's files)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from lightning_grendel._atomic import as_if_created
 
 
 def write_video(path: Path, frames: list[np.ndarray], fps: float) -> None:
@@ -26,6 +29,7 @@ def write_video(path: Path, frames: list[np.ndarray], fps: float) -> None:
                            duration=round(1000 / fps), loop=0)
         else:
             _write_mp4(Path(temporary), frames, fps)
+        as_if_created(temporary)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
