@@ -11,7 +11,8 @@ Per micro-batch the module's ``training_step`` (or ``validation_step``, ``test_s
 Logged values and returned tensors are combined over micro-batches by their share of the batch's
 samples (``reduce_fx="mean"``; ``sum``, ``max`` and ``min`` as named), gathered from the last stage
 to every rank and logged once per step with the same value everywhere: rank 0, where
-``ModelCheckpoint`` and ``EarlyStopping`` decide, is usually stage 0.
+``ModelCheckpoint`` and ``EarlyStopping`` decide, is usually stage 0. That value is the whole batch's,
+so ``sync_dist=True`` in a step changes nothing (outside the steps Lightning reduces over all ranks).
 """
 
 from __future__ import annotations
@@ -214,7 +215,9 @@ class ModuleSteps:
                 outputs.merge(part[1])
         device = self.module.device
         for name, (_, value, options) in logs.values.items():
-            self.module.log(name, torch.tensor(value, device=device), **options)
+            # already the whole batch's value, the same on every rank: sync_dist would reduce it again ("sum"
+            # would count it once per rank)
+            self.module.log(name, torch.tensor(value, device=device), **{**options, "sync_dist": False})
         values = {name: torch.tensor(value, device=device) for name, (_, value, _) in outputs.values.items()}
         if list(values) == [""]:
             return values[""]

@@ -53,9 +53,11 @@ class PipelineStrategy(ProcessGroupStrategy):
     own ``training_step`` is the loss (run per micro-batch on the last stage with forward returning the
     pipeline's output) unless the hook's ``Pipeline`` has a ``loss`` (then ``train/loss`` is logged);
     ``validate``, ``test`` and ``predict`` run forward-only pipelines the same way. Every rank sees the
-    same batches. A checkpoint is one ordinary Lightning file: full parameters, and every stage's
-    optimizer state merged by parameter; on resume each rank takes back its stage's part. ``transport``
-    (``auto``, ``dist``, ``shm``) is how activations and gradients move, as in ``reshard()``.
+    same batches, in the loader's order. What a step logs is the whole batch's value on every rank;
+    ``self.log(..., sync_dist=True)`` in a hook reduces over all ranks, as under DDP. A checkpoint is
+    one ordinary Lightning file: full parameters, and every stage's optimizer state merged by
+    parameter; on resume each rank takes back its stage's part. ``transport`` (``auto``, ``dist``,
+    ``shm``) is how activations and gradients move, as in ``reshard()``.
     Trainer flags run as in a plain run or are refused in ``setup_environment`` (``flags.py``;
     docs/pipeline_conformance.md): the precision plugin's step contexts wrap every stage forward and
     loss, norm clipping uses the norm over all stages, ``accumulate_grad_batches`` sums over the window.
@@ -139,6 +141,7 @@ class PipelineStrategy(ProcessGroupStrategy):
         super().setup_environment()
 
     def setup(self, trainer: Any) -> None:
+        self.keep_loader_order(trainer)
         module = self.lightning_module
         num_stages = len(self.meshes) * self.virtual_stages
         traced = None

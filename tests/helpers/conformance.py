@@ -107,6 +107,29 @@ class ConformanceLM(TensorParallelMLPLM):
         return [optimizer], [schedulers[name] for name in self.scheduler_names]
 
 
+class SyncDistLM(ConformanceLM):
+    """Logs with ``sync_dist=True`` in its steps (the plain run's values) and in a hook (per-rank values).
+
+    The hook logs the rank: with ``sync_dist`` Lightning reduces it over the ranks as under DDP, so the
+    pipelined run logs their mean (1.5 on 4 ranks) and sum (6) where the plain run logs 0.
+    """
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.log("train/loss_sync", loss, sync_dist=True)
+        self.log("train/loss_total", loss * len(batch[0]), sync_dist=True, reduce_fx="sum")
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/loss", self._loss(batch), sync_dist=True)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        rank = float(self.global_rank)
+        self.log("hook/rank_mean", rank, sync_dist=True)
+        self.log("hook/rank_sum", rank, sync_dist=True, reduce_fx="sum")
+        self.log("hook/rank_epoch", rank, sync_dist=True, on_step=False, on_epoch=True)
+
+
 def _windows(count: int, seed: int) -> TensorDataset:
     tokens = torch.randint(0, VOCAB, (count, SEQ + 1), generator=torch.Generator().manual_seed(seed))
     return TensorDataset(tokens[:, :-1], tokens[:, 1:])
@@ -181,6 +204,7 @@ class Cell:
     run: str = "fit"  # fit, evaluate (fit then validate/test/predict), max_time (fit on a step clock)
     plain: dict = field(default_factory=dict)
     plain_batch_size: int = 8
+    sync_logs: bool = False  # the module is SyncDistLM
 
 
 CELLS = {
@@ -210,6 +234,8 @@ CELLS = {
     "overfit-batches": Cell("dp", {"overfit_batches": 2, "max_epochs": 3}),
     "deterministic": Cell("tp", {"deterministic": True}),
     "detect-anomaly": Cell("tp", {"detect_anomaly": True}),
+    # Lightning's default use_distributed_sampler: the strategy must keep the loader's order all the same
+    "sync-dist": Cell("dp", {"max_epochs": 1, "use_distributed_sampler": True}, sync_logs=True),
     "evaluate": Cell("dp", {"max_epochs": 1, "limit_test_batches": 1, "limit_predict_batches": 1}, run="evaluate"),
 }
 
@@ -228,10 +254,11 @@ def _callbacks(names: tuple[str, ...], folder: Path) -> list:
     return [makers[name]() for name in names]
 
 
-def make_model(layout: str, optimizer: str = "sgd", schedulers: tuple[str, ...] = ()) -> ConformanceLM:
+def make_model(layout: str, optimizer: str = "sgd", schedulers: tuple[str, ...] = (),
+               sync_logs: bool = False) -> ConformanceLM:
     torch.manual_seed(0)
     spec = LAYOUTS[layout]
-    return ConformanceLM(spec["tp"], spec["specs"], optimizer, schedulers)
+    return (SyncDistLM if sync_logs else ConformanceLM)(spec["tp"], spec["specs"], optimizer, schedulers)
 
 
 def pipeline_strategy(layout: str) -> PipelineStrategy:
@@ -246,12 +273,12 @@ def _trainer(pipelined: bool, layout: str, folder: Path, callbacks: tuple[str, .
     made = _callbacks(callbacks, folder)
     # deterministic=False resets torch's global switch after the cell that turns it on
     options = dict(max_epochs=2, log_every_n_steps=1, limit_val_batches=None if layout == "dp" else 0,
-                   enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in made), deterministic=False)
+                   enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in made), deterministic=False,
+                   use_distributed_sampler=False)
     options.update(kwargs)
     return Trainer(accelerator="cpu", devices=WORLD if pipelined else 1,
                    strategy=pipeline_strategy(layout) if pipelined else "auto", logger=RecordingLogger(),
-                   callbacks=made, enable_progress_bar=False, enable_model_summary=False,
-                   use_distributed_sampler=False, **options)
+                   callbacks=made, enable_progress_bar=False, enable_model_summary=False, **options)
 
 
 def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -273,7 +300,7 @@ def run_cell(name: str, pipelined: bool, folder: Path) -> dict:
     """Run cell ``name`` (on the pipeline when ``pipelined``); what the comparison needs, picklable."""
     cell = CELLS[name]
     folder.mkdir(parents=True, exist_ok=True)
-    model = make_model(cell.layout, cell.optimizer, cell.schedulers)
+    model = make_model(cell.layout, cell.optimizer, cell.schedulers, cell.sync_logs)
     options = cell.trainer if pipelined else {**cell.trainer, **cell.plain}
     trainer = _trainer(pipelined, cell.layout, folder, cell.callbacks, **options)
     data = ConformanceData(8 if pipelined else cell.plain_batch_size)
@@ -294,7 +321,8 @@ def run_cell(name: str, pipelined: bool, folder: Path) -> dict:
     result.update(weights=_weights(model), global_step=trainer.global_step,
                   logged=trainer.logger.records if isinstance(trainer.logger, RecordingLogger) else None,
                   checkpoints=_checkpoint_summary(trainer) if trainer.checkpoint_callbacks else [],
-                  dtype=str(next(model.parameters()).dtype))
+                  dtype=str(next(model.parameters()).dtype),
+                  sampler=type(getattr(trainer.train_dataloader, "sampler", None)).__name__)
     return result
 
 

@@ -115,6 +115,13 @@ def _assert_logged(got: list | None, want: list | None, what: str) -> None:
             assert math.isclose(metrics[key], value, rel_tol=1e-5, abs_tol=1e-6), (what, step, key)
 
 
+def _step_logs(logged: list | None) -> list | None:
+    """The metrics the module's steps logged (a hook's ``hook/`` metrics are per rank)."""
+    if logged is None:
+        return None
+    return [(step, {k: v for k, v in metrics.items() if not k.startswith("hook/")}) for step, metrics in logged]
+
+
 def _assert_checkpoints(got: list, want: list, what: str) -> None:
     assert len(got) == len(want), what
     for mine, theirs in zip(got, want, strict=True):
@@ -137,7 +144,7 @@ def test_cell_equals_the_plain_run(runs, name):
         assert got["global_step"] == want["global_step"], what
         _assert_weights(got["weights"], want["weights"], exact, what)
         if not CELLS[name].plain:  # a reference with other batches logs other losses
-            _assert_logged(got["logged"], want["logged"], what)
+            _assert_logged(_step_logs(got["logged"]), _step_logs(want["logged"]), what)
         _assert_checkpoints(got["checkpoints"], want["checkpoints"], what)
         if CELLS[name].run == "evaluate":
             for stage in ("validate", "test"):
@@ -150,6 +157,30 @@ def test_cell_equals_the_plain_run(runs, name):
         for predictions in returned:
             assert len(predictions) == len(want["predict"]) == 1
             _close(predictions[0], want["predict"][0], False, "predictions")
+
+
+def test_sync_dist_in_a_hook_reduces_over_ranks_as_under_ddp(runs):
+    """A hook's ``sync_dist`` is honoured (mean, sum, epoch mean over the 4 ranks); a step's values are the
+    plain run's (compared in the cell), not counted once per rank; the loaders keep their sampler."""
+    plain, pipelined, _ = runs
+
+    def hook_values(logged: list) -> dict[str, set[float]]:
+        values: dict[str, set[float]] = {}
+        for _, metrics in logged:
+            for key, value in metrics.items():
+                if key.startswith("hook/"):
+                    values.setdefault(key, set()).add(value)
+        return values
+
+    assert hook_values(plain["sync-dist"]["logged"]) == {"hook/rank_mean": {0.0}, "hook/rank_sum": {0.0},
+                                                         "hook/rank_epoch": {0.0}}
+    for rank, results in enumerate(pipelined):
+        assert hook_values(results["sync-dist"]["logged"]) == {"hook/rank_mean": {1.5}, "hook/rank_sum": {6.0},
+                                                               "hook/rank_epoch": {1.5}}, rank
+    step_logged = {key for _, metrics in plain["sync-dist"]["logged"] for key in metrics}
+    assert {"train/loss_sync", "train/loss_total", "val/loss"} <= step_logged
+    # is_distributed did not bring Lightning's DistributedSampler in: the loader's own order, on every rank
+    assert {results["sync-dist"]["sampler"] for results in pipelined} == {plain["sync-dist"]["sampler"]}
 
 
 def test_the_cells_would_catch_the_old_defects(runs):
