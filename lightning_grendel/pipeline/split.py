@@ -164,6 +164,8 @@ class TracedPipeline:
         args, kwargs = in_spec.unflatten(in_leaves)
         devices = [tensors[0].device.index or 0] if tensors and tensors[0].is_cuda else []
         with torch.random.fork_rng(devices=devices), torch.inference_mode(False), self.whole_model():
+            # the check replays the eager forward's random draws: dropout must not look like a wrong trace
+            start = torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
             order, eager = self._eager(args, kwargs)
             out_leaves, out_spec = tree_flatten(eager)
             for leaf in out_leaves:
@@ -189,6 +191,9 @@ class TracedPipeline:
                                  f"{len(self.stages)}: a split point right at the start of forward makes an empty "
                                  f"stage (split points in call order: {order})")
             self._register(key, pipe.split_gm, out_spec, out_leaves)
+            torch.set_rng_state(start[0])
+            for device, state in zip(devices, start[1], strict=True):
+                torch.cuda.set_rng_state(state, device)
             self._check(key, tensors, [leaf for leaf in out_leaves if isinstance(leaf, torch.Tensor)])
 
     def _eager(self, args: tuple, kwargs: dict) -> tuple[list[str], Any]:

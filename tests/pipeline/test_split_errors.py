@@ -52,6 +52,30 @@ def test_split_stages_hold_the_model_tensors_and_compute_its_forward():
     assert traced.stage_input((ids,), {"scale": 3.0})[0] == "train1"  # another constant: another trace
 
 
+class _DropoutNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.drop, self.down = nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.drop(torch.tanh(self.up(x))))
+
+
+def test_a_model_with_dropout_splits_in_training_mode():
+    """The trace check replays the eager forward's random draws: dropout is not taken for a wrong trace,
+    and the split stages draw the masks the eager forward draws from the same seed."""
+    torch.manual_seed(0)
+    net, x = _DropoutNet(), torch.randn(6, 4)
+    traced = TracedPipeline(net, ["down"])
+    out = traced.stage_input((x,), {})
+    torch.manual_seed(1)
+    for stage in traced.stages:
+        out = stage(out)
+    torch.manual_seed(1)
+    torch.testing.assert_close(out, net(x))
+    assert (out != net(x)).any()  # another draw, other masks: the comparison above did see dropout
+
+
 def test_bad_split_points_are_named():
     with pytest.raises(ValueError, match=r"split point 'bdy' names no submodule of _Net; did you mean \['body'"):
         TracedPipeline(_Net(), ["bdy"])
