@@ -89,7 +89,7 @@ def median_step_seconds(runtimes: Mapping[str, PipelineRuntime], inputs: torch.T
         for name, runtime in runtimes.items():
             dist.barrier()
             start = time.perf_counter()
-            runtime.step(inputs, targets)
+            runtime.step((inputs, targets))
             elapsed = torch.tensor(time.perf_counter() - start, dtype=torch.float64)
             dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
             if step > 0:

@@ -108,6 +108,20 @@ class ProcessGroupStrategy(ParallelStrategy):
         return {"num_replicas": 1, "rank": 0}  # every rank reads the same, identically shuffled samples
 
     @property
+    def is_distributed(self) -> bool:
+        """True: Lightning then honours ``self.log(..., sync_dist=True)`` (it drops ``sync_dist`` otherwise)."""
+        return True
+
+    @staticmethod
+    def keep_loader_order(trainer: Any) -> None:
+        """Call in ``setup``: every rank iterates the loaders as written, in the single-process order.
+
+        ``is_distributed`` would make Lightning wrap the loaders in a ``DistributedSampler``,
+        reshuffled by its own seed; every rank needs the same batches in the loader's own order.
+        """
+        trainer._accelerator_connector.use_distributed_sampler = False
+
+    @property
     def process_group_backend(self) -> str | None:
         return self._process_group_backend
 

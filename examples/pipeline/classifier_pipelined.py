@@ -52,9 +52,8 @@ class SpiralClassifier(LightningModule):
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
 
-    def pipeline_stages(self):
-        return Pipeline([PipelineStage(self.encoder), PipelineStage(self.body), PipelineStage(self.classifier)],
-                        F.cross_entropy)
+    def pipeline_stages(self):  # no loss given: training_step above is the loss, run on the last stage
+        return Pipeline([PipelineStage(self.encoder), PipelineStage(self.body), PipelineStage(self.classifier)])
 
 
 if __name__ == "__main__":

@@ -16,25 +16,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lightning_grendel.resharding.mesh import Mesh
-
 
 def optimizer_parameters(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     """Parameters in ``state_dict()`` index order (param groups one after another)."""
     return [p for group in optimizer.param_groups for p in group["params"]]
-
-
-def state_owners(params: Sequence[torch.Tensor], stages: Sequence[nn.Module], meshes: Sequence[Mesh]) -> list[int]:
-    """Per optimizer parameter, the global rank whose state goes into the checkpoint.
-
-    That is the first rank of the first stage holding the parameter (its replicas hold the same
-    state after the stage's gradient reduction); parameters of no stage belong to rank 0.
-    """
-    owner: dict[int, int] = {}
-    for module, mesh in zip(stages, meshes, strict=True):
-        for p in module.parameters():
-            owner.setdefault(id(p), mesh.ranks[0])
-    return [owner.get(id(p), 0) for p in params]
 
 
 def local_indices(params: Sequence[torch.Tensor], stage: nn.Module) -> set[int]:

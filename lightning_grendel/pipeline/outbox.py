@@ -61,15 +61,18 @@ class Outbox:
         self._thread.join(timeout=10)
 
 
-def input_gradient(x: torch.Tensor, y: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor | None:
-    """Split backward, first half: the gradient of the chunk input only (the graph is kept for the weights)."""
-    if not x.requires_grad:
-        return None
-    (result,) = torch.autograd.grad(y, x, grad, retain_graph=True, allow_unused=True)
-    return torch.zeros_like(x) if result is None else result
+def input_gradient(inputs: list[torch.Tensor], outputs: list[torch.Tensor],
+                   grads: list[torch.Tensor | None]) -> list[torch.Tensor]:
+    """Split backward, first half: the gradients of the chunk inputs only (the graph is kept for the weights)."""
+    if not inputs:
+        return []
+    if not outputs:
+        return [torch.zeros_like(x) for x in inputs]
+    results = torch.autograd.grad(outputs, inputs, grads, retain_graph=True, allow_unused=True)
+    return [torch.zeros_like(x) if r is None else r for x, r in zip(inputs, results, strict=True)]
 
 
-def weight_gradient(y: torch.Tensor, grad: torch.Tensor | None, params: list[torch.Tensor]) -> None:
+def weight_gradient(outputs: list[torch.Tensor], grads: list[torch.Tensor | None], params: list[torch.Tensor]) -> None:
     """Split backward, second half: accumulate the parameters' gradients and free the graph."""
-    if params and y.requires_grad:
-        torch.autograd.backward(y, grad, inputs=params)
+    if params and outputs:
+        torch.autograd.backward(outputs, grads, inputs=params)

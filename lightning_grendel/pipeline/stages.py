@@ -1,75 +1,81 @@
-"""What a LightningModule hands the pipeline: its stages, their input layouts, and the loss.
+"""What a pipeline is made of: its stages, the input layout each wants on its mesh, and the loss.
 
-The one hook is ``pipeline_stages(self) -> Pipeline``. Batches are ``(inputs, target, ...)`` with the
-batch dimension first; the loss must be a mean over that dimension (as ``cross_entropy`` is), so the
-micro-batch losses, weighted by their share of rows, add up to the full-batch loss.
+Batches are any pytree whose tensors share their first (sample) dim. ``Pipeline.inputs`` picks what
+the first stage gets from a micro-batch (default ``batch[0]``) and ``Pipeline.target`` what the loss
+gets besides the last stage's output (default ``batch[1]``; the identity gives it the whole
+micro-batch, as torch pipelining's ``loss_fn(output, target)`` does). The loss must be a mean over the
+micro-batch's samples: each micro-batch is weighted by its share of the batch's samples, counted from
+the batch itself, so outputs of any shape (a flattened ``[B*T, V]``) add up to the full-batch loss.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import operator
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
-
-from lightning_grendel.resharding.mesh import Mesh, ShardingSpec
 
 HOOK_NAME = "pipeline_stages"
 
 
 @dataclass
 class PipelineStage:
-    """A module and the layout it wants its input in on its stage mesh (``"S1"``: rows over mesh axis 1).
+    """A module, called with one argument (its input pytree), and the layout it wants that input in.
 
-    Only the batch dimension of the input may be sharded (data parallel inside the stage mesh).
-    ``column_parallel`` names the stage's final ``nn.Linear``: it is then split over the last mesh
-    axis (tensor parallel), and the stage output is sharded on its last dim over that axis.
+    ``input_spec`` is a spec for every tensor leaf (``"R"`` replicated, ``"S1"``: samples over mesh axis
+    1) or a pytree of specs shaped like the input; only the first (sample) dim may be sharded (data
+    parallel inside the stage mesh). ``column_parallel`` names the stage's final ``nn.Linear``: it is
+    then split over the last mesh axis (tensor parallel), and the stage's one output tensor is sharded
+    on its last dim over that axis. ``meta`` evaluates the stage on meta tensors (to learn its output
+    layout); by default a meta copy of ``module`` does.
     """
 
     module: nn.Module
-    input_spec: str = "R"
+    input_spec: Any = "R"
     column_parallel: str | None = None
+    meta: Callable[[Any], Any] | None = None
+
+
+def _identity(value: Any) -> Any:
+    return value
 
 
 @dataclass
 class Pipeline:
-    """Stages in order, and ``loss(last stage output, target)``, a mean over the batch dimension."""
+    """Stages in order; ``loss(last stage output, target(micro-batch))``, a mean over the micro-batch's samples.
+
+    ``tied`` lists groups of parameters that are one weight (an embedding and an output head), named
+    ``"<stage index>.<parameter name in the stage module>"``; the runtime makes each group one
+    parameter (the first's). Parameters that are already one tensor in several stages need no entry.
+    ``loss=None`` is for ``PipelineStrategy``: the LightningModule's own ``training_step`` is the loss.
+    """
 
     stages: list[PipelineStage]
-    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    loss: Callable[[Any, Any], torch.Tensor] | None = None
+    inputs: Callable[[Any], Any] | None = None
+    target: Callable[[Any], Any] | None = None
+    tied: Sequence[Sequence[str]] = ()
 
+    def __post_init__(self) -> None:
+        if self.inputs is None:
+            self.inputs = operator.itemgetter(0)
+        if self.target is None:
+            self.target = operator.itemgetter(1)
 
-def resolve_stage_specs(stage: PipelineStage, mesh: Mesh, index: int, input_ndim: int | None) -> ShardingSpec:
-    """Parse and check a stage's input spec against its mesh (clear error before any communication)."""
-    spec = ShardingSpec.parse(stage.input_spec, input_ndim)
-    if any(spec.dims[1:]):
-        raise ValueError(f"stage {index}: input spec {spec} shards a non-batch dim; only dim 0 may be sharded")
-    for axis in spec.dims[0]:
-        if axis >= mesh.ndim:
-            raise ValueError(f"stage {index}: input spec {spec} names mesh axis {axis}, but the stage mesh "
-                             f"has shape {mesh.shape}")
-    if stage.column_parallel is not None and mesh.ndim - 1 in spec.dims[0]:
-        raise ValueError(f"stage {index}: the last mesh axis is the tensor-parallel axis, so the input spec "
-                         f"{spec} must not shard rows over it")
-    return spec
-
-
-def output_spec(input_spec: ShardingSpec, output_ndim: int, tensor_parallel_axis: int | None) -> ShardingSpec:
-    """A stage maps rows to rows, so its output keeps the input's batch sharding (plus the TP features)."""
-    dims = [input_spec.dims[0]] + [()] * (output_ndim - 1)
-    if tensor_parallel_axis is not None:
-        if output_ndim < 2:
-            raise ValueError("a column-parallel stage needs an output with a feature dim after the batch dim")
-        dims[-1] = (tensor_parallel_axis,)
-    return ShardingSpec(tuple(dims))
+    @staticmethod
+    def whole_batch() -> Callable[[Any], Any]:
+        """``target=Pipeline.whole_batch()``: the loss gets the whole micro-batch (its rows on this rank)."""
+        return _identity
 
 
 def get_pipeline(module: nn.Module, num_stages: int) -> Pipeline:
     hook = getattr(module, HOOK_NAME, None)
     if hook is None:
-        raise TypeError(f"{type(module).__name__} must define `{HOOK_NAME}(self) -> Pipeline` to run with the "
-                        "pipeline strategy")
+        raise TypeError(f"{type(module).__name__} must define `{HOOK_NAME}(self) -> Pipeline` (or pass "
+                        "PipelineStrategy(split_points=[...])) to run with the pipeline strategy")
     pipeline = hook()
     if len(pipeline.stages) != num_stages:
         raise ValueError(f"{type(module).__name__}.{HOOK_NAME}() returned {len(pipeline.stages)} stages but the "

@@ -69,3 +69,11 @@ def test_non_finite_parameters_after_a_step_are_named(tmp_path):
     with pytest.raises(NonFiniteTrainingError, match=pattern):
         _fit(tmp_path, _InfiniteStep())
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["epoch=0-step=1.ckpt"]
+
+
+def test_an_empty_parameter_is_not_reported():
+    """Under PipelineStrategy another stage's parameters are empty on this rank; the check skips them."""
+    from lightning_grendel.hyperbolic.modules.finite import _bad_rows
+
+    assert _bad_rows(torch.empty(0)) == 0
+    assert _bad_rows(torch.tensor([[1.0, float("nan")], [0.0, 1.0]])) == 1

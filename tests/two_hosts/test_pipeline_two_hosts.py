@@ -37,7 +37,7 @@ def _pipeline_rank(rank: int, world: int) -> dict:
     modules = _modules()
     runtime = PipelineRuntime(Pipeline([PipelineStage(m, "S0") for m in modules], F.cross_entropy), MESHES,
                               num_microbatches=3, transport="auto", timeout_s=60)
-    loss = runtime.step(*_data())
+    loss = runtime.step(_data())
     report = {"loss": loss, "grads": [p.grad.clone() for p in modules[runtime.stage].parameters()],
               "stage": runtime.stage, "transports": sorted(runtime.transports()),
               "shm": sorted(name.rsplit("_rank", 1)[1] for name in os.listdir("/dev/shm"))}

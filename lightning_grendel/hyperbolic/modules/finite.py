@@ -21,6 +21,8 @@ class NonFiniteTrainingError(FloatingPointError):
 
 
 def _bad_rows(tensor: Tensor) -> int:
+    if tensor.numel() == 0:  # e.g. another pipeline stage's parameter, released on this rank
+        return 0
     finite = torch.isfinite(tensor.detach())
     return int((~finite.reshape(finite.shape[0], -1).all(dim=1)).sum()) if finite.dim() > 0 else int(not finite)
 

@@ -97,16 +97,9 @@ class GrendelStrategy(ProcessGroupStrategy):
 
     # --- model set-up ------------------------------------------------------------------------------
 
-    @property
-    def is_distributed(self) -> bool:
-        """True: Lightning then honours ``self.log(..., sync_dist=True)`` (it drops ``sync_dist`` otherwise)."""
-        return True
-
     def setup(self, trainer: Trainer) -> None:
         assert self.accelerator is not None and self.model is not None
-        # is_distributed would make Lightning wrap the loaders in a DistributedSampler, reshuffled by its own
-        # seed: every rank needs the same batches, in the loader's own order (the single-process order).
-        trainer._accelerator_connector.use_distributed_sampler = False
+        self.keep_loader_order(trainer)
         self.accelerator.setup(trainer)
         self.precision_plugin.convert_module(self.model)
         self.model_to_device()
