@@ -4,7 +4,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: demo test lint clean
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: demo test lint clean browser
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +21,11 @@ test: $(VENV)/.installed
 	$(PY) -m lightning_grendel.splatting.build
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
+
+# The viewer's browser test drives the system Chromium (Debian/Ubuntu package `chromium`) through Playwright.
+browser:
+	command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+		{ $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check .

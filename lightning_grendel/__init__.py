@@ -21,6 +21,7 @@ _SHORT_PATHS = {
     "RunSummary": "lightning_grendel.splatting.callbacks",
     "RunLogger": "lightning_grendel.loggers",
     "LastCheckpoint": "lightning_grendel.checkpointing",
+    "LiveViewer": "lightning_grendel.splatting.viewer.live",
     "GrendelStrategy": "lightning_grendel.splatting.grendel.strategy",
     "PipelineStrategy": "lightning_grendel.pipeline.strategy",
     "LorentzGCNModule": "lightning_grendel.hyperbolic.modules.gcn",

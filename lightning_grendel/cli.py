@@ -1,5 +1,6 @@
 """The ``lightning-grendel`` command: ``fit | validate | test | predict`` (LightningCLI over every module
-and data module of the package, :mod:`lightning_grendel._lightning_cli`), ``render``, ``export`` and ``recipes``.
+and data module of the package, :mod:`lightning_grendel._lightning_cli`), ``render``, ``view``, ``export``
+and ``recipes``.
 
 ``lightning-grendel --help`` lists the commands (without importing Lightning); ``recipes`` lists the
 shipped recipes, ``render`` renders a trained Gaussian scene (see ``render --help``); ``-c NAME``
@@ -26,10 +27,11 @@ TRAINER_COMMANDS = {
 COMMANDS = {
     **TRAINER_COMMANDS,
     "render": "render a trained Gaussian scene (--ckpt or --ply): test views with PSNR/SSIM, an orbit video",
+    "view": "serve a trained scene (checkpoint, Grendel directory or PLY/SPZ) as a web page with its cameras",
     "export": "write a trained scene (checkpoint, Grendel directory or PLY) as PLY, SPZ, .splat or compressed PLY",
     "recipes": "list the shipped recipes by name, with what each trains",
 }
-ALIASES = {"train": "fit", "evaluate": "test", "eval": "test", "list": "recipes", "view": "render"}
+ALIASES = {"train": "fit", "evaluate": "test", "eval": "test", "list": "recipes"}
 
 
 class UnknownCommandError(ValueError):
@@ -72,6 +74,10 @@ def _dispatch(argv: list[str]) -> None:
         from lightning_grendel.splatting.viewer.export_command import main as export_main
 
         export_main(argv[1:])
+    elif command == "view":
+        from lightning_grendel.splatting.viewer.view_command import main as view_main
+
+        view_main(argv[1:])
     elif command.startswith("-") or command in COMMANDS:
         from lightning_grendel._lightning_cli import cli  # Lightning is imported only for these
         from lightning_grendel._process_group import leave_process_group

@@ -14,6 +14,7 @@ from tests.helpers.paths import shared_dataset_path
 _DIST_ENV_KEYS = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "GROUP_RANK")
 
 torch.set_num_threads(1)
+os.environ["LIGHTNING_GRENDEL_LIVE_VIEWER"] = "off"  # recipes that enable the live view serve no page in tests
 
 
 @pytest.fixture(scope="session")

@@ -50,6 +50,7 @@ MISTAKES = {  # name: (arguments, what the line must say); {blender} is the shar
                          ["error: --trainer.max_steps:", "many"]),
     "render into an existing folder": (["render", "--ckpt", "missing.ckpt", "--out", "."], ["--out", "already exists"]),
     "render a missing checkpoint": (["render", "--ckpt", "missing.ckpt", "--out", "renders"], ["--ckpt missing.ckpt"]),
+    "view a missing file": (["view", "missing.ply", "--port", "0"], ["missing.ply: no such file"]),
 }
 
 

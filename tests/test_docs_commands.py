@@ -61,6 +61,7 @@ SKIPPED = {  # a command that starts with this -> why it does not run here
     "fit -c gaussian/scaling_w4": "4 ranks; run verbatim by tests/benchmarks/test_scaling_quick.py",
     "fit -c pipeline/tiny_lm_3stages": "4 ranks; run verbatim by tests/pipeline/test_cli.py",
     "fit -c pipeline/tensor_parallel": "4 ranks; run verbatim by tests/pipeline/test_cli.py",
+    "view ": "serves until Ctrl-C; tests/splatting/test_viewer_browser.py opens `view` of a checkpoint in Chromium",
 }
 RANKS = re.compile(r"#\s*needs:\s*(\d+)\s+ranks")
 

@@ -9,7 +9,7 @@ checked against its manifest. Commands that show or convert a scene (``export``,
 from __future__ import annotations
 
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ class SceneSource:
     params: dict[str, Tensor]
     kind: str  # "checkpoint", "grendel" or "file"
     antialiased: bool = False  # trained with rasterize_mode "antialiased" (checkpoints only)
+    data: dict[str, Any] = field(default_factory=dict)  # the checkpoint's data module settings (its cameras)
 
 
 def _gaussians_of(checkpoint: Any, path: Path) -> SceneSource:
@@ -48,7 +49,8 @@ def _gaussians_of(checkpoint: Any, path: Path) -> SceneSource:
     except ValueError as error:
         raise SceneSourceError(f"{path}: {error}") from error
     hparams = checkpoint.get("hyper_parameters") or {}
-    return SceneSource(params, "checkpoint", hparams.get("rasterize_mode") == "antialiased")
+    data = dict(checkpoint.get("datamodule_hyper_parameters") or {})
+    return SceneSource(params, "checkpoint", hparams.get("rasterize_mode") == "antialiased", data)
 
 
 def load_scene(path: str | Path) -> SceneSource:

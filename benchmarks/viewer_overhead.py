@@ -1,0 +1,152 @@
+"""What the live view costs training: step time with and without ``LiveViewer`` refreshes at its default interval.
+
+Trains the ``gaussian/colmap`` recipe's model on ``colmap_blocks`` (240 px, densifying as in a real run)
+from the recipe's seed. After ``--warmup`` untimed steps (the Gaussian count grows to a realistic size),
+the run alternates blocks of ``--every`` steps (the refresh interval, default the LiveViewer default)
+without and with a refresh: an "on" block starts with a refresh (gather, then conversion and sending
+on rank 0's worker thread, which shares the cores with training), an "off" block has none. Each on
+block is paired with the off block before it, so a machine whose load drifts (a shared one) affects
+both alike; the overhead is the mean over pairs of (on / off - 1) of their mean step times. The same is
+done with this process's CPU time (every thread: training, the viewer's worker, viser's sending), which
+a busy shared machine disturbs far less than wall time.
+
+Two runs: ``no_page`` (refreshes forced, ``only_when_watched=False``, no browser: the training process's
+own cost) and ``page`` (the page open in headless Chromium on the same machine, connected for the whole
+run, so its idle drawing weighs on both blocks and the pair measures what a refresh adds there).
+Prints ``RESULT <run>.overhead_pct``, ``.overhead_pct_median``, ``.off_step_ms``, ``.on_step_ms``, the
+same four prefixed ``cpu_`` (CPU time per step), ``.refresh_ms`` (worker wall time per refresh),
+``.refreshes`` and ``.gaussians`` (at the end).
+
+    OMP_NUM_THREADS=2 python benchmarks/viewer_overhead.py [--pairs 6] [--warmup 600] [--every 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import lightning as L
+import yaml
+from lightning.pytorch import Callback
+
+from lightning_grendel.splatting.data.datamodule import GaussianSplattingDataModule
+from lightning_grendel.splatting.densify import DensifyConfig
+from lightning_grendel.splatting.module import GaussianSplattingModule
+from lightning_grendel.splatting.viewer.live import ENV_SWITCH, LiveViewer
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ[ENV_SWITCH] = "on"
+REPO = Path(__file__).resolve().parents[1]
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--use-angle=swiftshader",
+                  "--enable-unsafe-swiftshader", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--window-size=1280,720"]
+
+
+class StepClock(Callback):
+    """Wall time and this process's CPU time (every thread: training, the viewer's worker, viser's) per step end."""
+
+    def __init__(self) -> None:
+        self.ends: dict[int, tuple[float, float]] = {}
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        self.ends[trainer.global_step] = (time.perf_counter(), time.process_time())
+
+
+class BlockViewer(LiveViewer):
+    """Refreshes at the start of every second block of ``every_n_steps`` steps after ``warmup``; times its worker."""
+
+    def __init__(self, warmup: int, browser: str | None, **kwargs) -> None:
+        super().__init__(only_when_watched=False, **kwargs)
+        self.warmup, self.browser, self.page, self.worker_seconds = warmup, browser, None, 0.0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        super().on_train_start(trainer, pl_module)
+        if self.browser and self.server is not None:
+            self.profile = tempfile.mkdtemp(prefix="viewer-bench-")
+            self.page = subprocess.Popen([self.browser, *CHROMIUM_FLAGS, f"--user-data-dir={self.profile}",
+                                          self.server.url], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            deadline = time.monotonic() + 60
+            while self.server.client_count() == 0 and time.monotonic() < deadline:
+                time.sleep(0.2)
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        step = trainer.global_step
+        if step >= self.warmup and ((step - self.warmup) // self.every_n_steps) % 2 == 1:
+            super().on_train_batch_end(trainer, pl_module, *args)
+
+    def _show(self, *args) -> None:
+        start = time.perf_counter()
+        super()._show(*args)
+        self.worker_seconds += time.perf_counter() - start
+
+    def teardown(self, trainer, pl_module, stage) -> None:
+        super().teardown(trainer, pl_module, stage)
+        if self.page is not None:
+            self.page.terminate()
+            self.page.wait(timeout=30)
+            shutil.rmtree(self.profile, ignore_errors=True)
+            self.page = None
+
+
+def run(recipe: dict, data: GaussianSplattingDataModule, args: argparse.Namespace, browser: str | None) -> dict:
+    model_args = dict(recipe["model"]["init_args"])
+    densify = DensifyConfig(**model_args.pop("densify"))
+    L.seed_everything(recipe["seed_everything"], verbose=False)
+    module = GaussianSplattingModule(**model_args, densify=densify, export_ply=False)
+    clock = StepClock()
+    viewer = BlockViewer(args.warmup, browser, port=0, every_n_steps=args.every)
+    steps = args.warmup + 2 * args.pairs * args.every
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        num_sanity_val_steps=0, callbacks=[clock, viewer])
+    trainer.fit(module, datamodule=data)
+
+    def block_ms(index: int, clock_index: int) -> float:  # mean per step of block `index` (steps start+1..start+every)
+        start = args.warmup + index * args.every
+        return 1000 * (clock.ends[start + args.every][clock_index] - clock.ends[start][clock_index]) / args.every
+
+    result = {}
+    for name, clock_index in (("", 0), ("cpu_", 1)):
+        pairs = [(block_ms(2 * i, clock_index), block_ms(2 * i + 1, clock_index)) for i in range(args.pairs)]
+        ratios = [100 * (on / off - 1) for off, on in pairs]
+        result.update({f"{name}overhead_pct": statistics.fmean(ratios),
+                       f"{name}overhead_pct_median": statistics.median(ratios),
+                       f"{name}off_step_ms": statistics.fmean(off for off, _ in pairs),
+                       f"{name}on_step_ms": statistics.fmean(on for _, on in pairs)})
+    refreshes = viewer.refreshes - 2  # less the first and the last scene, sent outside the blocks
+    return {**result,
+            "refresh_ms": 1000 * viewer.worker_seconds / max(viewer.refreshes, 1), "refreshes": float(refreshes),
+            "gaussians": float(module.gaussians["means"].shape[0])}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-root", default=str(REPO.parent / "shared" / "data"))
+    parser.add_argument("--warmup", type=int, default=600, help="untimed steps first (must be a multiple of --every)")
+    parser.add_argument("--every", type=int, default=LiveViewer().every_n_steps, help="refresh interval (steps)")
+    parser.add_argument("--pairs", type=int, default=6, help="off/on block pairs timed")
+    parser.add_argument("--runs", nargs="+", choices=("no_page", "page"), default=["no_page", "page"])
+    parser.add_argument("--browser", default=shutil.which("chromium") or shutil.which("chromium-browser"))
+    args = parser.parse_args()
+    if args.warmup % args.every:
+        parser.error("--warmup must be a multiple of --every (blocks start at refresh steps)")
+    if "page" in args.runs and not args.browser:
+        parser.error("the page run needs Chromium (apt-get install chromium, or --browser PATH)")
+    recipe = yaml.safe_load((REPO / "recipes" / "gaussian" / "colmap.yaml").read_text())
+    data = GaussianSplattingDataModule(**{**recipe["data"]["init_args"],
+                                          "path": str(Path(args.data_root) / "colmap_blocks")})
+    data.setup("fit")
+    print(f"warm-up {args.warmup} steps, then {args.pairs} off/on pairs of {args.every}-step blocks")
+    for name in args.runs:
+        for key, value in run(recipe, data, args, args.browser if name == "page" else None).items():
+            print(f"RESULT {name}.{key} {value:.3f}")
+
+
+if __name__ == "__main__":
+    main()
