@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(VENV)/bin/lightning-grendel fit -c gaussian/demo
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed browser
 	$(PY) -m lightning_grendel.splatting.build
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
