@@ -9,11 +9,13 @@ import struct
 
 import pytest
 import torch
-from lightning.pytorch import Trainer
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_grendel.splatting.data.datamodule import GaussianSplattingDataModule
 from lightning_grendel.splatting.formats.common import GaussianFileError
 from lightning_grendel.splatting.formats.io import read_gaussians, write_gaussians
+from lightning_grendel.splatting.grendel import GrendelStrategy
 from lightning_grendel.splatting.mcmc import MCMCConfig
 from lightning_grendel.splatting.metrics import psnr
 from lightning_grendel.splatting.module import GaussianSplattingModule
@@ -153,3 +155,51 @@ def test_a_checkpoint_of_an_init_ply_run_outlives_the_file(tmp_path):
     resumed = GaussianSplattingModule(sh_degree=2, backend="torch", export_ply=False, init_ply=str(ply))
     _trainer(tmp_path, max_steps=3).fit(resumed, _data(), ckpt_path=tmp_path / "run.ckpt")
     assert resumed.images_seen == 3 and resumed.initial_sh_degree == 1
+
+
+
+class _DumpShards(Callback):
+    """Saves each rank's Gaussians when the run is set up (after any restore) and when training ends."""
+
+    def __init__(self, folder, tag: str) -> None:
+        self.folder, self.tag = folder, tag
+
+    def _dump(self, trainer, module, when: str) -> None:
+        local = {key: value.detach().clone() for key, value in module.gaussians.items()}
+        torch.save(local, self.folder / f"{self.tag}_{when}{trainer.global_rank}.pt")
+
+    def on_fit_start(self, trainer, module) -> None:
+        self._dump(trainer, module, "start")
+
+    def on_train_end(self, trainer, module) -> None:
+        self._dump(trainer, module, "end")
+
+
+def _grendel_fit(folder, tag: str, init_ply, max_steps: int, ckpt_path=None) -> list[dict[str, dict]]:
+    module = GaussianSplattingModule(sh_degree=1, backend="torch", export_ply=False, init_ply=str(init_ply))
+    trainer = Trainer(strategy=GrendelStrategy(start_method="spawn", timeout_s=120), accelerator="cpu", devices=2,
+                      max_steps=max_steps, limit_val_batches=0, logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, default_root_dir=folder,
+                      callbacks=[_DumpShards(folder, tag), ModelCheckpoint(dirpath=folder / "ckpt", save_last=True)])
+    trainer.fit(module, _data(), ckpt_path=ckpt_path)
+    return [{when: torch.load(folder / f"{tag}_{when}{rank}.pt", weights_only=True) for when in ("start", "end")}
+            for rank in range(2)]
+
+
+def _rows(shards: list[dict[str, dict]], when: str, key: str) -> torch.Tensor:
+    return torch.cat([shard[when][key] for shard in shards])
+
+
+@pytest.mark.timeout(600)
+def test_grendel_shards_the_file_like_sfm_points_and_resumes_without_it(tmp_path):
+    raw = random_gaussians(25, seed=6, sh_degree=1)
+    ply = tmp_path / "scene.ply"
+    save_ply(ply, raw)
+    first = _grendel_fit(tmp_path, "first", ply, max_steps=1)
+    assert [shard["start"]["means"].shape[0] for shard in first] == [13, 12]  # the SfM init's even split
+    for key, value in raw.items():  # every row of the file exactly once, in order
+        torch.testing.assert_close(_rows(first, "start", key), value, rtol=0, atol=0, msg=key)
+    ply.unlink()
+    resumed = _grendel_fit(tmp_path, "resumed", ply, max_steps=2, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    for key in raw:  # the sharded checkpoint's Gaussians, not the (deleted) file's
+        torch.testing.assert_close(_rows(resumed, "start", key), _rows(first, "end", key), rtol=0, atol=0, msg=key)
