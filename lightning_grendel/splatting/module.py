@@ -47,6 +47,7 @@ from lightning_grendel.splatting.fit_summary import fit_summary
 from lightning_grendel.splatting.gaussians import PARAM_KEYS, init_from_points, make_parameters
 from lightning_grendel.splatting.grendel.checkpoint import CheckedCheckpointIO
 from lightning_grendel.splatting.guards import FiniteGuard, NonFiniteMode
+from lightning_grendel.splatting.init_file import gaussians_from_file
 from lightning_grendel.splatting.losses import SSIM_HALO, strip_loss
 from lightning_grendel.splatting.mcmc import MCMCConfig, make_densifier
 from lightning_grendel.splatting.metrics import lpips, make_lpips, psnr, ssim
@@ -105,6 +106,12 @@ class GaussianSplattingModule(LightningModule):
             does not apply to manual optimisation, this does.
         gradient_clip_algorithm: ``norm`` scales every gradient so that their global L2 norm, over every
             Gaussian of every rank's shard, is at most ``gradient_clip_val``; ``value`` clamps each element.
+        init_ply: start from the Gaussians of this scene file (standard or compressed 3DGS PLY, SPZ or
+            ``.splat``, e.g. another tool's output) instead of the data module's SfM points, to fine-tune or
+            continue it. A file of a lower SH degree gets zero higher bands, a higher one is refused; the
+            active SH degree starts at the file's. Read once when a run starts from scratch, never when a
+            checkpoint is restored (its Gaussians win; the file may be gone). Under MCMC the file may
+            hold at most ``cap_max`` Gaussians.
     """
 
     def __init__(
@@ -129,6 +136,7 @@ class GaussianSplattingModule(LightningModule):
         on_nonfinite: NonFiniteMode = "stop",
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: ClipAlgorithm = "norm",
+        init_ply: str | None = None,
     ) -> None:
         super().__init__()
         check_clip_arguments(gradient_clip_val, gradient_clip_algorithm, type(self).__name__)
@@ -139,6 +147,7 @@ class GaussianSplattingModule(LightningModule):
         self.guard = FiniteGuard(on_nonfinite, type(self).__name__)
         self.gaussians: nn.ParameterDict | None = None
         self.images_seen = 0
+        self.initial_sh_degree = 0  # the SH degree of an init_ply file: the active degree starts there
         self.extent = 1.0
         self.register_buffer("background", torch.zeros(3), persistent=False)
         self._lpips: nn.Module | None = None
@@ -148,28 +157,54 @@ class GaussianSplattingModule(LightningModule):
     # --- model creation and checkpoints -------------------------------------------------------------
 
     def configure_model(self) -> None:
+        """Gaussians from the data module's SfM points; with ``init_ply``, see :meth:`_create_gaussians_from_file`.
+
+        Lightning calls this before it restores a checkpoint, so an ``init_ply`` file is read later, only
+        when no checkpoint has supplied the Gaussians.
+        """
         if self.gaussians is not None:
             return
         datamodule = self.trainer.datamodule
-        for needed in ("initial_points", "train_cameras"):
+        for needed in ("train_cameras",) if self.hparams.init_ply else ("initial_points", "train_cameras"):
             if not hasattr(datamodule, needed):
                 raise TypeError(
                     f"GaussianSplattingModule needs a datamodule with {needed}() (e.g. GaussianSplattingDataModule), "
                     f"got {type(datamodule).__name__}"
                 )
-        points, colors = datamodule.initial_points()
-        raw = init_from_points(points, colors, self.hparams.sh_degree)  # neighbour scales from all points
-        strategy = self.trainer.strategy
-        if isinstance(strategy, GaussianShardingStrategy):
-            rows = strategy.shard_indices(points.shape[0])
-            raw = {key: value[rows] for key, value in raw.items()}
-        self.gaussians = make_parameters({k: v.to(self.device) for k, v in raw.items()})
+        if not self.hparams.init_ply:
+            points, colors = datamodule.initial_points()
+            self._keep_shard(init_from_points(points, colors, self.hparams.sh_degree))  # scales from all points
         self.extent = scene_extent(datamodule.train_cameras())
         if not math.isfinite(self.extent):
             raise ValueError(f"GaussianSplattingModule: the scene extent is {self.extent}: a training camera of "
                              f"{type(datamodule).__name__} has a non-finite pose")
         if hasattr(datamodule, "background"):
             self.background = datamodule.background.to(self.device)
+
+    def _keep_shard(self, raw: dict[str, Tensor]) -> None:
+        """This rank's rows of the full initial Gaussians ``raw`` (all of them on one process) as parameters."""
+        strategy = self.trainer.strategy
+        if isinstance(strategy, GaussianShardingStrategy):
+            rows = strategy.shard_indices(raw["means"].shape[0])
+            raw = {key: value[rows] for key, value in raw.items()}
+        self.gaussians = make_parameters({k: v.to(self.device) for k, v in raw.items()})
+
+    def _create_gaussians_from_file(self) -> None:
+        """The ``init_ply`` Gaussians, sharded as the SfM ones are, unless a checkpoint has restored Gaussians.
+
+        Called where a run first needs them (``configure_optimizers``, the start of validate / test /
+        predict): after Lightning restores a checkpoint, so a resumed run never reads the file.
+        """
+        if self.gaussians is not None or not self.hparams.init_ply:
+            return
+        name = type(self).__name__
+        raw, self.initial_sh_degree = gaussians_from_file(self.hparams.init_ply, self.hparams.sh_degree, name)
+        cap = getattr(getattr(self.densifier, "config", None), "cap_max", None)
+        count = raw["means"].shape[0]
+        if cap is not None and count > cap:
+            raise ValueError(f"{name}(init_ply={self.hparams.init_ply!r}): the file holds {count} Gaussians, more "
+                             f"than MCMC's budget cap_max={cap}; raise --model.densify.cap_max to at least {count}")
+        self._keep_shard(raw)
 
     def check_trainer(self, trainer: Trainer) -> None:
         """Refuse Trainer flags this module cannot honour (see :mod:`~lightning_grendel.splatting.trainer_flags`).
@@ -193,7 +228,8 @@ class GaussianSplattingModule(LightningModule):
             strategy.checkpoint_io = CheckedCheckpointIO()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["gaussian_splatting"] = {"images_seen": self.images_seen, "extent": self.extent}
+        checkpoint["gaussian_splatting"] = {"images_seen": self.images_seen, "extent": self.extent,
+                                            "initial_sh_degree": self.initial_sh_degree}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Resize the Gaussians to the checkpoint's count before Lightning loads the state dict."""
@@ -203,6 +239,7 @@ class GaussianSplattingModule(LightningModule):
         extra = checkpoint.get("gaussian_splatting", {})
         self.images_seen = int(extra.get("images_seen", 0))
         self.extent = float(extra.get("extent", self.extent))
+        self.initial_sh_degree = int(extra.get("initial_sh_degree", 0))
 
     # --- scene-wide reductions ----------------------------------------------------------------------
 
@@ -246,6 +283,7 @@ class GaussianSplattingModule(LightningModule):
         }
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
+        self._create_gaussians_from_file()
         if self.gaussians is None:
             raise RuntimeError("GaussianSplattingModule: Gaussians are created in configure_model(); it has not run")
         batch = self._views_per_step()
@@ -271,7 +309,8 @@ class GaussianSplattingModule(LightningModule):
 
     @property
     def active_sh_degree(self) -> int:
-        return min(self.hparams.sh_degree, self.images_seen // max(self.hparams.sh_degree_interval, 1))
+        raised = self.images_seen // max(self.hparams.sh_degree_interval, 1)
+        return min(self.hparams.sh_degree, max(self.initial_sh_degree, raised))
 
     # --- training ----------------------------------------------------------------------------------
 
@@ -413,10 +452,15 @@ class GaussianSplattingModule(LightningModule):
             self._lpips = make_lpips()
 
     def on_validation_start(self) -> None:
+        self._create_gaussians_from_file()
         self._ensure_lpips()
 
     def on_test_start(self) -> None:
+        self._create_gaussians_from_file()
         self._ensure_lpips()
+
+    def on_predict_start(self) -> None:
+        self._create_gaussians_from_file()
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
         return self._evaluate(batch, batch_idx, "val")

@@ -51,8 +51,9 @@ class GaussianShardingStrategy(Protocol):
     """What a strategy that shards Gaussians over ranks offers the module.
 
     Call order: ``shard_indices`` once in ``configure_model`` (the rows of the initial points this rank
-    keeps); ``after_density_change`` after every densification (the strategy may move rows between
-    ranks, editing the optimizer state with them); ``gather_gaussians`` when exporting (every Gaussian
+    keeps; for an ``init_ply`` file, in ``configure_optimizers``, after any checkpoint is restored);
+    ``after_density_change`` after every densification (the strategy may move rows between ranks,
+    editing the optimizer state with them); ``gather_gaussians`` when exporting (every Gaussian
     on rank 0, ``None`` elsewhere; a collective).
     """
 
