@@ -27,6 +27,7 @@ STEPS=(env install build pytest bench grendel train)
 common_env() {
   export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16
   export TORCH_EXTENSIONS_DIR=/tmp/torch_extensions
+  export LIGHTNING_GRENDEL_LIVE_VIEWER=off  # the recipes' live view: no page to serve, and timed steps
   if [[ -z ${CUDA_HOME:-} ]]; then  # a wrapper nvcc on PATH makes torch guess a CUDA_HOME without headers
     for dir in /usr/local/cuda /usr/local/cuda-*; do
       if [[ -x $dir/bin/nvcc && -f $dir/include/cuda_runtime.h ]]; then export CUDA_HOME=$dir; break; fi

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import socket
+import subprocess
 import sys
 import threading
 
@@ -14,6 +16,7 @@ import pytest
 import torch
 from lightning import Callback, Trainer
 
+from lightning_grendel.cli import main
 from lightning_grendel.splatting.data.datamodule import GaussianSplattingDataModule
 from lightning_grendel.splatting.module import GaussianSplattingModule
 from lightning_grendel.splatting.viewer.live import ENV_SWITCH, LiveViewer
@@ -155,6 +158,11 @@ def test_live_view_problems_are_warnings_and_training_goes_on(monkeypatch, caplo
     _fit(switched_off, 1)
     assert switched_off.steps == [] and not switched_off.started_server
 
+    monkeypatch.setenv(ENV_SWITCH, "on")
+    disabled = Recording(port=0, enabled=False)
+    _fit(disabled, 1)
+    assert disabled.steps == [] and not disabled.started_server
+
 
 def test_live_view_rejects_bad_arguments_and_modules():
     with pytest.raises(ValueError, match="every_n_steps"):
@@ -183,3 +191,36 @@ def test_live_view_under_grendel_rank_zero_serves_every_shard(tmp_path, monkeypa
     assert min(len(shard) for shard in shards) > 0
     np.testing.assert_array_equal(np.load(tmp_path / "served0.npy"), torch.cat(shards).numpy())
     assert f"**Gaussians** {sum(len(s) for s in shards):,}" in ranks[0]["status"]
+
+
+URL_LINE = "LiveViewer: watch training at http://127.0.0.1:"
+RECIPE_FIT = ["fit", "-c", "gaussian/demo", "--trainer.max_steps", "2", "--trainer.check_val_every_n_epoch", "1",
+              "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false", "--data.image_width", "32"]
+
+
+@pytest.mark.timeout(600)
+def test_a_recipe_fit_serves_on_a_taken_port_and_exits(tmp_path):
+    """The recipe's LiveViewer, switched on for this one process, on a port already taken: a warning, one URL
+    (another port), and the process exits 0 after training (the server's threads do not keep it alive)."""
+    env = {key: value for key, value in os.environ.items() if key != ENV_SWITCH}
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        args = [*RECIPE_FIT, "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.callbacks.port", str(port)]
+        result = subprocess.run([sys.executable, "-m", "lightning_grendel", *args], cwd=tmp_path, capture_output=True,
+                                text=True, timeout=540, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count(URL_LINE) == 1, result.stdout[-3000:]
+    assert f"LiveViewer: watch training at http://127.0.0.1:{port}/" not in result.stdout
+    assert f"LiveViewer: port {port} is taken; serving on http://127.0.0.1:" in result.stderr
+    assert list((tmp_path / "run").rglob("last.ckpt"))  # trained to the end
+
+
+@pytest.mark.timeout(300)
+def test_the_recipe_viewer_is_off_with_enabled_false(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(ENV_SWITCH, "on")
+    monkeypatch.chdir(tmp_path)
+    main([*RECIPE_FIT, "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.callbacks.enabled", "false"])
+    assert URL_LINE not in capsys.readouterr().out
+    assert list((tmp_path / "run").rglob("last.ckpt"))

@@ -34,7 +34,9 @@ class LiveViewer(Callback):
     """Serve the training scene as a web page on rank 0, refreshed every ``every_n_steps`` optimizer steps
     (or every ``every_seconds``), showing the step, training loss, last validation PSNR and Gaussian count.
 
-    Setting the environment variable ``LIGHTNING_GRENDEL_LIVE_VIEWER=off`` turns it off (the tests do).
+    ``enabled=False`` or the environment variable ``LIGHTNING_GRENDEL_LIVE_VIEWER=off`` (the tests set it)
+    makes it a no-op: no server, no gather. The gaussian recipes list it last, so that
+    ``--trainer.callbacks.enabled false`` on the command line reaches it.
 
     Args:
         port: TCP port of the page; when it is taken, a free one is used and the warning gives its URL.
@@ -45,10 +47,12 @@ class LiveViewer(Callback):
             clock; under a multi-process strategy that costs one tiny broadcast per step).
         only_when_watched: skip the refresh (and its gather) while no page is open.
         cameras: draw the training cameras as frustums.
+        enabled: False turns the live view off (a recipe that lists it, run where nobody watches).
     """
 
     def __init__(self, port: int = 8080, host: str = "127.0.0.1", every_n_steps: int = 100,
-                 every_seconds: float | None = None, only_when_watched: bool = True, cameras: bool = True) -> None:
+                 every_seconds: float | None = None, only_when_watched: bool = True, cameras: bool = True,
+                 enabled: bool = True) -> None:
         if every_n_steps < 1:
             raise ValueError(f"LiveViewer: every_n_steps must be >= 1, got {every_n_steps}")
         if every_seconds is not None and every_seconds <= 0:
@@ -57,7 +61,7 @@ class LiveViewer(Callback):
             raise ValueError(f"LiveViewer: port must be in 0..65535, got {port}")
         self.port, self.host = port, host
         self.every_n_steps, self.every_seconds = every_n_steps, every_seconds
-        self.only_when_watched, self.cameras = only_when_watched, cameras
+        self.only_when_watched, self.cameras, self.enabled = only_when_watched, cameras, enabled
         self.server: Any = None  # SceneServer on rank 0 while serving
         self._worker: ThreadPoolExecutor | None = None  # rank 0: converts and sends off the training thread
         self._pending: Future | None = None
@@ -76,7 +80,7 @@ class LiveViewer(Callback):
                             f"{type(pl_module).__name__}")
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        switched_off = os.environ.get(ENV_SWITCH, "").lower() in ("0", "off", "false", "no")
+        switched_off = not self.enabled or os.environ.get(ENV_SWITCH, "").lower() in ("0", "off", "false", "no")
         serving = False
         if trainer.is_global_zero and not switched_off:
             serving = self._start(trainer, pl_module)
