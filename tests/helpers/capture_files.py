@@ -31,3 +31,14 @@ def write_colmap_capture(root: Path, model: str = "SIMPLE_RADIAL", params: str =
     (model_dir / "cameras.txt").write_text(f"1 {model} {WIDTH} {HEIGHT} {params}\n")
     (model_dir / "points3D.txt").write_text("1 0 0 0 128 128 128 0.5\n")
     return paths
+
+
+def damage_cache_entry(entry: Path, damage: str) -> None:
+    """Spoil a decoded-image cache file the ways a crash or a stray write can: ``truncated``, ``garbage``
+    (not an array) or anything else (a valid array of another shape and dtype)."""
+    if damage == "truncated":
+        entry.write_bytes(entry.read_bytes()[:100])
+    elif damage == "garbage":
+        entry.write_bytes(b"not an array")
+    else:
+        np.save(entry, np.zeros((2, 2), np.float32))

@@ -20,6 +20,7 @@ unused (the images are then held in memory).
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -27,6 +28,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -104,13 +106,25 @@ class DecodedImageCache:
     @contextmanager
     def _lock(self, key: str) -> Iterator[None]:
         """Hold this entry's byte of the folder's lock file (other processes making it wait; threads of one
-        process do not exclude each other, which is harmless: writes are atomic)."""
+        process do not exclude each other, which is harmless: writes are atomic).
+
+        The kernel's deadlock check on record locks counts a process, not a thread: with the prefetch thread
+        and the main thread each waiting on a byte another rank holds while that rank waits on one of theirs,
+        it reports EDEADLK although no thread holds one byte while waiting for another. Waiting again is right.
+        """
         descriptor = self._lock_descriptor()
         if descriptor is None:
             yield
             return
         offset = int(key[:15], 16)
-        fcntl.lockf(descriptor, fcntl.LOCK_EX, 1, offset)
+        while True:
+            try:
+                fcntl.lockf(descriptor, fcntl.LOCK_EX, 1, offset)
+                break
+            except OSError as error:
+                if error.errno != errno.EDEADLK:
+                    raise
+                time.sleep(0.01)
         try:
             yield
         finally:

@@ -13,7 +13,7 @@ import torch
 from lightning_grendel.splatting.data.datamodule import GaussianSplattingDataModule
 from lightning_grendel.splatting.data.image_cache import LOCK_FILE
 from lightning_grendel.splatting.data.streamed import ImageStorage, StreamedImages
-from tests.helpers.capture_files import HEIGHT, WIDTH, write_colmap_capture
+from tests.helpers.capture_files import HEIGHT, WIDTH, damage_cache_entry, write_colmap_capture
 from tests.helpers.distributed import run_distributed
 
 pytestmark = pytest.mark.timeout(180)
@@ -123,12 +123,7 @@ def test_a_corrupt_cache_entry_is_rebuilt(tmp_path, caplog, damage):
                "image_cache_dir": str(tmp_path / "cache")}
     expected = batches(GaussianSplattingDataModule(**options).train_dataloader(), epochs=1)
     victim = sorted((tmp_path / "cache").glob("*.npy"))[0]
-    if damage == "truncated":
-        victim.write_bytes(victim.read_bytes()[:100])
-    elif damage == "garbage":
-        victim.write_bytes(b"not an array")
-    else:
-        np.save(victim, np.zeros((2, 2), np.float32))
+    damage_cache_entry(victim, damage)
     with caplog.at_level(logging.WARNING):
         assert_same_batches(expected, batches(GaussianSplattingDataModule(**options).train_dataloader(), epochs=1))
     assert str(victim) in caplog.text and "recomputing" in caplog.text

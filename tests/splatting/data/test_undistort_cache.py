@@ -12,7 +12,7 @@ from lightning_grendel.splatting.data.colmap import load_colmap_scene
 from lightning_grendel.splatting.data.datamodule import GaussianSplattingDataModule
 from lightning_grendel.splatting.data.image_cache import LOCK_FILE, DecodedImageCache, default_cache_dir
 from lightning_grendel.splatting.data.undistort import Undistortion
-from tests.helpers.capture_files import HEIGHT, WIDTH, noise_image, write_colmap_capture
+from tests.helpers.capture_files import HEIGHT, WIDTH, damage_cache_entry, noise_image, write_colmap_capture
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -89,12 +89,7 @@ def test_a_corrupt_cache_file_is_recomputed_with_a_warning(tmp_path, remaps, cap
     cache = DecodedImageCache(tmp_path / "cache")
     expected = all_images(load_colmap_scene(tmp_path / "data", test_every=2, cache=cache))
     victim = cache_files(tmp_path / "cache")[0]
-    if damage == "truncated":
-        victim.write_bytes(victim.read_bytes()[:100])
-    elif damage == "garbage":
-        victim.write_bytes(b"not an array")
-    else:
-        np.save(victim, np.zeros((2, 2), np.float32))
+    damage_cache_entry(victim, damage)
     remaps.clear()
     with caplog.at_level(logging.WARNING):
         again = all_images(load_colmap_scene(tmp_path / "data", test_every=2, cache=cache))
