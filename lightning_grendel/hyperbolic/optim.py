@@ -6,11 +6,13 @@ every step (momentum), so the optimiser step is a function of the whole table. g
 expmap, parallel transport, re-projection), each allocating a table-sized temporary; on a CPU that was
 most of a training step. Here a :class:`~lightning_grendel.hyperbolic.manifold.LorentzManifold`
 parameter on the CPU is updated by ``csrc/lorentz_adam.cpp`` in one pass over its rows, with the same
-maths. Every other parameter (Euclidean ones, other manifolds, other devices, ``amsgrad``) takes
+maths, and keeps the second moment once per point instead of in each of its ``d`` columns. Plain
+tensors take Adam's update with in-place operations (geoopt treats them as points of its Euclidean
+manifold); every other parameter (other manifolds, other devices, ``amsgrad``) takes
 :meth:`LorentzRiemannianAdam._reference_step`, the same algorithm written with the manifold's methods,
 which is also the fallback when the extension cannot be built. Both are tested step by step against
 ``geoopt.optim.RiemannianAdam`` (``tests/hyperbolic/test_optim.py``); the state (``step``,
-``exp_avg``, ``exp_avg_sq``) has geoopt's layout, so checkpoints move between the two.
+``exp_avg``, ``exp_avg_sq``) has geoopt's keys, and each optimiser continues from the other's.
 """
 
 from __future__ import annotations
@@ -67,7 +69,10 @@ class LorentzRiemannianAdam(geoopt.optim.RiemannianAdam):
                 if not state:
                     state["step"] = 0
                     state["exp_avg"] = torch.zeros_like(point)
-                    state["exp_avg_sq"] = torch.zeros_like(point)
+                    # LorentzManifold's component_inner is one value per point: kept once, not in every
+                    # column as geoopt does (it continues from this state all the same: the value broadcasts)
+                    lorentz = isinstance(getattr(point, "manifold", None), LorentzManifold)
+                    state["exp_avg_sq"] = torch.zeros_like(point[..., :1] if lorentz else point)
                     if group["amsgrad"]:
                         state["max_exp_avg_sq"] = torch.zeros_like(point)
                 state["step"] = int(state["step"]) + 1  # load_state_dict turns geoopt's int into a float32 tensor
@@ -77,6 +82,8 @@ class LorentzRiemannianAdam(geoopt.optim.RiemannianAdam):
             for point in live:
                 if self._fusable(point, point.grad, group["amsgrad"]):
                     self._fused_step(point, group, stabilize)
+                elif getattr(point, "manifold", None) is None and not group["amsgrad"]:
+                    self._euclidean_step(point, group)
                 else:
                     self._reference_step(point, group)
                     if stabilize:
@@ -97,6 +104,18 @@ class LorentzRiemannianAdam(geoopt.optim.RiemannianAdam):
             point.data, point.grad.contiguous(), state["exp_avg"], state["exp_avg_sq"], float(group["lr"]),
             float(beta1), float(beta2), float(group["eps"]), float(group["weight_decay"]), 1.0 - beta1 ** t,
             1.0 - beta2 ** t, float(manifold.k.item()), max_norm, manifold.retraction == "projection", stabilize)
+
+    def _euclidean_step(self, point: Tensor, group: dict) -> None:
+        """The reference step on a plain tensor (geoopt's Euclidean manifold: Adam), with in-place ops."""
+        state = self.state[point]
+        beta1, beta2 = group["betas"]
+        t = state["step"]
+        grad = point.grad if group["weight_decay"] == 0 else point.grad + group["weight_decay"] * point
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        denom = exp_avg_sq.div(1 - beta2 ** t).sqrt_().add_(group["eps"])
+        point.addcdiv_(exp_avg, denom, value=-group["lr"] / (1 - beta1 ** t))
 
     def _reference_step(self, point: Tensor, group: dict) -> None:
         """One Riemannian Adam step through the manifold's methods (Euclidean for plain tensors)."""

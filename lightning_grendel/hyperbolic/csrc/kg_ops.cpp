@@ -19,6 +19,8 @@
 
 namespace {
 
+constexpr int64_t kAhead = 8;  // rows are fetched this many lookups ahead: the table is read in random order
+
 void check_cpu(const torch::Tensor& t, const char* name, int64_t dim) {
   TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() && t.dim() == dim, "kg_ops: ", name, " must be a contiguous ",
               dim, "-d CPU tensor");
@@ -58,8 +60,9 @@ torch::Tensor tail_scores(torch::Tensor h, torch::Tensor table, torch::Tensor bi
     at::parallel_for(0, batch, 64, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
         for (int64_t j = 0; j < n; ++j) {
-          const int64_t t = pt[b * n + j];
-          po[b * n + j] = minkowski(ph + b * d, pe + t * d, d) + pb[t];
+          const int64_t i = b * n + j;
+          if (i + kAhead < batch * n) __builtin_prefetch(pe + pt[i + kAhead] * d);
+          po[i] = minkowski(ph + b * d, pe + pt[i] * d, d) + pb[pt[i]];
         }
       }
     });
@@ -90,8 +93,10 @@ std::vector<torch::Tensor> tail_scores_backward(torch::Tensor grad, torch::Tenso
         scalar_t* out = pgh + b * d;
         for (int64_t c = 0; c < d; ++c) out[c] = 0;
         for (int64_t j = 0; j < n; ++j) {
-          const scalar_t g = pg[b * n + j];
-          const scalar_t* e = pe + pt[b * n + j] * d;
+          const int64_t i = b * n + j;
+          if (i + kAhead < batch * n) __builtin_prefetch(pe + pt[i + kAhead] * d);
+          const scalar_t g = pg[i];
+          const scalar_t* e = pe + pt[i] * d;
           _Pragma("omp simd")
           for (int64_t c = 0; c < d; ++c) out[c] += g * e[c];
         }
@@ -102,7 +107,9 @@ std::vector<torch::Tensor> tail_scores_backward(torch::Tensor grad, torch::Tenso
       for (int64_t b = 0; b < batch; ++b) {
         const scalar_t* hb = ph + b * d;
         for (int64_t j = 0; j < n; ++j) {
-          const int64_t t = pt[b * n + j];
+          const int64_t i = b * n + j;
+          if (i + kAhead < batch * n) __builtin_prefetch(pge + pt[i + kAhead] * d, 1);
+          const int64_t t = pt[i];
           if (t < lo || t >= hi) continue;
           const scalar_t g = pg[b * n + j];
           scalar_t* out = pge + t * d;

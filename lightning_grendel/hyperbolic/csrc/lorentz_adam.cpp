@@ -3,7 +3,7 @@
 // Follows lightning_grendel/hyperbolic/optim.py's reference path (geoopt's RiemannianAdam over
 // LorentzManifold, whose maths is lightning_grendel/hyperbolic/math.py), row by row:
 //   g  = grad + wd x;  r = egrad2rgrad(x, g) = g' + <x, g'>_L x / k   (g' = g with its time sign flipped)
-//   m  = b1 m + (1 - b1) r;  v = b2 v + (1 - b2) <r, r>_L             (v: every column of the row alike)
+//   m  = b1 m + (1 - b1) r;  v = b2 v + (1 - b2) <r, r>_L             (v: one value per row)
 //   u  = -lr (m / bc1) / (sqrt(v / bc2) + eps)
 //   expmap:     y = projx(cosh(t) x + sqrt(k) sinh(t) u / |u|_L),  t = min(|u|_L / sqrt(k), 32)
 //               m = m + <y, m>_L / max(k - <x, y>_L, tiny) (x + y)   (parallel transport)
@@ -11,8 +11,8 @@
 //   stabilize:  y = projx(y, max_norm);      m = m + <y, m>_L y / k
 // projx keeps the space part (clipped to max_norm when given) and solves the time coordinate.
 // The reference does each of these as a pass over the whole table (about 35 of them, each allocating a
-// table-sized temporary); here each row stays in cache from the gradient to the new point. Rows are
-// independent, so the result does not depend on the thread count.
+// table-sized temporary); here each row stays in cache from the gradient to the new point, in about ten
+// loops over its coordinates. Rows are independent, so the result does not depend on the thread count.
 
 #include <torch/extension.h>
 
@@ -29,6 +29,7 @@ namespace {
 struct Settings {
   double lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2, k, max_norm;
   bool projection, stabilize;
+  int64_t v_columns;  // exp_avg_sq is (rows, 1), or (rows, d) with equal columns as geoopt keeps it
 };
 
 // Per-coordinate weights, so that every reduction runs over the whole row (a vector loop with no odd
@@ -61,10 +62,10 @@ inline void cosh_sinh(T theta, T& ch, T& sh) {
   }
 }
 
-// projx in place: clip the space norm to max_norm (when > 0), then time = sqrt(k + |space|^2).
+// time = sqrt(k + |space|^2) for a point whose squared space norm is `sq`, after clipping that norm to
+// max_norm (when > 0): projx.
 template <typename T>
-inline void project_point(const Weights<T>& w, T* __restrict y, int64_t d, T k, T max_norm, T tiny) {
-  T sq = weighted_dot(w.space.data(), y, y, d);
+inline void project_point(const Weights<T>& w, T* __restrict y, T sq, int64_t d, T k, T max_norm, T tiny) {
   if (max_norm > 0) {
     const T factor = std::min(max_norm / std::max(std::sqrt(sq), tiny), T(1));
     if (factor < T(1)) {
@@ -85,12 +86,11 @@ inline void project_tangent(const Weights<T>& w, const T* __restrict y, T* __res
 }
 
 // kDim > 0 fixes the row length at compile time (the loops unroll into a few vector instructions); kDim = 0
-// takes it from `dim`. Each row is a long chain of dependent reductions, square roots and divisions, so the
-// rows go through the stages in blocks of kBlock: the rows of a block are independent, and the CPU overlaps
-// their chains instead of waiting on each one in turn.
+// takes it from `dim`. The step is instruction-bound, so each loop over a row does as much as it can:
+// the reductions a later stage needs are accumulated while their operands are written, and the step
+// u = c m (c a per-row scalar) is never stored: <u, u>_L = c^2 <m, m>_L and y = ch x + (along c) m.
 template <typename T, int kDim>
 void step_rows(T* x, const T* grad, T* m, T* v, int64_t begin, int64_t end, int64_t dim, const Settings& s) {
-  constexpr int64_t kBlock = 8;
   const int64_t d = kDim > 0 ? kDim : dim;
   const T tiny = sizeof(T) == sizeof(float) ? T(1e-7) : T(1e-15);  // math._eps
   const T k = T(s.k), sqrt_k = std::sqrt(k), max_norm = T(s.max_norm), lr = T(s.lr), eps = T(s.eps);
@@ -98,76 +98,71 @@ void step_rows(T* x, const T* grad, T* m, T* v, int64_t begin, int64_t end, int6
   const T bc1 = T(s.bias_correction1), bc2 = T(s.bias_correction2);
   const Weights<T> w(d);
   const T* __restrict sign = w.sign.data();
-  std::vector<T> scratch(3 * kBlock * d);
-  T scalar[kBlock];
-  for (int64_t i0 = begin; i0 < end; i0 += kBlock) {
-    const int64_t rows = std::min(kBlock, end - i0);
-    // r = egrad2rgrad(x, g + wd x); m = b1 m + (1 - b1) r; scalar = <r, r>_L
-    for (int64_t q = 0; q < rows; ++q) {
-      const T* __restrict xi = x + (i0 + q) * d;
-      const T* __restrict gi = grad + (i0 + q) * d;
-      T* __restrict mi = m + (i0 + q) * d;
-      T* __restrict r = scratch.data() + q * d;
-#pragma omp simd
-      for (int64_t j = 0; j < d; ++j) r[j] = sign[j] * (gi[j] + wd * xi[j]);
-      const T a = weighted_dot(sign, xi, r, d) / k;
-#pragma omp simd
+  const T* __restrict space = w.space.data();
+  std::vector<T> scratch(2 * d);
+  T* __restrict r = scratch.data();
+  T* __restrict y = r + d;
+  for (int64_t i = begin; i < end; ++i) {
+    T* __restrict xi = x + i * d;
+    const T* __restrict gi = grad + i * d;
+    T* __restrict mi = m + i * d;
+    T* __restrict vi = v + i * s.v_columns;
+    // r = g' (the gradient, weight decay added, with its index raised), <x, r>_L
+    T xr = 0;
+#pragma omp simd reduction(+ : xr)
+    for (int64_t j = 0; j < d; ++j) {
+      r[j] = sign[j] * (gi[j] + wd * xi[j]);
+      xr += sign[j] * xi[j] * r[j];
+    }
+    // r = g' + <x, g'>_L x / k (Riemannian gradient); m = b1 m + (1 - b1) r; <r, r>_L and <m, m>_L
+    const T a = xr / k;
+    T rr = 0, mm = 0;
+#pragma omp simd reduction(+ : rr, mm)
+    for (int64_t j = 0; j < d; ++j) {
+      r[j] += a * xi[j];
+      mi[j] = mi[j] * b1 + c1 * r[j];
+      rr += sign[j] * r[j] * r[j];
+      mm += sign[j] * mi[j] * mi[j];
+    }
+    // v is one value per row (geoopt stores it in every column: they only ever get the row's <r, r>_L)
+    for (int64_t j = 0; j < s.v_columns; ++j) vi[j] = vi[j] * b2 + c2 * rr;
+    const T c = -lr / bc1 / (std::sqrt(vi[0] / bc2) + eps);  // u = c m
+    T sq = 0;
+    if (s.projection) {  // y = projx(x + u, max_norm); m carried by tangent projection
+#pragma omp simd reduction(+ : sq)
       for (int64_t j = 0; j < d; ++j) {
-        r[j] += a * xi[j];
-        mi[j] = mi[j] * b1 + c1 * r[j];
+        y[j] = xi[j] + c * mi[j];
+        sq += space[j] * y[j] * y[j];
       }
-      scalar[q] = weighted_dot(sign, r, r, d);
-    }
-    // v = b2 v + (1 - b2) <r, r>_L; u = -lr m_hat / (sqrt(v_hat) + eps)
-    for (int64_t q = 0; q < rows; ++q) {
-      const T* __restrict mi = m + (i0 + q) * d;
-      T* __restrict vi = v + (i0 + q) * d;
-      T* __restrict u = scratch.data() + (kBlock + q) * d;
-      const T rr = scalar[q];
-      // every column of a row's v holds the same value (it only ever gets the row's <r, r>_L), so one
-      // square root per row serves them all (a sqrt inside the loop would keep it from vectorising)
-      const T denom = std::sqrt((vi[0] * b2 + c2 * rr) / bc2) + eps;
-#pragma omp simd
+      project_point(w, y, sq, d, k, max_norm, tiny);
+      project_tangent(w, y, mi, d, k);
+    } else {  // y = projx(expmap_x(u)); m carried by parallel transport
+      const T norm = std::sqrt(std::max(c * c * mm, tiny));
+      T ch, sh;
+      cosh_sinh(std::min(norm / sqrt_k, T(32)), ch, sh);  // math.MAX_THETA
+      const T along = sqrt_k * sh / norm * c;
+#pragma omp simd reduction(+ : sq)
       for (int64_t j = 0; j < d; ++j) {
-        vi[j] = vi[j] * b2 + c2 * rr;
-        u[j] = -lr * ((mi[j] / bc1) / denom);
+        y[j] = ch * xi[j] + along * mi[j];
+        sq += space[j] * y[j] * y[j];
       }
-    }
-    // y = retraction of u at x; m carried to T_y
-    for (int64_t q = 0; q < rows; ++q) {
-      const T* __restrict xi = x + (i0 + q) * d;
-      T* __restrict mi = m + (i0 + q) * d;
-      const T* __restrict u = scratch.data() + (kBlock + q) * d;
-      T* __restrict y = scratch.data() + (2 * kBlock + q) * d;
-      if (s.projection) {
-#pragma omp simd
-        for (int64_t j = 0; j < d; ++j) y[j] = xi[j] + u[j];
-        project_point(w, y, d, k, max_norm, tiny);
-        project_tangent(w, y, mi, d, k);
-      } else {
-        const T norm = std::sqrt(std::max(weighted_dot(sign, u, u, d), tiny));
-        T ch, sh;
-        cosh_sinh(std::min(norm / sqrt_k, T(32)), ch, sh);  // math.MAX_THETA
-        const T along = sqrt_k * sh / norm;
-#pragma omp simd
-        for (int64_t j = 0; j < d; ++j) y[j] = ch * xi[j] + along * u[j];
-        project_point(w, y, d, k, T(-1), tiny);
-        const T b = weighted_dot(sign, y, mi, d) / std::max(k - weighted_dot(sign, xi, y, d), tiny);
-#pragma omp simd
-        for (int64_t j = 0; j < d; ++j) mi[j] += b * (xi[j] + y[j]);
+      project_point(w, y, sq, d, k, T(-1), tiny);
+      T ym = 0, xy = 0;
+#pragma omp simd reduction(+ : ym, xy)
+      for (int64_t j = 0; j < d; ++j) {
+        ym += sign[j] * y[j] * mi[j];
+        xy += sign[j] * xi[j] * y[j];
       }
-    }
-    for (int64_t q = 0; q < rows; ++q) {
-      T* __restrict xi = x + (i0 + q) * d;
-      T* __restrict mi = m + (i0 + q) * d;
-      T* __restrict y = scratch.data() + (2 * kBlock + q) * d;
-      if (s.stabilize) {
-        project_point(w, y, d, k, max_norm, tiny);
-        project_tangent(w, y, mi, d, k);
-      }
+      const T b = ym / std::max(k - xy, tiny);
 #pragma omp simd
-      for (int64_t j = 0; j < d; ++j) xi[j] = y[j];
+      for (int64_t j = 0; j < d; ++j) mi[j] += b * (xi[j] + y[j]);
     }
+    if (s.stabilize) {  // projx(y, max_norm) (projx above left the space part, hence sq, as it was)
+      project_point(w, y, s.projection ? weighted_dot(space, y, y, d) : sq, d, k, max_norm, tiny);
+      project_tangent(w, y, mi, d, k);
+    }
+#pragma omp simd
+    for (int64_t j = 0; j < d; ++j) xi[j] = y[j];
   }
 }
 
@@ -176,15 +171,18 @@ void lorentz_adam_step(torch::Tensor x, torch::Tensor grad, torch::Tensor exp_av
                        double bias_correction1, double bias_correction2, double k, double max_norm,
                        bool projection, bool stabilize) {
   for (const auto& t : {grad, exp_avg, exp_avg_sq}) {
-    TORCH_CHECK(t.sizes() == x.sizes() && t.scalar_type() == x.scalar_type(),
-                "lorentz_adam_step: the gradient and the Adam state must match the points' shape and dtype");
+    TORCH_CHECK(t.dim() == x.dim() && t.sizes().slice(0, x.dim() - 1) == x.sizes().slice(0, x.dim() - 1) &&
+                    (t.size(-1) == x.size(-1) || (t.is_same(exp_avg_sq) && t.size(-1) == 1)) &&
+                    t.scalar_type() == x.scalar_type(),
+                "lorentz_adam_step: the gradient and exp_avg must match the points' shape and dtype, exp_avg_sq "
+                "too or have one column");
   }
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) >= 2, "lorentz_adam_step: points need a time and a space coordinate");
   for (const auto& t : {x, grad, exp_avg, exp_avg_sq}) {
     TORCH_CHECK(t.device().is_cpu() && t.is_contiguous(), "lorentz_adam_step: CPU contiguous tensors only");
   }
   const Settings s{lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2, k, max_norm,
-                   projection, stabilize};
+                   projection, stabilize, exp_avg_sq.size(-1)};
   const int64_t d = x.size(-1), n = x.numel() / d;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lorentz_adam_step", [&] {
     scalar_t* px = x.data_ptr<scalar_t>();

@@ -19,17 +19,20 @@ def filtered_ranks(scores: Tensor, target: Tensor, filter_rows: Tensor, filter_c
     """Rank of each target among all entities after removing the other known true tails.
 
     Ties count against the target (rank = number of candidates scoring >= the target), the
-    conservative convention; filtered candidates are set to -inf. Given the queries' ``head``
-    entities, also returns the ranks under HyboNet's evaluation, which removes the head too.
+    conservative convention. ``(filter_rows, filter_cols)`` lists each removed (query, entity) pair once
+    (never a query's target); rather than overwriting a copy of ``scores``, the removed candidates that
+    were counted are subtracted. Given the queries' ``head`` entities, also returns the ranks under
+    HyboNet's evaluation, which removes the head too.
     """
-    scores = scores.clone()
-    scores[filter_rows, filter_cols] = float("-inf")
     target_score = scores.gather(1, target.unsqueeze(1))
     ranks = (scores >= target_score).sum(dim=1)
+    counted = (scores[filter_rows, filter_cols] >= target_score[filter_rows, 0]).long()
+    ranks = ranks - torch.zeros_like(ranks).index_add_(0, filter_rows, counted)
     if head is None:
         return ranks
-    head_counted = (scores.gather(1, head.unsqueeze(1)) >= target_score).squeeze(1) & (head != target)
-    return ranks, ranks - head_counted.long()
+    head_filtered = torch.zeros_like(ranks).index_add_(0, filter_rows, (filter_cols == head[filter_rows]).long())
+    head_counted = (scores.gather(1, head.unsqueeze(1)).squeeze(1) >= target_score.squeeze(1)) & (head != target)
+    return ranks, ranks - (head_counted & (head_filtered == 0)).long()
 
 
 class LorentzKGModule(StopOnNonFinite, L.LightningModule):

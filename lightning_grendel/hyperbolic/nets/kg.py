@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import geoopt
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_grendel.hyperbolic import math as lm
@@ -45,7 +46,9 @@ class HyboNetKG(nn.Module):
 
     def transform(self, head: Tensor, relation: Tensor) -> Tensor:
         """Relation-specific map of the head entities onto the hyperboloid, ``(B, dim)``."""
-        z = relation_matvec(self.relation_transform, self.entity.index_select(0, head), relation)
+        # a sparse gradient for the B head rows: it is added in place to the dense one of the tail scores
+        # instead of costing a second table-sized gradient and a table-sized sum
+        z = relation_matvec(self.relation_transform, F.embedding(head, self.entity, sparse=True), relation)
         z = torch.cat([z[:, :1], z[:, 1:] + self.relation_bias.index_select(0, relation)], dim=-1)
         k = self.manifold.k.to(z)
         return lm.bounded_time_point(z, k, self.max_scale, 1.1 * torch.sqrt(k))
@@ -57,7 +60,9 @@ class HyboNetKG(nn.Module):
         return scores + (self.margin + self.bias_head.index_select(0, head)).unsqueeze(-1)
 
     def score_all(self, head: Tensor, relation: Tensor) -> Tensor:
-        """Scores against every entity, ``(B, num_entities)``: one matmul, for ranking."""
+        """Scores against every entity, ``(B, num_entities)``, for ranking: one matmul of ``(2 G h, 1)``
+        with ``(e, b_t)`` (``G`` flips the time sign) and one addition, not a pass per term."""
         h = self.transform(head, relation)
-        return (self.margin + 2.0 * lm.cinner(h, self.entity) + self.bias_head[head].unsqueeze(-1)
-                + self.bias_tail)
+        queries = torch.cat([-2.0 * h[:, :1], 2.0 * h[:, 1:], torch.ones_like(h[:, :1])], dim=-1)
+        keys = torch.cat([self.entity, self.bias_tail.unsqueeze(-1)], dim=-1)
+        return torch.addmm((self.margin + self.bias_head[head]).unsqueeze(-1), queries, keys.T)
