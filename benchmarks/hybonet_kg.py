@@ -10,11 +10,13 @@ script says so and exits 0:
 
 Both train on the same WN18RR files with the settings of HyboNet's ``run.wn18rr.32.sh``, which the
 ``hyperbolic/wn18rr`` recipe uses too: dim 32, batch 1000, 50 filtered negatives, RiemannianAdam lr
-0.005 (expmap, stabilize 1), margin 8, max_norm 1.5, max_scale 3.5, gradient-norm clip 1, seed 40;
-each for ``--epochs`` epochs and one validation after the last. The runs alternate (HyboNet, ours,
-then ours, HyboNet, ...), each in a fresh process with ``--threads`` threads. An epoch is timed from
-its start to the next one's (to the validation after the last), so it covers the data pipeline and,
-for this project, Lightning; the per-run median over epochs 2.. is taken, then the median over runs.
+0.005 (expmap, stabilize 1), margin 8, max_norm 1.5, max_scale 3.5, gradient-norm clip 1; each for
+``--epochs`` epochs and one validation after the last. The runs alternate (HyboNet, ours, then ours,
+HyboNet, ...), each in a fresh process with ``--threads`` threads; round r seeds both with the
+recipe's seed (40, HyboNet's) plus r, so the validation metrics are means over ``--rounds`` seeds.
+An epoch is timed from its start to the next one's (to the validation after the last), so it covers
+the data pipeline and, for this project, Lightning; the per-run median over epochs 2.. is taken,
+then the median over runs.
 
 HyboNet's script is run unmodified, imported from its folder, with three shims that change no
 computation: ``.cuda()`` returns the tensor or module itself (the script calls it unconditionally;
@@ -98,7 +100,7 @@ def ranking_metrics(score_all, queries: torch.Tensor, true_tails, batch: int) ->
     return out
 
 
-def child_hybonet(kg: Path, data: Path, epochs: int, settings: dict) -> dict:
+def child_hybonet(kg: Path, data: Path, epochs: int, settings: dict, seed: int) -> dict:
     """Train with HyboNet's ``main.Experiment`` for ``epochs`` epochs; epoch times and validation metrics."""
     import geoopt.utils
     import numpy as np
@@ -115,8 +117,8 @@ def child_hybonet(kg: Path, data: Path, epochs: int, settings: dict) -> dict:
     import main as hybonet  # HyboNet's kg/main.py; its __main__ block does not run on import
 
     model, data_args = settings["model"], settings["data"]
-    np.random.seed(settings["seed"])  # what its __main__ does before building the data and the model
-    torch.manual_seed(settings["seed"])
+    np.random.seed(seed)  # what its __main__ does (with 40) before building the data and the model
+    torch.manual_seed(seed)
     hybonet.d = hybonet.Data(data_dir=f"{data}/")
     stamps: list[float] = []
     cpu: list[float] = []
@@ -174,7 +176,7 @@ def child_hybonet(kg: Path, data: Path, epochs: int, settings: dict) -> dict:
     return {**result, "epoch_s": epoch_seconds(stamps), "epoch_cpu_s": epoch_seconds(cpu)}
 
 
-def child_ours(data: Path, epochs: int, settings: dict) -> dict:
+def child_ours(data: Path, epochs: int, settings: dict, seed: int) -> dict:
     """Train the recipe's LorentzKGModule for ``epochs`` epochs with Lightning; epoch times and validation."""
     import lightning as L
 
@@ -192,8 +194,8 @@ def child_ours(data: Path, epochs: int, settings: dict) -> dict:
         on_train_epoch_start = _stamp
         on_validation_start = _stamp
 
-    L.seed_everything(settings["seed"], verbose=False)
-    datamodule = KnowledgeGraphDataModule(**{**settings["data"], "path": str(data)})
+    L.seed_everything(seed, verbose=False)
+    datamodule = KnowledgeGraphDataModule(**{**settings["data"], "path": str(data), "seed": seed})
     module = LorentzKGModule(**settings["model"])
     trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, check_val_every_n_epoch=epochs,
                         gradient_clip_val=settings["clip"], logger=False, enable_checkpointing=False,
@@ -204,12 +206,13 @@ def child_ours(data: Path, epochs: int, settings: dict) -> dict:
     return {"valid": metrics, "epoch_s": epoch_seconds(stamps), "epoch_cpu_s": epoch_seconds(cpu)}
 
 
-def run_child(which: str, args: argparse.Namespace, kg: Path) -> dict:
+def run_child(which: str, args: argparse.Namespace, kg: Path, seed: int) -> dict:
     """One training run in a fresh process (``--threads`` threads); its JSON result."""
     with tempfile.TemporaryDirectory(prefix="hybonet_kg_") as out:
         result = Path(out) / "result.json"
         command = [sys.executable, __file__, "--child", which, "--child-out", str(result), "--hybonet", str(kg),
-                   "--data", str(args.data), "--epochs", str(args.epochs), "--threads", str(args.threads)]
+                   "--data", str(args.data), "--epochs", str(args.epochs), "--threads", str(args.threads),
+                   "--child-seed", str(seed)]
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
                "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
         done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=out)
@@ -244,6 +247,7 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, help="also score this hyperbolic/wn18rr checkpoint on test")
     parser.add_argument("--child", choices=["hybonet", "ours"], help=argparse.SUPPRESS)
     parser.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--child-seed", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if not all((args.data / f"{s}.txt").is_file() for s in ("train", "valid", "test")):
         raise SystemExit(f"--data: {args.data} lacks train.txt, valid.txt or test.txt")
@@ -253,9 +257,9 @@ def main() -> None:
     if args.child:
         settings = recipe_settings()
         if args.child == "hybonet":
-            result = child_hybonet(Path(args.hybonet), args.data, args.epochs, settings)
+            result = child_hybonet(Path(args.hybonet), args.data, args.epochs, settings, args.child_seed)
         else:
-            result = child_ours(args.data, args.epochs, settings)
+            result = child_ours(args.data, args.epochs, settings, args.child_seed)
         args.child_out.write_text(json.dumps(result))
         return
 
@@ -275,10 +279,10 @@ def main() -> None:
     for round_ in range(args.rounds):
         order = ("hybonet", "ours") if round_ % 2 == 0 else ("ours", "hybonet")
         for which in order:
-            result = run_child(which, args, kg)
+            result = run_child(which, args, kg, settings["seed"] + round_)
             runs[which].append(result)
             epochs = ", ".join(f"{s:.2f}" for s in result["epoch_s"])
-            print(f"  round {round_}: {which:8s} s/epoch [{epochs}]; valid " +
+            print(f"  round {round_} (seed {settings['seed'] + round_}): {which:8s} s/epoch [{epochs}]; valid " +
                   ", ".join(f"{k} {v:.4f}" for k, v in sorted(result["valid"].items())), flush=True)
             if which == "hybonet":
                 print("            HyboNet's own evaluate on its model: " +
