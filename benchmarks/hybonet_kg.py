@@ -26,6 +26,11 @@ when each epoch starts. Validation is scored twice for both models: standard fil
 HyboNet's (which also removes the query's head entity from the candidates) by this project's
 evaluator; HyboNet's own ``evaluate`` also runs on its model, a check of that evaluator.
 
+``--profile`` times the stages of one training step of this project's model (data, forward, backward,
+gradient clipping, optimiser step), with its C++ kernels and with their PyTorch references (the
+optimiser's reference path is geoopt's algorithm through the manifold's methods), CPU time, median
+over ``--profile-steps`` steps.
+
 ``--checkpoint`` scores a checkpoint of ``lightning-grendel fit -c hyperbolic/wn18rr`` on the test
 split (``RESULT hybonet_kg.test_mrr``, standard filtered, and ``hybonet_kg.test_mrr_hybonet``).
 """
@@ -222,6 +227,57 @@ def run_child(which: str, args: argparse.Namespace, kg: Path, seed: int) -> dict
         return json.loads(result.read_text())
 
 
+STAGES = ("data", "forward", "backward", "clip", "optimizer")
+
+
+def stage_milliseconds(data: Path, kernels: bool, steps: int) -> dict[str, float]:
+    """Median CPU milliseconds of each stage of a training step of the recipe's model and optimiser."""
+    import torch.nn.functional as F
+
+    from lightning_grendel.hyperbolic import cpp
+    from lightning_grendel.hyperbolic.data.knowledge_graph import KnowledgeGraphDataModule
+    from lightning_grendel.hyperbolic.nets.kg import HyboNetKG
+    from lightning_grendel.hyperbolic.optim import LorentzRiemannianAdam
+
+    settings = recipe_settings()
+    model_args, data_args = settings["model"], {**settings["data"], "path": str(data)}
+    load = cpp.load
+    if not kernels:  # every kernel "fails to build": the PyTorch references run
+        cpp.load = lambda extension: None
+    try:
+        torch.manual_seed(0)
+        datamodule = KnowledgeGraphDataModule(**data_args)
+        model = HyboNetKG(datamodule.num_entities, datamodule.num_relations, model_args["dim"], model_args["k"],
+                          model_args["max_norm"], model_args["max_scale"], model_args["margin"],
+                          model_args["retraction"])
+        optimizer = LorentzRiemannianAdam(model.parameters(), lr=model_args["lr"], stabilize=model_args["stabilize"],
+                                          kernel=kernels)
+        batches = iter(datamodule.train_dataloader())
+        times: dict[str, list[float]] = {stage: [] for stage in STAGES}
+        for step in range(steps + 3):  # 3 untimed warm-up steps
+            marks = [time.process_time()]
+            batch = next(batches)
+            marks.append(time.process_time())
+            scores = model(batch["head"], batch["relation"], batch["tails"])
+            targets = torch.zeros_like(scores)
+            targets[:, 0] = 1.0
+            loss = F.binary_cross_entropy_with_logits(scores, targets)
+            marks.append(time.process_time())
+            optimizer.zero_grad()
+            loss.backward()
+            marks.append(time.process_time())
+            torch.nn.utils.clip_grad_norm_(model.parameters(), settings["clip"])
+            marks.append(time.process_time())
+            optimizer.step()
+            marks.append(time.process_time())
+            if step >= 3:
+                for stage, start, end in zip(STAGES, marks, marks[1:], strict=False):
+                    times[stage].append(1e3 * (end - start))
+    finally:
+        cpp.load = load
+    return {stage: statistics.median(values) for stage, values in times.items()}
+
+
 def score_checkpoint(path: Path, data: Path) -> dict[str, float]:
     """Test-split metrics of a ``hyperbolic/wn18rr`` checkpoint (both ranking protocols)."""
     import lightning as L
@@ -245,6 +301,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="runs of each, alternating (medians reported)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--checkpoint", type=Path, help="also score this hyperbolic/wn18rr checkpoint on test")
+    parser.add_argument("--profile", action="store_true", help="also time a training step's stages")
+    parser.add_argument("--profile-steps", type=int, default=30)
     parser.add_argument("--child", choices=["hybonet", "ours"], help=argparse.SUPPRESS)
     parser.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--child-seed", type=int, help=argparse.SUPPRESS)
@@ -263,6 +321,13 @@ def main() -> None:
         args.child_out.write_text(json.dumps(result))
         return
 
+    if args.profile:
+        for kernels in (True, False):
+            ms = stage_milliseconds(args.data, kernels, args.profile_steps)
+            name = "C++ kernels" if kernels else "PyTorch references"
+            print(f"step stages, {name:18s} (CPU ms, median of {args.profile_steps}): " +
+                  ", ".join(f"{stage} {ms[stage]:.1f}" for stage in STAGES) + f"; total {sum(ms.values()):.1f}")
+            print(f"RESULT hybonet_kg.step_ms_{'kernels' if kernels else 'references'}={sum(ms.values()):.1f}")
     if args.checkpoint is not None:
         test = score_checkpoint(args.checkpoint, args.data)
         print(f"test split, {args.checkpoint}: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(test.items())))
