@@ -7,8 +7,10 @@ from typing import Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.plugins.precision import Precision
 from torch import Tensor
 
+from lightning_grendel.hyperbolic.clip import clip_grad_norm_
 from lightning_grendel.hyperbolic.modules.finite import StopOnNonFinite
 from lightning_grendel.hyperbolic.nets.kg import HyboNetKG
 from lightning_grendel.hyperbolic.optim import LorentzRiemannianAdam
@@ -115,3 +117,14 @@ class LorentzKGModule(StopOnNonFinite, L.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return LorentzRiemannianAdam(self.parameters(), lr=self.hparams.lr, stabilize=self.hparams.stabilize)
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Norm clipping at full precision goes through :func:`~lightning_grendel.hyperbolic.clip.clip_grad_norm_`
+        (torch's result, without a pass over the entity table's gradient while the norm is within the limit);
+        anything else through Lightning."""
+        plain = type(self.trainer.precision_plugin) is Precision and gradient_clip_algorithm in (None, "norm")
+        if gradient_clip_val and plain:
+            clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], gradient_clip_val)
+        else:
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
