@@ -286,7 +286,7 @@ def score_checkpoint(path: Path, data: Path) -> dict[str, float]:
     from lightning_grendel.hyperbolic.data.knowledge_graph import KnowledgeGraphDataModule
     from lightning_grendel.hyperbolic.modules.kg import LorentzKGModule
 
-    module = LorentzKGModule.load_from_checkpoint(str(path), map_location="cpu", weights_only=False)
+    module = LorentzKGModule.load_from_checkpoint(str(path), map_location="cpu", weights_only=True)
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                         enable_model_summary=False)
     trainer.test(module, KnowledgeGraphDataModule(path=str(data), **{k: v for k, v in recipe_settings()["data"].items()
