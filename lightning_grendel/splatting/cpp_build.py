@@ -17,7 +17,7 @@ process imports the ``.so`` that ``built.json`` names, without ninja and without
 suites and clones that start at once build each folder once, wait for it rather than fight, and never
 rewrite a module another process has loaded.
 
-The first compile in a process builds every package extension still missing (one pause, not three),
+The first compile in a process builds every extension of its family still missing (one pause, not three),
 announced by one line before it starts and one when it is done. A failed build warns once, naming the file
 with the compiler output, and yields ``None`` so that callers fall back to PyTorch.
 """
@@ -81,7 +81,13 @@ RASTERIZE = CppExtension(
 )
 PROJECTION = CppExtension("lightning_grendel_project", (_SPLATTING / "csrc" / "project.cpp",), compile_cpu_seconds=24)
 SSIM = CppExtension("lightning_grendel_ssim", (_SPLATTING / "csrc" / "ssim.cpp",), compile_cpu_seconds=23)
-EXTENSIONS = (RASTERIZE, PROJECTION, SSIM)  # what the prebuild command and a first compile build
+EXTENSIONS = (RASTERIZE, PROJECTION, SSIM)  # what a splatting run's first compile builds
+_HYPERBOLIC_CSRC = _SPLATTING.parent / "hyperbolic" / "csrc"
+LORENTZ_ADAM = CppExtension("lightning_grendel_lorentz_adam", (_HYPERBOLIC_CSRC / "lorentz_adam.cpp",),
+                            compile_cpu_seconds=37)
+KG_OPS = CppExtension("lightning_grendel_kg_ops", (_HYPERBOLIC_CSRC / "kg_ops.cpp",), compile_cpu_seconds=31)
+HYPERBOLIC_EXTENSIONS = (LORENTZ_ADAM, KG_OPS)  # a knowledge-graph run's: it compiles no splatting kernel
+ALL_EXTENSIONS = (*EXTENSIONS, *HYPERBOLIC_EXTENSIONS)  # what the prebuild command builds
 
 
 def march() -> str:
@@ -147,14 +153,19 @@ def extension_directory(extension: CppExtension) -> Path:
 _loaded: dict[CppExtension, ModuleType | None] = {}  # one build attempt per extension and process
 
 
-def load_cpp_extension(extension: CppExtension) -> ModuleType | None:
-    """The compiled module (compiling every missing package extension the first time), or ``None`` after a warning."""
+def load_cpp_extension(extension: CppExtension, family: Sequence[CppExtension] | None = None) -> ModuleType | None:
+    """The compiled module, or ``None`` after a warning.
+
+    A compile builds the missing members of ``family`` with it (one pause, not several): the splatting
+    kernels (:data:`EXTENSIONS`) by default; the hyperbolic kernels pass :data:`HYPERBOLIC_EXTENSIONS`.
+    """
     if extension not in _loaded:
         module = _import_built(extension_directory(extension))
         if module is not None:
             _loaded[extension] = module
         else:
-            build_extensions([extension, *(e for e in EXTENSIONS if e != extension and e not in _loaded)])
+            family = EXTENSIONS if family is None else family
+            build_extensions([extension, *(e for e in family if e != extension and e not in _loaded)])
     return _loaded[extension]
 
 

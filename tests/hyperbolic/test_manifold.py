@@ -9,18 +9,21 @@ import torch
 from lightning_grendel.hyperbolic import math as lm
 from lightning_grendel.hyperbolic.linear import LorentzLinear
 from lightning_grendel.hyperbolic.manifold import LorentzManifold
+from lightning_grendel.hyperbolic.optim import LorentzRiemannianAdam
 from tests.helpers.hyperbolic import DTYPES, KS, assert_on_hyperboloid, random_points
 
 
+@pytest.mark.parametrize("optimizer", [geoopt.optim.RiemannianAdam, LorentzRiemannianAdam])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("k", KS)
-def test_riemannian_adam_large_lr_1000_steps(k, dtype):
-    """1000 steps at lr 0.5 pulling points towards far targets: finite gradients, still on the manifold."""
+def test_riemannian_adam_large_lr_1000_steps(k, dtype, optimizer):
+    """1000 steps at lr 0.5 pulling points towards far targets: finite gradients, still on the manifold
+    (geoopt's RiemannianAdam and the fused one)."""
     torch.manual_seed(0)
     manifold = LorentzManifold(k)
     x = geoopt.ManifoldParameter(manifold.random_normal(8, 5, std=1.0, dtype=dtype), manifold=manifold)
     target = random_points(8, 5, k, dtype, spread=5.0, seed=1)
-    opt = geoopt.optim.RiemannianAdam([x], lr=0.5, stabilize=10)
+    opt = optimizer([x], lr=0.5, stabilize=10)
     start = lm.dist(x.detach(), target, k).mean()
     for _ in range(1000):
         opt.zero_grad()

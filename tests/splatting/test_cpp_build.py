@@ -194,3 +194,25 @@ def test_the_estimate_divides_each_compile_by_the_cores_ninja_can_use_and_the_lo
     assert minutes(cpp_build.EXTENSIONS, cores=16, load=0.0) == 1  # 60/5 + 24 + 23 = 59 s
     assert minutes(cpp_build.EXTENSIONS, cores=1, load=0.0) == 2  # 107 s
     assert minutes(cpp_build.EXTENSIONS, cores=2, load=5.0) == 4  # 77 s x (5 + 1) / 2 = 231 s
+
+
+def test_a_first_compile_builds_its_own_family_and_the_prebuild_every_extension(cache, monkeypatch):
+    """A knowledge-graph run compiles the hyperbolic kernels together and no splatting kernel (and vice versa)."""
+    built: list[str] = []
+
+    def fake_build(extension, remaining, run):  # records what would compile, compiles nothing
+        built.append(extension.name)
+        return object(), True
+
+    monkeypatch.setattr(cpp_build, "_build", fake_build)
+    monkeypatch.setattr(cpp_build, "EXTENSIONS", (cpp_build.RASTERIZE, cpp_build.SSIM))
+    from lightning_grendel.hyperbolic import cpp
+
+    assert cpp.load(cpp.KG_OPS) is not None
+    assert built == ["lightning_grendel_kg_ops", "lightning_grendel_lorentz_adam"]
+    assert cpp.load(cpp.LORENTZ_ADAM) is not None and len(built) == 2  # built with the first: no second pause
+    cpp_build.load_cpp_extension(cpp_build.SSIM)
+    assert built[2:] == ["lightning_grendel_ssim", "lightning_grendel_rasterize"]
+    assert set(cpp_build.ALL_EXTENSIONS) == {cpp_build.RASTERIZE, cpp_build.PROJECTION, cpp_build.SSIM,
+                                             cpp.LORENTZ_ADAM, cpp.KG_OPS}
+    assert all(source.is_file() for e in cpp_build.ALL_EXTENSIONS for source in e.sources)

@@ -21,9 +21,10 @@ import lightning as L
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, SequentialSampler
 
 from lightning_grendel._recipes import require_data_path
+from lightning_grendel.hyperbolic.data.keyset import KeySet
 
 SPLITS = ("train", "valid", "test")
 
@@ -104,20 +105,20 @@ class KnowledgeGraph:
 
 
 class TrueTails:
-    """All known ``(h, r) -> t`` facts as sorted keys: O(log n) vectorised membership and filters."""
+    """All known ``(h, r) -> t`` facts: hashed for vectorised membership, sorted for per-query filters."""
 
     def __init__(self, graph: KnowledgeGraph) -> None:
         self.graph = graph
         triples = np.concatenate([graph.train, graph.valid, graph.test])
         self.sorted_keys = np.unique(graph.keys(triples))
+        self.key_set = KeySet(self.sorted_keys)
         n_ent = graph.num_entities
         self.query_keys = self.sorted_keys // n_ent  # (h, r) key, sorted because keys are
         self.tails = self.sorted_keys % n_ent
 
     def contains(self, head: np.ndarray, relation: np.ndarray, tail: np.ndarray) -> np.ndarray:
-        keys = (head * self.graph.num_relations + relation) * self.graph.num_entities + tail
-        pos = np.searchsorted(self.sorted_keys, keys).clip(max=len(self.sorted_keys) - 1)
-        return self.sorted_keys[pos] == keys
+        """Whether each ``(head, relation, tail)`` (broadcast together) is a known fact."""
+        return self.key_set.contains((head * self.graph.num_relations + relation) * self.graph.num_entities + tail)
 
     def filter_coo(self, head: np.ndarray, relation: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, ...]:
         """``(rows, cols)`` of every known tail of each query except its own target."""
@@ -144,20 +145,40 @@ class _TrainBatches(Dataset):
     def __len__(self) -> int:
         return len(self.triples)
 
-    def __getitem__(self, ids: list[int]) -> dict[str, Tensor]:
+    def __getitem__(self, ids: list[int] | np.ndarray) -> dict[str, Tensor]:
         batch = self.triples[np.asarray(ids)]
         n_ent = self.true_tails.graph.num_entities
         negatives = self.rng.integers(0, n_ent, size=(len(batch), self.num_negatives))
-        heads = np.repeat(batch[:, :1], self.num_negatives, axis=1)
-        rels = np.repeat(batch[:, 1:2], self.num_negatives, axis=1)
-        for _ in range(100):  # re-sample negatives that are true facts ("real negatives")
-            bad = self.true_tails.contains(heads, rels, negatives)
-            if not bad.any():
+        heads, rels = batch[:, :1], batch[:, 1:2]
+        bad = np.nonzero(self.true_tails.contains(heads, rels, negatives))
+        for _ in range(100):  # re-draw the negatives that are true facts ("real negatives") until none is
+            if not len(bad[0]):
                 break
-            negatives[bad] = self.rng.integers(0, n_ent, size=int(bad.sum()))
+            negatives[bad] = redrawn = self.rng.integers(0, n_ent, size=len(bad[0]))
+            still = self.true_tails.contains(heads[bad[0], 0], rels[bad[0], 0], redrawn)
+            bad = (bad[0][still], bad[1][still])
         tails = np.concatenate([batch[:, 2:], negatives], axis=1)
         return {"head": torch.from_numpy(batch[:, 0]), "relation": torch.from_numpy(batch[:, 1]),
                 "tails": torch.from_numpy(tails)}
+
+
+class _ShuffledBatches(Sampler):
+    """A fresh permutation each epoch, cut into index arrays of ``batch_size`` (the last, short one
+    dropped when there is more than one batch), like ``BatchSampler(RandomSampler(...), drop_last)``
+    without building a Python list of ints per batch."""
+
+    def __init__(self, n: int, batch_size: int, seed: int) -> None:
+        self.n, self.batch_size = n, batch_size
+        self.drop_last = n > batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
+
+    def __iter__(self):
+        order = torch.randperm(self.n, generator=self.generator).numpy()
+        for i in range(len(self)):
+            yield order[i * self.batch_size:(i + 1) * self.batch_size]
 
 
 class _EvalBatches(Dataset):
@@ -226,8 +247,7 @@ class KnowledgeGraphDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         data = _TrainBatches(self._train_triples(), self.true_tails, self.num_negatives, self.seed)
-        sampler = BatchSampler(RandomSampler(data), self.batch_size, drop_last=len(data) > self.batch_size)
-        return DataLoader(data, sampler=sampler, batch_size=None)
+        return DataLoader(data, sampler=_ShuffledBatches(len(data), self.batch_size, self.seed), batch_size=None)
 
     def _eval_loader(self, triples: np.ndarray) -> DataLoader:
         data = _EvalBatches(triples, self.true_tails)

@@ -20,6 +20,12 @@ class NonFiniteTrainingError(FloatingPointError):
     """A loss or parameter of a Lorentz model became NaN or infinite."""
 
 
+def _all_finite(tensor: Tensor) -> bool:
+    """One reduction: a NaN or infinity anywhere makes the sum non-finite. A finite sum can still overflow
+    (values near the dtype's maximum), so a non-finite sum is only a reason to count (:func:`_bad_rows`)."""
+    return bool(torch.isfinite(tensor.detach().sum()))
+
+
 def _bad_rows(tensor: Tensor) -> int:
     if tensor.numel() == 0:  # e.g. another pipeline stage's parameter, released on this rank
         return 0
@@ -42,7 +48,7 @@ class StopOnNonFinite:
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
-        bad = {name: rows for name, p in self.named_parameters() if (rows := _bad_rows(p))}
+        bad = {name: rows for name, p in self.named_parameters() if not _all_finite(p) and (rows := _bad_rows(p))}
         if bad:
             listed = ", ".join(f"{name}: {rows} rows" for name, rows in bad.items())
             raise NonFiniteTrainingError(

@@ -4,26 +4,37 @@ from __future__ import annotations
 
 from typing import Literal
 
-import geoopt
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.plugins.precision import Precision
 from torch import Tensor
 
+from lightning_grendel.hyperbolic.clip import clip_grad_norm_
 from lightning_grendel.hyperbolic.modules.finite import StopOnNonFinite
 from lightning_grendel.hyperbolic.nets.kg import HyboNetKG
+from lightning_grendel.hyperbolic.optim import LorentzRiemannianAdam
 
 
-def filtered_ranks(scores: Tensor, target: Tensor, filter_rows: Tensor, filter_cols: Tensor) -> Tensor:
+def filtered_ranks(scores: Tensor, target: Tensor, filter_rows: Tensor, filter_cols: Tensor,
+                   head: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """Rank of each target among all entities after removing the other known true tails.
 
     Ties count against the target (rank = number of candidates scoring >= the target), the
-    conservative convention; filtered candidates are set to -inf.
+    conservative convention. ``(filter_rows, filter_cols)`` lists each removed (query, entity) pair once
+    (never a query's target); rather than overwriting a copy of ``scores``, the removed candidates that
+    were counted are subtracted. Given the queries' ``head`` entities, also returns the ranks under
+    HyboNet's evaluation, which removes the head too.
     """
-    scores = scores.clone()
-    scores[filter_rows, filter_cols] = float("-inf")
     target_score = scores.gather(1, target.unsqueeze(1))
-    return (scores >= target_score).sum(dim=1)
+    ranks = (scores >= target_score).sum(dim=1)
+    counted = (scores[filter_rows, filter_cols] >= target_score[filter_rows, 0]).long()
+    ranks = ranks - torch.zeros_like(ranks).index_add_(0, filter_rows, counted)
+    if head is None:
+        return ranks
+    head_filtered = torch.zeros_like(ranks).index_add_(0, filter_rows, (filter_cols == head[filter_rows]).long())
+    head_counted = (scores.gather(1, head.unsqueeze(1)).squeeze(1) >= target_score.squeeze(1)) & (head != target)
+    return ranks, ranks - (head_counted & (head_filtered == 0)).long()
 
 
 class LorentzKGModule(StopOnNonFinite, L.LightningModule):
@@ -31,7 +42,9 @@ class LorentzKGModule(StopOnNonFinite, L.LightningModule):
 
     The entity and relation counts come from the datamodule (``trainer.datamodule.num_entities`` and
     ``num_relations``) when not given, so a recipe needs no dataset sizes. Validation and test log
-    filtered ``mrr`` and ``hits@{1,3,10}`` over both prediction directions (reverse relations).
+    filtered ``mrr`` and ``hits@{1,3,10}`` over both prediction directions (reverse relations), and the
+    same under HyboNet's evaluation (``hybonet_mrr``, ``hybonet_hits@{1,3,10}``), whose filter also
+    removes the query's head entity from the candidates (its published numbers use it).
 
     Args:
         num_entities: entity count (taken from the datamodule when None).
@@ -41,7 +54,7 @@ class LorentzKGModule(StopOnNonFinite, L.LightningModule):
         max_norm: entities' space norm is clipped to this whenever the optimiser re-projects them.
         max_scale: the transformed head's time coordinate lies in ``[1.1 sqrt(k), 1.1 sqrt(k) + max_scale]``.
         margin: constant added to every score (``margin - 2k - d_L^2 + biases``), the BCE decision offset.
-        lr: learning rate of RiemannianAdam.
+        lr: learning rate of RiemannianAdam (:class:`~lightning_grendel.hyperbolic.optim.LorentzRiemannianAdam`).
         stabilize: RiemannianAdam projects parameters back onto their manifold every this many steps (None: never).
         retraction: optimiser step on the hyperboloid: ``"expmap"`` (exact map and parallel transport) or
             ``"projection"`` (``projx(x + u)``, cheaper, applies ``max_norm`` every step).
@@ -54,7 +67,7 @@ class LorentzKGModule(StopOnNonFinite, L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.model: HyboNetKG | None = None
-        self._ranks: list[Tensor] = []
+        self._ranks: list[tuple[Tensor, Tensor]] = []
         if num_entities is not None and num_relations is not None:
             self._build(num_entities, num_relations)
 
@@ -79,14 +92,16 @@ class LorentzKGModule(StopOnNonFinite, L.LightningModule):
 
     def _eval_step(self, batch: dict[str, Tensor]) -> None:
         scores = self.model.score_all(batch["head"], batch["relation"])
-        self._ranks.append(filtered_ranks(scores, batch["tail"], batch["filter_rows"], batch["filter_cols"]))
+        self._ranks.append(filtered_ranks(scores, batch["tail"], batch["filter_rows"], batch["filter_cols"],
+                                          batch["head"]))
 
     def _eval_epoch_end(self, prefix: str) -> None:
-        ranks = torch.cat(self._ranks).double()
+        standard, hybonet = (torch.cat(r).double() for r in zip(*self._ranks, strict=True))
         self._ranks.clear()
-        self.log(f"{prefix}/mrr", (1.0 / ranks).mean(), prog_bar=True)
-        for n in (1, 3, 10):
-            self.log(f"{prefix}/hits@{n}", (ranks <= n).double().mean())
+        for name, ranks in (("", standard), ("hybonet_", hybonet)):
+            self.log(f"{prefix}/{name}mrr", (1.0 / ranks).mean(), prog_bar=not name)
+            for n in (1, 3, 10):
+                self.log(f"{prefix}/{name}hits@{n}", (ranks <= n).double().mean())
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._eval_step(batch)
@@ -101,4 +116,15 @@ class LorentzKGModule(StopOnNonFinite, L.LightningModule):
         self._eval_epoch_end("test")
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return geoopt.optim.RiemannianAdam(self.parameters(), lr=self.hparams.lr, stabilize=self.hparams.stabilize)
+        return LorentzRiemannianAdam(self.parameters(), lr=self.hparams.lr, stabilize=self.hparams.stabilize)
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Norm clipping at full precision goes through :func:`~lightning_grendel.hyperbolic.clip.clip_grad_norm_`
+        (torch's result, without a pass over the entity table's gradient while the norm is within the limit);
+        anything else through Lightning."""
+        plain = type(self.trainer.precision_plugin) is Precision and gradient_clip_algorithm in (None, "norm")
+        if gradient_clip_val and plain:
+            clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], gradient_clip_val)
+        else:
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)

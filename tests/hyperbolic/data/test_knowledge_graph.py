@@ -76,6 +76,54 @@ def test_filtered_ranks_against_a_loop():
         assert ranks[i].item() == 1 + len(better)
 
 
+def test_hybonet_ranks_also_remove_the_head_like_its_loop():
+    """HyboNet's evaluation loop: filtered tails and the head set to -inf, the target's score put back."""
+    g = torch.Generator().manual_seed(1)
+    scores = torch.randn(40, 12, generator=g).round(decimals=1)  # ties happen
+    target = torch.randint(0, 12, (40,), generator=g)
+    head = torch.randint(0, 12, (40,), generator=g)
+    head[:5] = target[:5]  # a head that is its own target stays
+    pairs = torch.unique(torch.arange(40).repeat_interleave(3) * 12 + torch.randint(0, 12, (120,), generator=g))
+    rows, cols = pairs // 12, pairs % 12  # each (query, entity) once, as filter_coo gives them
+    cols[:4] = head[rows[:4]]  # some heads are known tails (filtered anyway)
+    keep = cols != target[rows]
+    rows, cols = rows[keep], cols[keep]
+    pairs = torch.unique(rows * 12 + cols)
+    rows, cols = pairs // 12, pairs % 12
+    standard, hybonet = filtered_ranks(scores, target, rows, cols, head)
+    torch.testing.assert_close(standard, filtered_ranks(scores, target, rows, cols))
+    for i in range(40):
+        row = scores[i].clone()
+        value = row[target[i]].item()
+        row[cols[rows == i]] = float("-inf")
+        row[head[i]] = float("-inf")
+        row[target[i]] = value
+        assert hybonet[i].item() == (row >= value).sum().item()
+
+
+def test_scorer_matches_hybonets_formula():
+    """Time from the relation map alone, the relation bias added to the space part only (HyboNet's KG
+    lorentz_linear), written out independently in float64."""
+    torch.manual_seed(0)
+    model = HyboNetKG(30, 4, dim=8, k=1.0, max_scale=3.5, margin=8.0).double()
+    with torch.no_grad():
+        model.relation_bias.normal_()
+        model.bias_head.normal_()
+        model.bias_tail.normal_()
+    head, rel = torch.tensor([0, 5, 7]), torch.tensor([0, 3, 1])
+    tails = torch.tensor([[1, 2], [3, 4], [29, 0]])
+    x = model.entity.detach()[head]
+    z = (model.relation_transform.detach()[rel] @ x.unsqueeze(-1)).squeeze(-1)
+    time = torch.sigmoid(z[:, :1]) * 3.5 + 1.1
+    space = z[:, 1:] + model.relation_bias.detach()[rel]
+    space = space * torch.sqrt((time * time - 1.0) / (space * space).sum(-1, keepdim=True))
+    mapped = torch.cat([time, space], -1)
+    t = model.entity.detach()[tails]
+    inner = (mapped.unsqueeze(1) * t)[..., 1:].sum(-1) - mapped[:, None, 0] * t[..., 0]
+    expected = 8.0 + 2.0 * inner + model.bias_head.detach()[head].unsqueeze(-1) + model.bias_tail.detach()[tails]
+    torch.testing.assert_close(model(head, rel, tails).detach(), expected)
+
+
 def test_scorer_consistency():
     torch.manual_seed(0)
     model = HyboNetKG(30, 4, dim=8, k=2.0)
