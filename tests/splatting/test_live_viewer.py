@@ -21,6 +21,7 @@ from lightning_grendel.splatting.data.datamodule import GaussianSplattingDataMod
 from lightning_grendel.splatting.module import GaussianSplattingModule
 from lightning_grendel.splatting.viewer.live import ENV_SWITCH, LiveViewer
 from lightning_grendel.splatting.viewer.scene_server import SceneServer
+from lightning_grendel.splatting.viewer.web_scene import salient
 
 DATA = {"format": "demo", "image_width": 32, "num_init_points": 200}
 
@@ -89,6 +90,33 @@ def test_live_view_refreshes_at_the_interval_with_the_training_state(monkeypatch
     assert "**step** 5" in viewer.status and f"**Gaussians** {count:,}" in viewer.status
     assert "**loss** 0." in viewer.status and "dB (val, step 3)" in viewer.status
     assert viewer.server is None  # stopped with the fit
+
+
+@pytest.mark.timeout(300)
+def test_live_view_sends_a_capped_scene_and_every_gaussian_on_demand(monkeypatch):
+    monkeypatch.setenv(ENV_SWITCH, "on")
+    viewer = Recording(port=0, every_n_steps=2, only_when_watched=False, max_splats=50)
+    module = _fit(viewer, 3)
+    trained = {key: value.detach() for key, value in module.gaussians.items()}
+    count = trained["means"].shape[0]
+    assert count > 50
+    keep = salient(trained["opacities"].numpy(), trained["scales"].numpy(), 50)
+    np.testing.assert_array_equal(viewer.served, trained["means"].numpy()[keep])  # the 50 that weigh most
+    assert f"**Gaussians** {count:,}" in viewer.status  # the panel counts them all
+    # The page's box asks for every Gaussian: the last scene is sent again, whole, and back when unticked.
+    server = SceneServer("127.0.0.1", 0, max_splats=50)
+    try:
+        assert server.set_gaussians(trained) == 50
+        assert f"the 50 of {count:,} Gaussians" in server._shown.content
+        server._show_all.value = True
+        np.testing.assert_array_equal(_served_centers(server), trained["means"].numpy())
+        assert server._shown.content == ""
+        server._show_all.value = False
+        np.testing.assert_array_equal(_served_centers(server), trained["means"].numpy()[keep])
+    finally:
+        server.stop()
+    with pytest.raises(ValueError, match="max_splats"):
+        LiveViewer(max_splats=0)
 
 
 class _HoldFirstRefresh(Callback):
