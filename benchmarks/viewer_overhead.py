@@ -4,9 +4,11 @@ Trains the ``gaussian/colmap`` recipe's model on ``colmap_blocks`` (240 px, dens
 from the recipe's seed. After ``--warmup`` untimed steps (the Gaussian count grows to a realistic size),
 the run alternates blocks of ``--every`` steps (the refresh interval, default the LiveViewer default)
 without and with a refresh: an "on" block starts with a refresh (gather, then conversion and sending
-on rank 0's worker thread, which shares the cores with training), an "off" block has none. Each on
-block is paired with the off block before it, so a machine whose load drifts (a shared one) affects
-both alike; the overhead is the mean over pairs of (on / off - 1) of their mean step times. The same is
+on rank 0's worker thread, which shares the cores with training), an "off" block has none. The run
+starts and ends with an off block, and each on block is compared with the mean of the off blocks on
+either side of it, so a drift (the scene growing as it densifies at every block start, a shared
+machine's load changing) cancels to first order; the overhead is the mean over the on blocks of
+(on / off - 1) of their mean step times. The same is
 done with this process's CPU time (every thread: training, the viewer's worker, viser's sending), which
 a busy shared machine disturbs far less than wall time.
 
@@ -106,6 +108,7 @@ class StepClock(Callback):
         self.warmup, self.every, self.viewer = warmup, every, None
         self.ends: dict[int, tuple[float, float]] = {}
         self.groups: dict[int, dict[str, float]] = {}
+        self.counts: dict[int, int] = {}
 
     def on_train_batch_end(self, trainer, *args) -> None:
         step = trainer.global_step
@@ -113,6 +116,7 @@ class StepClock(Callback):
         if step >= self.warmup and (step - self.warmup) % self.every == 0:
             page = getattr(self.viewer, "page", None)
             self.groups[step] = {**thread_cpu(), "browser": tree_cpu(page.pid) if page else 0.0}
+            self.counts[step] = trainer.lightning_module.gaussians["means"].shape[0]
 
 
 class BlockViewer(LiveViewer):
@@ -161,33 +165,38 @@ def run(recipe: dict, data: GaussianSplattingDataModule, args: argparse.Namespac
     clock = StepClock(args.warmup, args.every)
     viewer = BlockViewer(args.warmup, browser, port=0, every_n_steps=args.every, max_splats=max_splats)
     clock.viewer = viewer
-    steps = args.warmup + 2 * args.pairs * args.every
+    steps = args.warmup + (2 * args.pairs + 1) * args.every
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                         num_sanity_val_steps=0, callbacks=[clock, viewer])
     trainer.fit(module, datamodule=data)
 
-    def block_ms(index: int, clock_index: int) -> float:  # mean per step of block `index` (steps start+1..start+every)
-        start = args.warmup + index * args.every
-        return 1000 * (clock.ends[start + args.every][clock_index] - clock.ends[start][clock_index]) / args.every
+    def pairs_of(total_at: dict[int, float]) -> list[tuple[float, float]]:
+        """(off, on) ms per step for each on block, from a running total (seconds) at block boundaries; the
+        off value is the mean of the off blocks either side."""
+        def block(index: int) -> float:
+            start = args.warmup + index * args.every
+            return 1000 * (total_at[start + args.every] - total_at[start]) / args.every
+
+        return [((block(2 * i) + block(2 * i + 2)) / 2, block(2 * i + 1)) for i in range(args.pairs)]
 
     result = {}
     for name, clock_index in (("", 0), ("cpu_", 1)):
-        pairs = [(block_ms(2 * i, clock_index), block_ms(2 * i + 1, clock_index)) for i in range(args.pairs)]
+        pairs = pairs_of({step: ends[clock_index] for step, ends in clock.ends.items()})
         ratios = [100 * (on / off - 1) for off, on in pairs]
         result.update({f"{name}overhead_pct": statistics.fmean(ratios),
                        f"{name}overhead_pct_median": statistics.median(ratios),
                        f"{name}off_step_ms": statistics.fmean(off for off, _ in pairs),
                        f"{name}on_step_ms": statistics.fmean(on for _, on in pairs)})
     for group in (*THREAD_GROUPS, "browser"):  # CPU ms per step in off and on blocks, by thread group
-        for label, parity in (("off", 0), ("on", 1)):
-            spent = [clock.groups[args.warmup + (2 * i + parity + 1) * args.every][group]
-                     - clock.groups[args.warmup + (2 * i + parity) * args.every][group] for i in range(args.pairs)]
-            result[f"cpu_{group}_{label}_ms"] = 1000 * statistics.fmean(spent) / args.every
+        pairs = pairs_of({step: groups[group] for step, groups in clock.groups.items()})
+        result[f"cpu_{group}_off_ms"] = statistics.fmean(off for off, _ in pairs)
+        result[f"cpu_{group}_on_ms"] = statistics.fmean(on for _, on in pairs)
     refreshes = viewer.refreshes - 2  # less the first and the last scene, sent outside the blocks
     return {**result,
             "refresh_ms": 1000 * viewer.worker_seconds / max(viewer.refreshes, 1), "refreshes": float(refreshes),
-            "gaussians": float(module.gaussians["means"].shape[0]), "shown": float(viewer.shown)}
+            "gaussians_first": float(clock.counts[args.warmup]), "gaussians": float(module.gaussians["means"].shape[0]),
+            "shown": float(viewer.shown)}
 
 
 def main() -> None:
@@ -195,7 +204,7 @@ def main() -> None:
     parser.add_argument("--data-root", default=str(REPO.parent / "shared" / "data"))
     parser.add_argument("--warmup", type=int, default=600, help="untimed steps first (must be a multiple of --every)")
     parser.add_argument("--every", type=int, default=LiveViewer().every_n_steps, help="refresh interval (steps)")
-    parser.add_argument("--pairs", type=int, default=6, help="off/on block pairs timed")
+    parser.add_argument("--pairs", type=int, default=6, help="on blocks timed (each between two off blocks)")
     parser.add_argument("--runs", nargs="+", choices=("no_page", "page", "page_all"),
                         default=["no_page", "page", "page_all"])
     parser.add_argument("--repeats", type=int, default=1, help="run the list this many times, in turn")
@@ -209,7 +218,7 @@ def main() -> None:
     data = GaussianSplattingDataModule(**{**recipe["data"]["init_args"],
                                           "path": str(Path(args.data_root) / "colmap_blocks")})
     data.setup("fit")
-    print(f"warm-up {args.warmup} steps, then {args.pairs} off/on pairs of {args.every}-step blocks")
+    print(f"warm-up {args.warmup} steps, then {args.pairs} on blocks of {args.every} steps between off blocks")
     for repeat in range(args.repeats):
         for name in args.runs:
             browser = args.browser if name.startswith("page") else None
