@@ -123,7 +123,7 @@ class BlockViewer(LiveViewer):
     """Refreshes at the start of every second block of ``every_n_steps`` steps after ``warmup``; times its worker."""
 
     def __init__(self, warmup: int, browser: str | None, **kwargs) -> None:
-        super().__init__(only_when_watched=False, **kwargs)
+        super().__init__(only_when_watched=False, min_seconds=0.0, **kwargs)  # a refresh at every on block
         self.warmup, self.browser, self.page, self.worker_seconds, self.shown = warmup, browser, None, 0.0, 0
 
     def on_train_start(self, trainer, pl_module) -> None:

@@ -34,7 +34,7 @@ class Recording(LiveViewer):
     """A LiveViewer that notes each refresh: the step, what the page got, the status line."""
 
     def __init__(self, record_dir=None, synchronous: bool = True, **kwargs) -> None:
-        super().__init__(**kwargs)
+        super().__init__(**{"min_seconds": 0.0, **kwargs})  # refresh steps, not the clock (tested on its own)
         self.record_dir, self.synchronous = record_dir, synchronous
         self.steps: list[int] = []
         self.served: np.ndarray | None = None
@@ -146,6 +146,10 @@ def test_live_view_skips_unwatched_and_in_flight_refreshes(monkeypatch):
     watched = Recording(port=0, every_n_steps=1)
     _fit(watched, 3)
     assert watched.steps == [0, 1, 2, 3]
+    # A due refresh within min_seconds of the last one is skipped too (rank 0's clock): none for an hour.
+    throttled = Recording(port=0, every_n_steps=1, min_seconds=3600)
+    _fit(throttled, 3)
+    assert throttled.steps == [0, 3]
     # Steps 1 and 2 are due while the first refresh is still being sent: skipped, not queued.
     busy = Recording(port=0, every_n_steps=1, synchronous=False)
     hold = _HoldFirstRefresh(busy)
@@ -197,6 +201,8 @@ def test_live_view_rejects_bad_arguments_and_modules():
         LiveViewer(every_n_steps=0)
     with pytest.raises(ValueError, match="every_seconds"):
         LiveViewer(every_seconds=0)
+    with pytest.raises(ValueError, match="min_seconds"):
+        LiveViewer(min_seconds=-1)
     with pytest.raises(ValueError, match="port"):
         LiveViewer(port=-1)
     with pytest.raises(TypeError, match="LiveViewer shows a Gaussian module"):
