@@ -21,6 +21,7 @@ from lightning_grendel.splatting.data.datamodule import GaussianSplattingDataMod
 from lightning_grendel.splatting.module import GaussianSplattingModule
 from lightning_grendel.splatting.viewer.live import ENV_SWITCH, LiveViewer
 from lightning_grendel.splatting.viewer.scene_server import SceneServer
+from lightning_grendel.splatting.viewer.web_scene import salient
 
 DATA = {"format": "demo", "image_width": 32, "num_init_points": 200}
 
@@ -33,7 +34,7 @@ class Recording(LiveViewer):
     """A LiveViewer that notes each refresh: the step, what the page got, the status line."""
 
     def __init__(self, record_dir=None, synchronous: bool = True, **kwargs) -> None:
-        super().__init__(**kwargs)
+        super().__init__(**{"min_seconds": 0.0, **kwargs})  # refresh steps, not the clock (tested on its own)
         self.record_dir, self.synchronous = record_dir, synchronous
         self.steps: list[int] = []
         self.served: np.ndarray | None = None
@@ -91,6 +92,33 @@ def test_live_view_refreshes_at_the_interval_with_the_training_state(monkeypatch
     assert viewer.server is None  # stopped with the fit
 
 
+@pytest.mark.timeout(300)
+def test_live_view_sends_a_capped_scene_and_every_gaussian_on_demand(monkeypatch):
+    monkeypatch.setenv(ENV_SWITCH, "on")
+    viewer = Recording(port=0, every_n_steps=2, only_when_watched=False, max_splats=50)
+    module = _fit(viewer, 3)
+    trained = {key: value.detach() for key, value in module.gaussians.items()}
+    count = trained["means"].shape[0]
+    assert count > 50
+    keep = salient(trained["opacities"].numpy(), trained["scales"].numpy(), 50)
+    np.testing.assert_array_equal(viewer.served, trained["means"].numpy()[keep])  # the 50 that weigh most
+    assert f"**Gaussians** {count:,}" in viewer.status  # the panel counts them all
+    # The page's box asks for every Gaussian: the last scene is sent again, whole, and back when unticked.
+    server = SceneServer("127.0.0.1", 0, max_splats=50)
+    try:
+        assert server.set_gaussians(trained) == 50
+        assert f"the 50 of {count:,} Gaussians" in server._shown.content
+        server._show_all.value = True
+        np.testing.assert_array_equal(_served_centers(server), trained["means"].numpy())
+        assert server._shown.content == ""
+        server._show_all.value = False
+        np.testing.assert_array_equal(_served_centers(server), trained["means"].numpy()[keep])
+    finally:
+        server.stop()
+    with pytest.raises(ValueError, match="max_splats"):
+        LiveViewer(max_splats=0)
+
+
 class _HoldFirstRefresh(Callback):
     """Keeps the first refresh in flight until the viewer has seen step 2, then waits for it (training thread)."""
 
@@ -118,6 +146,10 @@ def test_live_view_skips_unwatched_and_in_flight_refreshes(monkeypatch):
     watched = Recording(port=0, every_n_steps=1)
     _fit(watched, 3)
     assert watched.steps == [0, 1, 2, 3]
+    # A due refresh within min_seconds of the last one is skipped too (rank 0's clock): none for an hour.
+    throttled = Recording(port=0, every_n_steps=1, min_seconds=3600)
+    _fit(throttled, 3)
+    assert throttled.steps == [0, 3]
     # Steps 1 and 2 are due while the first refresh is still being sent: skipped, not queued.
     busy = Recording(port=0, every_n_steps=1, synchronous=False)
     hold = _HoldFirstRefresh(busy)
@@ -169,6 +201,8 @@ def test_live_view_rejects_bad_arguments_and_modules():
         LiveViewer(every_n_steps=0)
     with pytest.raises(ValueError, match="every_seconds"):
         LiveViewer(every_seconds=0)
+    with pytest.raises(ValueError, match="min_seconds"):
+        LiveViewer(min_seconds=-1)
     with pytest.raises(ValueError, match="port"):
         LiveViewer(port=-1)
     with pytest.raises(TypeError, match="LiveViewer shows a Gaussian module"):

@@ -15,7 +15,13 @@ from scipy.spatial.transform import Rotation
 from lightning_grendel.splatting.cameras import Cameras, intrinsics_matrix, look_at_world_to_camera
 from lightning_grendel.splatting.data.demo_scene import FIELD_OF_VIEW, make_demo_scene
 from lightning_grendel.splatting.viewer.scene_server import PortInUseError, ViewerError, camera_url, check_port
-from lightning_grendel.splatting.viewer.web_scene import FLOAT16_MAX, overview_camera, web_cameras, web_gaussians
+from lightning_grendel.splatting.viewer.web_scene import (
+    FLOAT16_MAX,
+    overview_camera,
+    salient,
+    web_cameras,
+    web_gaussians,
+)
 
 
 def _params(n: int = 64, seed: int = 0, extent: float = 1.0) -> dict[str, torch.Tensor]:
@@ -53,6 +59,25 @@ def test_gaussians_become_covariances_base_colours_and_opacities():
     np.testing.assert_allclose(web.rgbs, np.clip(base, 0, 1), atol=1e-7)
     np.testing.assert_allclose(web.opacities[:, 0], 1 / (1 + np.exp(-params["opacities"].double().numpy())), atol=1e-7)
     assert web.centers.dtype == web.covariances.dtype == web.rgbs.dtype == np.float32
+
+
+def test_a_capped_scene_keeps_the_gaussians_with_most_opacity_times_cross_section():
+    params = _params(n=500, seed=3)
+    # Reference: float64, through the covariance's eigenvalues (the squared scales), in a Python sort.
+    eigen = np.linalg.eigvalsh(_reference_covariances(params))  # ascending
+    cross_section = np.sqrt(eigen[:, 1] * eigen[:, 2])
+    opacity = 1 / (1 + np.exp(-params["opacities"].double().numpy()))
+    ranked = sorted(range(500), key=lambda i: -opacity[i] * cross_section[i])
+    for limit in (1, 37, 499):
+        keep = salient(params["opacities"].numpy(), params["scales"].numpy(), limit)
+        np.testing.assert_array_equal(keep, sorted(ranked[:limit]))
+        capped, full = web_gaussians(params, limit), web_gaussians(params)
+        np.testing.assert_array_equal(capped.centers, full.centers[keep])  # the same rows, converted alike
+        np.testing.assert_array_equal(capped.covariances, full.covariances[keep])
+        np.testing.assert_array_equal(capped.rgbs, full.rgbs[keep])
+        np.testing.assert_array_equal(capped.opacities, full.opacities[keep])
+    np.testing.assert_array_equal(salient(params["opacities"].numpy(), params["scales"].numpy(), 500), np.arange(500))
+    assert len(web_gaussians(params, 10_000).centers) == 500
 
 
 def test_large_scenes_are_divided_by_a_power_of_two_so_covariances_fit_float16():

@@ -22,6 +22,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 
 log = logging.getLogger(__name__)
 
+MIN_SECONDS = 10.0  # a page watched by a person needs no more; fast (GPU) steps would refresh far more often
 ENV_SWITCH = "LIGHTNING_GRENDEL_LIVE_VIEWER"  # "off" disables every LiveViewer (the test suite, batch jobs)
 
 
@@ -45,23 +46,33 @@ class LiveViewer(Callback):
         every_n_steps: refresh the splats every this many optimizer steps.
         every_seconds: refresh instead when this many seconds passed since the last refresh (rank 0's
             clock; under a multi-process strategy that costs one tiny broadcast per step).
+        min_seconds: with ``every_n_steps``, skip a due refresh until this many seconds have passed since the
+            last one (rank 0's clock), so that fast steps do not make refreshes, and their cost, frequent.
         only_when_watched: skip the refresh (and its gather) while no page is open.
+        max_splats: send the page at most this many Gaussians, the ones that weigh most in a picture
+            (opacity x size), unless its "Show every Gaussian" box is ticked; None sends every one. What a
+            page costs (its drawing and sorting, and each refresh it receives) grows with the count.
         cameras: draw the training cameras as frustums.
         enabled: False turns the live view off (a recipe that lists it, run where nobody watches).
     """
 
     def __init__(self, port: int = 8080, host: str = "127.0.0.1", every_n_steps: int = 100,
-                 every_seconds: float | None = None, only_when_watched: bool = True, cameras: bool = True,
-                 enabled: bool = True) -> None:
+                 every_seconds: float | None = None, min_seconds: float = MIN_SECONDS, only_when_watched: bool = True,
+                 cameras: bool = True, max_splats: int | None = 100_000, enabled: bool = True) -> None:
         if every_n_steps < 1:
             raise ValueError(f"LiveViewer: every_n_steps must be >= 1, got {every_n_steps}")
         if every_seconds is not None and every_seconds <= 0:
             raise ValueError(f"LiveViewer: every_seconds must be positive, got {every_seconds}")
+        if min_seconds < 0:
+            raise ValueError(f"LiveViewer: min_seconds must be >= 0, got {min_seconds}")
         if not 0 <= port <= 65535:
             raise ValueError(f"LiveViewer: port must be in 0..65535, got {port}")
+        if max_splats is not None and max_splats < 1:
+            raise ValueError(f"LiveViewer: max_splats must be >= 1 or None, got {max_splats}")
         self.port, self.host = port, host
-        self.every_n_steps, self.every_seconds = every_n_steps, every_seconds
+        self.every_n_steps, self.every_seconds, self.min_seconds = every_n_steps, every_seconds, min_seconds
         self.only_when_watched, self.cameras, self.enabled = only_when_watched, cameras, enabled
+        self.max_splats = max_splats
         self.server: Any = None  # SceneServer on rank 0 while serving
         self._worker: ThreadPoolExecutor | None = None  # rank 0: converts and sends off the training thread
         self._pending: Future | None = None
@@ -91,11 +102,12 @@ class LiveViewer(Callback):
     def _start(self, trainer: Trainer, pl_module: LightningModule) -> bool:
         from lightning_grendel.splatting.viewer.scene_server import PortInUseError, SceneServer, ViewerError
 
+        options = {"title": "lightning-grendel fit", "max_splats": self.max_splats}
         try:
             try:
-                self.server = SceneServer(self.host, self.port, title="lightning-grendel fit")
+                self.server = SceneServer(self.host, self.port, **options)
             except PortInUseError:
-                self.server = SceneServer(self.host, 0, title="lightning-grendel fit")
+                self.server = SceneServer(self.host, 0, **options)
                 log.warning("LiveViewer: port %d is taken; serving on %s instead", self.port, self.server.url)
             background = getattr(pl_module, "background", None)
             if background is not None:
@@ -119,7 +131,7 @@ class LiveViewer(Callback):
         if self.every_seconds is None:
             if trainer.global_step % self.every_n_steps:
                 return  # the same on every rank: no collective needed to agree
-            due = True
+            due = time.monotonic() - self._last_time >= self.min_seconds  # rank 0's clock decides
         else:
             due = trainer.is_global_zero and time.monotonic() - self._last_time >= self.every_seconds
         if trainer.is_global_zero:
@@ -168,8 +180,8 @@ class LiveViewer(Callback):
 
     def _show(self, params: dict[str, Any], step: int, loss: float | None, psnr: tuple[float, int] | None) -> None:
         try:
-            count = self.server.set_gaussians(params)
-            self.server.set_status(self.status_text(step, loss, psnr, count))
+            self.server.set_gaussians(params)
+            self.server.set_status(self.status_text(step, loss, psnr, len(params["means"])))
             self.refreshes += 1
         except Exception as error:  # noqa: BLE001 - the viewer never stops training
             self._warn_once("refresh", error)

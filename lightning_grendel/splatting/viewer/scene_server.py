@@ -14,6 +14,7 @@ import errno
 import io
 import logging
 import socket
+import threading
 import urllib.parse
 from typing import Any
 
@@ -84,9 +85,14 @@ class SceneServer:
         host: address to listen on (127.0.0.1: this machine only).
         port: TCP port; 0 picks a free one.
         title: label of the control panel.
+        max_splats: send at most this many Gaussians (the most salient, ``web_scene.salient``) unless the
+            page's "Show every Gaussian" box is ticked; None sends them all.
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 8080, title: str = "lightning-grendel") -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 8080, title: str = "lightning-grendel",
+                 max_splats: int | None = None) -> None:
+        if max_splats is not None and max_splats < 1:
+            raise ViewerError(f"max_splats must be >= 1 or None, got {max_splats}")
         try:
             import viser
         except ImportError as error:
@@ -112,6 +118,22 @@ class SceneServer:
         self._cameras: list[WebCamera] = []
         self._look_distance = 1.0
         self.splats: Any = None  # viser's handle of the splats shown (its buffer is what the page draws)
+        self.max_splats = max_splats
+        self._sending = threading.Lock()  # a refresh (worker thread) and the box (viser's threads) both send
+        self._latest: dict[str, Tensor] | None = None  # kept while capped, to re-send in full on demand
+        self._show_all: Any = None
+        self._shown: Any = None
+        if max_splats is not None:
+            self._shown = self._server.gui.add_markdown("")
+            self._show_all = self._server.gui.add_checkbox(
+                "Show every Gaussian", initial_value=False,
+                hint=f"Beyond {max_splats:,} Gaussians the page gets the {max_splats:,} that weigh most "
+                     "(opacity x size); tick to get all of them (slower for this page and for training)")
+
+            @self._show_all.on_update
+            def _(_: Any) -> None:
+                if self._latest is not None:
+                    self.set_gaussians(self._latest)
 
     @property
     def url(self) -> str:
@@ -131,15 +153,23 @@ class SceneServer:
         self._server.scene.set_background_image(np.broadcast_to(colour, (1, 1, 3)).copy(), format="png")
 
     def set_gaussians(self, params: dict[str, Tensor]) -> int:
-        """Show these Gaussians (replacing the previous ones); returns their count."""
-        arrays = web_gaussians(params)
-        first = self.splats is None
-        self.splats = self._server.scene.add_gaussian_splats(
-            SPLATS, centers=arrays.centers, covariances=arrays.covariances, rgbs=arrays.rgbs,
-            opacities=arrays.opacities, scale=arrays.scale)
-        if not self._cameras and first:
-            self._look_distance = self._place_overview(arrays.centers * arrays.scale)
-        return len(arrays.centers)
+        """Show these Gaussians (replacing the previous ones), at most ``max_splats`` of them unless the
+        page asks for all; returns how many the page got."""
+        with self._sending:
+            capped = self._show_all is not None and not self._show_all.value
+            self._latest = params if self._show_all is not None else None
+            arrays = web_gaussians(params, self.max_splats if capped else None)
+            first = self.splats is None
+            self.splats = self._server.scene.add_gaussian_splats(
+                SPLATS, centers=arrays.centers, covariances=arrays.covariances, rgbs=arrays.rgbs,
+                opacities=arrays.opacities, scale=arrays.scale)
+            if not self._cameras and first:
+                self._look_distance = self._place_overview(arrays.centers * arrays.scale)
+            total = len(params["means"])
+            if self._shown is not None:
+                self._shown.content = (f"*The page shows the {len(arrays.centers):,} of {total:,} Gaussians that "
+                                       "weigh most.*" if len(arrays.centers) < total else "")
+            return len(arrays.centers)
 
     def _place_overview(self, centers: np.ndarray) -> float:
         position, look_at = overview_camera(centers)

@@ -72,10 +72,28 @@ def covariances_of(quats: np.ndarray, log_scales: np.ndarray) -> np.ndarray:
     return np.matmul(scaled, scaled.transpose(0, 2, 1))
 
 
-def web_gaussians(params: dict[str, Tensor]) -> WebGaussians:
-    """Raw Gaussian parameters (any device) to what the web renderer draws."""
+def salient(opacities: np.ndarray, log_scales: np.ndarray, limit: int) -> np.ndarray:
+    """Indices (ascending) of the ``limit`` Gaussians that weigh most in a picture: opacity times the area of
+    the largest cross-section (the two largest scales), which bounds the screen area a splat covers from
+    any side. All indices when there are no more than ``limit``; ties go to the lower index."""
+    count = len(opacities)
+    if count <= limit:
+        return np.arange(count)
+    largest_two = np.sort(log_scales, axis=1)[:, 1:].sum(axis=1)
+    log_weight = largest_two - np.logaddexp(0.0, -opacities.reshape(-1))  # log(sigmoid(o) * s_b * s_c)
+    order = np.argsort(-log_weight, kind="stable")
+    return np.sort(order[:limit])
+
+
+def web_gaussians(params: dict[str, Tensor], limit: int | None = None) -> WebGaussians:
+    """Raw Gaussian parameters (any device) to what the web renderer draws; with ``limit``, only the
+    ``limit`` most salient of them (:func:`salient`), so a large scene costs the page a bounded amount."""
     arrays = {key: params[key].detach().to("cpu", torch.float32).numpy()
               for key in ("means", "scales", "quats", "opacities", "sh0")}
+    if limit is not None:
+        keep = salient(arrays["opacities"], arrays["scales"], limit)
+        if len(keep) < len(arrays["means"]):
+            arrays = {key: value[keep] for key, value in arrays.items()}
     covariances = covariances_of(arrays["quats"], arrays["scales"])
     rgbs = np.clip(0.5 + np.float32(SH_C0) * arrays["sh0"][:, 0], 0.0, 1.0)
     opacities = (1.0 / (1.0 + np.exp(-arrays["opacities"])))[:, None]
