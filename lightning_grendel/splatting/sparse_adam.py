@@ -13,6 +13,7 @@ start at 0, pruned ones leave, rows whose moments are zeroed restart their clock
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -28,7 +29,7 @@ class VisibleAdam(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8) -> None:
-        if lr < 0 or eps < 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
+        if lr < 0 or eps < 0 or not (0 < betas[0] < 1 and 0 < betas[1] < 1):
             raise ValueError(f"VisibleAdam: invalid lr={lr}, betas={betas} or eps={eps}")
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
         self.visible: Tensor | None = None
@@ -67,11 +68,14 @@ class VisibleAdam(torch.optim.Optimizer):
         row_step = row_step + 1
         exp_avg.lerp_(grad, 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        # Per row: b1 = 1 - beta1^t and b2 = 1 - beta2^t (as -expm1(t log beta): exact in float32 where
+        # 1 - 0.999^t would cancel). Adam's update lr/b1 · m / (sqrt(v / b2) + eps) is
+        # (lr·sqrt(b2)/b1) · m / (sqrt(v) + eps·sqrt(b2)): per-row factors on [N], few passes over [N, ...].
         shape = (-1,) + (1,) * (param.dim() - 1)
-        steps = row_step.to(torch.float64)  # 1 - 0.999^t loses most of float32's digits for small t
-        bias1 = (1 - torch.pow(beta1, steps)).to(param.dtype).view(shape)
-        bias2_sqrt = (1 - torch.pow(beta2, steps)).sqrt().to(param.dtype).view(shape)
-        update = exp_avg / bias1 / (exp_avg_sq.sqrt() / bias2_sqrt + eps) * lr
+        bias1 = -torch.expm1(row_step * math.log(beta1))
+        bias2_sqrt = (-torch.expm1(row_step * math.log(beta2))).sqrt()
+        denom = exp_avg_sq.sqrt().add_((eps * bias2_sqrt).to(param.dtype).view(shape))
+        update = (exp_avg * (lr * bias2_sqrt / bias1).to(param.dtype).view(shape)).div_(denom)
         if rows is None:
             param.sub_(update)
             state["row_step"] = row_step
