@@ -22,18 +22,23 @@ PSNR, final Gaussian count and training seconds, the time each needs to reach ``
 
 (with ``--dense-adam`` their names end in ``_dense_adam``).
 
-Timed runs for the docs hold the shared lock, one dataset per call (each call is two runs):
+By default one call trains both runs of each dataset. On a shared machine each timed run can hold the
+shared lock alone (``--run today`` then ``--run new``, alternating); the runs are kept in ``--results``
+(a JSON file per dataset), ``new`` reads ``today``'s Gaussian count from it, and the table is printed
+once both are there:
 
-    flock /tmp/lg_bench.lock python benchmarks/time_to_quality.py --dataset colmap
-    flock /tmp/lg_bench.lock python benchmarks/time_to_quality.py --dataset blender
+    flock /tmp/lg_bench.lock python benchmarks/time_to_quality.py --dataset colmap --run today
+    flock /tmp/lg_bench.lock python benchmarks/time_to_quality.py --dataset colmap --run new
 
-``--quick`` (64 px, 2 test views, 30 steps) only checks that the script runs; its numbers mean nothing.
+``--quick`` (64 px, 2 test views, 16 steps) only checks that the script runs; its numbers mean nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import tempfile
 from pathlib import Path
 
 import lightning as L
@@ -74,10 +79,14 @@ def run_dataset(name: str, args: argparse.Namespace) -> None:
     path = Path(args.data_root) / folder
     if not path.is_dir():
         raise SystemExit(f"{path}: no such dataset (pass --data-root, the folder holding {folder})")
+    results_file = Path(args.results.format(dataset=name))
+    results = json.loads(results_file.read_text()) if results_file.is_file() and args.run != "both" else {}
+    if args.run == "new" and "today" not in results:
+        raise SystemExit(f"{results_file}: no today run of {name} yet (run --run today first)")
     max_steps = args.max_steps or recipe["trainer"]["max_steps"]
     test_views = None
     if args.quick:
-        data_args["image_width"], test_views, max_steps = 64, 2, 30
+        data_args["image_width"], test_views, max_steps = 64, 2, 16
     args = argparse.Namespace(**{**vars(args), "max_steps": max_steps})
     data = GaussianSplattingDataModule(**{**data_args, "path": str(path)})
     data.setup("fit")
@@ -85,36 +94,49 @@ def run_dataset(name: str, args: argparse.Namespace) -> None:
     views = torch.utils.data.default_collate([test[i] for i in range(min(test_views or len(test), len(test)))])
 
     images = max_steps * data_args.get("batch_size", 1)
-    print(f"{name}: today", flush=True)
-    today, today_count = train(recipe, data, views, args, {})
-    schedule = CoarseToFine(full_resolution_images=int(args.full_at * images), energy_tolerance=args.tolerance,
-                            max_factor=args.max_factor, growth_budget=today_count)
-    print(f"{name}: new ({schedule})", flush=True)
-    new, new_count = train(recipe, data, views, args, {"coarse_to_fine": schedule, "sparse_adam": not args.dense_adam})
-    suffix = "_dense_adam" if args.dense_adam else ""
+    for run in ("today", "new") if args.run == "both" else (args.run,):
+        extra: dict = {}
+        if run == "new":
+            schedule = CoarseToFine(full_resolution_images=int(args.full_at * images),
+                                    energy_tolerance=args.tolerance, max_factor=args.max_factor,
+                                    growth_budget=results["today"]["gaussians"])
+            extra = {"coarse_to_fine": schedule, "sparse_adam": not args.dense_adam}
+        print(f"{name}: {run} {extra}", flush=True)
+        probe, count = train(recipe, data, views, args, extra)
+        results[run] = {"history": probe.history, "gaussians": count, "dense_adam": args.dense_adam}
+        if args.run != "both":
+            results_file.write_text(json.dumps(results))
+    if "today" in results and "new" in results:
+        report(name, results, views, max_steps, args)
 
-    final = {"today": today.history[-1], "new": new.history[-1]}
+
+def report(name: str, results: dict, views: dict, max_steps: int, args: argparse.Namespace) -> None:
+    """The table and RESULT lines of one dataset's two runs."""
+    final = {run: results[run]["history"][-1] for run in ("today", "new")}
     target = final["today"][2]
     targets = [target] + ([COLMAP_TARGET] if name == "colmap" else [])
     height, width = views["image"].shape[1:3]
+    suffix = "_dense_adam" if results["new"]["dense_adam"] else ""
     print(f"\n{name} recipe at {width}x{height}, {max_steps} steps, {args.threads} threads; test PSNR on "
           f"{len(views['image'])} test views; seconds are training seconds after the first step, without probes")
     header = " | ".join(f"s to {t:.2f} dB" for t in targets)
     print(f"| run | steps | training s | final test PSNR | Gaussians | {header} |")
     print("|---|---|---|---|---|" + "---|" * len(targets))
     reached: dict[str, dict[float, float | None]] = {}
-    for run, probe, count in (("today", today, today_count), ("new", new, new_count)):
+    for run in ("today", "new"):
         steps, seconds, value = final[run]
-        reached[run] = {t: (hit[1] if (hit := first_reaching(probe.history, t)) else None) for t in targets}
+        history = [tuple(entry) for entry in results[run]["history"]]
+        reached[run] = {t: (hit[1] if (hit := first_reaching(history, t)) else None) for t in targets}
         cells = " | ".join("not reached" if s is None else f"{s:.1f}" for s in reached[run].values())
-        print(f"| {run} | {steps} | {seconds:.1f} | {value:.2f} | {count} | {cells} |")
+        print(f"| {run} | {steps} | {seconds:.1f} | {value:.2f} | {results[run]['gaussians']} | {cells} |")
     for t in targets:
         today_s, new_s = reached["today"][t], reached["new"][t]
         label = ("" if t == target else f"_{t:g}db") + suffix
         ratio = "not_reached" if today_s is None or new_s is None else f"{new_s / max(today_s, 1e-9):.3f}"
         print(f"RESULT time_to_quality.ratio_{name}{label}={ratio}")
     print(f"RESULT time_to_quality.psnr_delta_{name}{suffix}={final['new'][2] - target:.3f}")
-    print(f"RESULT time_to_quality.gaussians_{name}{suffix}={new_count}/{today_count}", flush=True)
+    print(f"RESULT time_to_quality.gaussians_{name}{suffix}={results['new']['gaussians']}/"
+          f"{results['today']['gaussians']}", flush=True)
 
 
 def main() -> None:
@@ -127,10 +149,14 @@ def main() -> None:
                         help="fraction of the recipe's images by which the new run renders at full size")
     parser.add_argument("--tolerance", type=float, default=0.1, help="CoarseToFine.energy_tolerance")
     parser.add_argument("--max-factor", type=int, default=4, help="CoarseToFine.max_factor")
+    parser.add_argument("--run", choices=["both", "today", "new"], default="both",
+                        help="train both runs, or one (kept in --results for the other)")
+    parser.add_argument("--results", default=str(Path(tempfile.gettempdir()) / "time_to_quality_{dataset}.json"),
+                        help="where single runs are kept ({dataset} is replaced)")
     parser.add_argument("--dense-adam", action="store_true", help="the new run keeps the fused dense Adam")
     parser.add_argument("--probe-seconds", type=float, default=3.0, help="training seconds between PSNR probes")
     parser.add_argument("--threads", type=int, default=2, help="torch / OpenMP threads")
-    parser.add_argument("--quick", action="store_true", help="64 px, 2 test views, 30 steps (a smoke run)")
+    parser.add_argument("--quick", action="store_true", help="64 px, 2 test views, 16 steps (a smoke run)")
     args = parser.parse_args()
     if args.threads < 1 or args.probe_seconds <= 0 or not 0 <= args.full_at <= 1:
         parser.error("--threads must be at least 1, --probe-seconds positive and --full-at in [0, 1]")
