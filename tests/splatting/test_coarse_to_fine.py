@@ -43,8 +43,8 @@ def test_band_energy_and_the_schedule_follow_the_spectrum():
     schedule = ResolutionSchedule(energy, CoarseToFine(full_resolution_images=100, energy_tolerance=0.45,
                                                        max_factor=4))
     assert schedule.start_factor == 4  # 0.4 of the energy outside 1/4's band is within the tolerance
-    # Energy due: 0.6 + 0.4·progress; the largest factor that keeps it.
-    assert [schedule.factor(i) for i in (0, 10, 20, 70, 80, 100, 500)] == [4, 2, 2, 2, 1, 1, 1]
+    # The band due widens from 1/4 to 1 of the full band: 1/4 + 3/4·progress; the factor is ceil(1 / band).
+    assert [schedule.factor(i) for i in (0, 10, 12, 33, 34, 99, 100, 500)] == [4, 4, 3, 3, 2, 2, 1, 1]
     tight = ResolutionSchedule(energy, CoarseToFine(energy_tolerance=0.2, max_factor=4))
     assert tight.start_factor == 2 and tight.factor(0) == 2
     assert ResolutionSchedule(energy, CoarseToFine(energy_tolerance=0.05)).start_factor == 1
