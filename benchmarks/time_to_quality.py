@@ -103,39 +103,41 @@ def run_dataset(name: str, args: argparse.Namespace) -> None:
             extra = {"coarse_to_fine": schedule, "sparse_adam": not args.dense_adam}
         print(f"{name}: {run} {extra}", flush=True)
         probe, count = train(recipe, data, views, args, extra)
-        results[run] = {"history": probe.history, "gaussians": count, "dense_adam": args.dense_adam}
+        key = "new_dense_adam" if run == "new" and args.dense_adam else run  # both kinds of new run are kept
+        results[key] = {"history": probe.history, "gaussians": count}
         if args.run != "both":
             results_file.write_text(json.dumps(results))
-    if "today" in results and "new" in results:
-        report(name, results, views, max_steps, args)
+    new = "new_dense_adam" if args.dense_adam else "new"
+    if "today" in results and new in results:
+        report(name, results, new, views, max_steps, args)
 
 
-def report(name: str, results: dict, views: dict, max_steps: int, args: argparse.Namespace) -> None:
-    """The table and RESULT lines of one dataset's two runs."""
-    final = {run: results[run]["history"][-1] for run in ("today", "new")}
+def report(name: str, results: dict, new: str, views: dict, max_steps: int, args: argparse.Namespace) -> None:
+    """The table and RESULT lines of today's run against the ``new`` one (``new`` or ``new_dense_adam``)."""
+    final = {run: results[run]["history"][-1] for run in ("today", new)}
     target = final["today"][2]
     targets = [target] + ([COLMAP_TARGET] if name == "colmap" else [])
     height, width = views["image"].shape[1:3]
-    suffix = "_dense_adam" if results["new"]["dense_adam"] else ""
+    suffix = new[3:]
     print(f"\n{name} recipe at {width}x{height}, {max_steps} steps, {args.threads} threads; test PSNR on "
           f"{len(views['image'])} test views; seconds are training seconds after the first step, without probes")
     header = " | ".join(f"s to {t:.2f} dB" for t in targets)
     print(f"| run | steps | training s | final test PSNR | Gaussians | {header} |")
     print("|---|---|---|---|---|" + "---|" * len(targets))
     reached: dict[str, dict[float, float | None]] = {}
-    for run in ("today", "new"):
+    for run in ("today", new):
         steps, seconds, value = final[run]
         history = [tuple(entry) for entry in results[run]["history"]]
         reached[run] = {t: (hit[1] if (hit := first_reaching(history, t)) else None) for t in targets}
         cells = " | ".join("not reached" if s is None else f"{s:.1f}" for s in reached[run].values())
         print(f"| {run} | {steps} | {seconds:.1f} | {value:.2f} | {results[run]['gaussians']} | {cells} |")
     for t in targets:
-        today_s, new_s = reached["today"][t], reached["new"][t]
+        today_s, new_s = reached["today"][t], reached[new][t]
         label = ("" if t == target else f"_{t:g}db") + suffix
         ratio = "not_reached" if today_s is None or new_s is None else f"{new_s / max(today_s, 1e-9):.3f}"
         print(f"RESULT time_to_quality.ratio_{name}{label}={ratio}")
-    print(f"RESULT time_to_quality.psnr_delta_{name}{suffix}={final['new'][2] - target:.3f}")
-    print(f"RESULT time_to_quality.gaussians_{name}{suffix}={results['new']['gaussians']}/"
+    print(f"RESULT time_to_quality.psnr_delta_{name}{suffix}={final[new][2] - target:.3f}")
+    print(f"RESULT time_to_quality.gaussians_{name}{suffix}={results[new]['gaussians']}/"
           f"{results['today']['gaussians']}", flush=True)
 
 
