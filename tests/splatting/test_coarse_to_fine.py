@@ -118,7 +118,7 @@ class _Record(Callback):
         self.counts.append(float(trainer.callback_metrics["train/gaussians"]))
 
 
-def _fit(tmp_path, steps: int, **options) -> tuple[GaussianSplattingModule, _Record]:
+def _fit(tmp_path, steps: int, **options) -> tuple[GaussianSplattingModule, _Record, Trainer]:
     torch.manual_seed(0)
     densify = DensifyConfig(start_images=2, stop_images=20, every_images=3, opacity_reset_every_images=8)
     module = GaussianSplattingModule(sh_degree=1, sh_degree_interval=5, densify=densify, backend="cpp",
@@ -129,23 +129,27 @@ def _fit(tmp_path, steps: int, **options) -> tuple[GaussianSplattingModule, _Rec
                       enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                       callbacks=[record], default_root_dir=tmp_path)
     trainer.fit(module, data)
-    return module, record
+    return module, record, trainer
 
 
 @pytest.mark.timeout(600)
 def test_a_fit_with_everything_on_stays_finite_and_a_trivial_schedule_is_the_default_run(tmp_path):
-    module, record = _fit(tmp_path, 16, coarse_to_fine=CoarseToFine(full_resolution_images=10, energy_tolerance=0.5,
-                                                                    max_factor=4, growth_budget=330),
-                          sparse_adam=True)
+    schedule = CoarseToFine(full_resolution_images=10, energy_tolerance=0.5, max_factor=4, growth_budget=330)
+    module, record, trainer = _fit(tmp_path, 16, coarse_to_fine=schedule, sparse_adam=True)
     assert module.resolution_schedule.start_factor > 1  # the demo scene is smooth enough to start coarse
     assert record.factors[0] == module.resolution_schedule.start_factor and record.factors[-1] == 1.0
     assert record.factors == sorted(record.factors, reverse=True)
     assert max(record.counts) <= 330
     for key, value in module.gaussians.items():
         assert torch.isfinite(value).all(), key
+    trainer.save_checkpoint(tmp_path / "everything.ckpt")
+    checkpoint = torch.load(tmp_path / "everything.ckpt", weights_only=True)
+    assert checkpoint["hyper_parameters"]["coarse_to_fine"] == schedule
+    counts = [state["row_step"] for state in checkpoint["optimizer_states"][0]["state"].values()]
+    assert len(counts) == 6 and all(count.shape == (module.gaussians["means"].shape[0],) for count in counts)
 
-    default, _ = _fit(tmp_path, 8)
-    trivial, record = _fit(tmp_path, 8, coarse_to_fine=CoarseToFine(max_factor=1))
+    default, _, _ = _fit(tmp_path, 8)
+    trivial, record, _ = _fit(tmp_path, 8, coarse_to_fine=CoarseToFine(max_factor=1))
     assert record.factors == [1.0] * 8
     for key, value in default.gaussians.items():
         torch.testing.assert_close(trivial.gaussians[key], value, rtol=0, atol=0, msg=key)
