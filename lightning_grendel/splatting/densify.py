@@ -83,6 +83,7 @@ class Densifier:
         self.grad_sum = torch.zeros(0)
         self.visible_count = torch.zeros(0)
         self.capacity_reached_logged = False
+        self.growth_limit: int | None = None  # a schedule's cap on the count for now (coarse_to_fine.py)
 
     @property
     def uses_absgrad(self) -> bool:
@@ -167,15 +168,17 @@ class Densifier:
         replace_values(params, optimizer, "opacities", capped)
 
     def _within_capacity(self, clone: Tensor, split: Tensor, mean_grad: Tensor, count: int) -> tuple[Tensor, Tensor]:
-        """Keep only the highest-gradient candidates that fit under the capacity (a GPU's memory, here)."""
-        limit = self.config.capacity(self.sh_degree)
-        if limit is None:
+        """Keep only the highest-gradient candidates that fit under the capacity (a GPU's memory, here)
+        and the growth schedule's limit."""
+        limits = [cap for cap in (self.config.capacity(self.sh_degree), self.growth_limit) if cap is not None]
+        if not limits:
             return clone, split
+        limit = min(limits)
         growth = int(clone.sum()) + (self.config.split_copies - 1) * int(split.sum())
         room = limit - count
         if growth <= room:
             return clone, split
-        if not self.capacity_reached_logged:
+        if not self.capacity_reached_logged and limit != self.growth_limit:
             log.warning("Gaussian capacity reached: %d on this rank (limit %d); densification is capped", count, limit)
             self.capacity_reached_logged = True
         candidates = torch.nonzero(clone | split).flatten()

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_grendel.splatting.param_surgery import MOMENT_KEYS, select_rows
+from lightning_grendel.splatting.param_surgery import ROW_STATE_KEYS, select_rows
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class FiniteGuard:
             for key, param in params.items():
                 if same:
                     param[rows] = before[key][rows]
-                for moment in MOMENT_KEYS:
+                for moment in ROW_STATE_KEYS:
                     if moment in state.get(param, {}):
                         state[param][moment][rows] = 0
 

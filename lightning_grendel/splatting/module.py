@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 from lightning_grendel.splatting.batching import BatchScaling, scale_adam_hyperparameters
 from lightning_grendel.splatting.cameras import Cameras, scene_extent
+from lightning_grendel.splatting.coarse_to_fine import CoarseToFine, ResolutionSchedule, band_energy, downsampled_batch
 from lightning_grendel.splatting.densify import DensifyConfig
 from lightning_grendel.splatting.fit_summary import fit_summary
 from lightning_grendel.splatting.gaussians import PARAM_KEYS, init_from_points, make_parameters
@@ -56,6 +57,7 @@ from lightning_grendel.splatting.projection import RasterizeMode
 from lightning_grendel.splatting.protocols import GaussianShardingStrategy, Renderer
 from lightning_grendel.splatting.render import SingleProcessRenderer
 from lightning_grendel.splatting.shard_reduce import gaussian_mean, gaussian_sum, sum_over_ranks
+from lightning_grendel.splatting.sparse_adam import VisibleAdam
 from lightning_grendel.splatting.trainer_flags import ClipAlgorithm, check_clip_arguments, refuse_unsupported_flags
 
 RasterizerBackend = Literal["auto", "torch", "cpp", "gsplat"]
@@ -112,6 +114,16 @@ class GaussianSplattingModule(LightningModule):
             active SH degree starts at the file's. Read once when a run starts from scratch, never when a
             checkpoint is restored (its Gaussians win; the file may be gone). Under MCMC the file may
             hold at most ``cap_max`` Gaussians.
+        coarse_to_fine: DashGaussian's schedule (a ``CoarseToFine``, or a mapping of its fields in a recipe,
+            e.g. ``{full_resolution_images: 1000, growth_budget: 60000}``): train at a resolution chosen
+            from the training images' spectrum that rises to full size by ``full_resolution_images``,
+            with densification capped to grow with the rendered pixels up to ``growth_budget``
+            (:mod:`~lightning_grendel.splatting.coarse_to_fine`). Evaluation is always at full size.
+            None (the default): every step at full resolution. Not under a Gaussian-sharding strategy.
+        sparse_adam: step only the Gaussians some view of the batch saw (radius > 0), each with its own
+            step count for Adam's bias correction (:class:`~lightning_grendel.splatting.sparse_adam.VisibleAdam`);
+            the same as the fused dense Adam when every Gaussian is visible. Not under a Gaussian-sharding
+            strategy.
     """
 
     def __init__(
@@ -137,9 +149,16 @@ class GaussianSplattingModule(LightningModule):
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: ClipAlgorithm = "norm",
         init_ply: str | None = None,
+        coarse_to_fine: CoarseToFine | None = None,
+        sparse_adam: bool = False,
     ) -> None:
         super().__init__()
         check_clip_arguments(gradient_clip_val, gradient_clip_algorithm, type(self).__name__)
+        if isinstance(coarse_to_fine, dict):
+            coarse_to_fine = CoarseToFine(**coarse_to_fine)
+        if coarse_to_fine is not None and coarse_to_fine.growth_budget is not None and isinstance(densify, MCMCConfig):
+            raise ValueError(f"{type(self).__name__}: coarse_to_fine.growth_budget schedules Inria densification; "
+                             "MCMC has its own budget (densify.cap_max): leave growth_budget unset")
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.renderer: Renderer = SingleProcessRenderer(backend, rasterize_mode)
@@ -153,6 +172,9 @@ class GaussianSplattingModule(LightningModule):
         self._lpips: nn.Module | None = None
         self._lpips_checked = False
         self._fit_started = 0.0
+        self.coarse_to_fine = coarse_to_fine
+        self.resolution_schedule: ResolutionSchedule | None = None  # built from the images when training starts
+        self.initial_count = 0  # Gaussians at the start of training: where the growth budget starts
 
     # --- model creation and checkpoints -------------------------------------------------------------
 
@@ -214,6 +236,11 @@ class GaussianSplattingModule(LightningModule):
         """
         backend = getattr(trainer.strategy, "rasterizer_backend", None) or self.renderer.backend
         refuse_unsupported_flags(trainer, backend, type(self).__name__)
+        if isinstance(trainer.strategy, GaussianShardingStrategy):
+            for flag, value in (("coarse_to_fine", self.coarse_to_fine), ("sparse_adam", self.hparams.sparse_adam)):
+                if value:
+                    raise ValueError(f"{type(self).__name__}: --model.{flag} is not supported under "
+                                     f"{type(trainer.strategy).__name__} (one process only); leave it unset")
 
     def configure_callbacks(self) -> list:
         """No callbacks: the first hook of every run, where the flags are checked and the fit clock starts."""
@@ -229,7 +256,8 @@ class GaussianSplattingModule(LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["gaussian_splatting"] = {"images_seen": self.images_seen, "extent": self.extent,
-                                            "initial_sh_degree": self.initial_sh_degree}
+                                            "initial_sh_degree": self.initial_sh_degree,
+                                            "initial_count": self.initial_count}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Resize the Gaussians to the checkpoint's count before Lightning loads the state dict."""
@@ -240,6 +268,7 @@ class GaussianSplattingModule(LightningModule):
         self.images_seen = int(extra.get("images_seen", 0))
         self.extent = float(extra.get("extent", self.extent))
         self.initial_sh_degree = int(extra.get("initial_sh_degree", 0))
+        self.initial_count = int(extra.get("initial_count", 0))
 
     # --- scene-wide reductions ----------------------------------------------------------------------
 
@@ -294,6 +323,8 @@ class GaussianSplattingModule(LightningModule):
             {"params": [self.gaussians[key]], "lr": lr * lr_factor, "name": key}
             for key, lr in self.base_learning_rates().items()
         ]
+        if self.hparams.sparse_adam:
+            return VisibleAdam(groups, betas=betas, eps=eps)
         # One fused pass per parameter instead of about eight elementwise ops: on 2 CPU cores the step
         # of 120k Gaussians at SH degree 3 is about 6x faster (benchmarks/optimizer.py, docs/results).
         fused = all(p.device.type in ("cpu", "cuda") for p in self.gaussians.values())
@@ -313,6 +344,30 @@ class GaussianSplattingModule(LightningModule):
         return min(self.hparams.sh_degree, max(self.initial_sh_degree, raised))
 
     # --- training ----------------------------------------------------------------------------------
+
+    def on_train_start(self) -> None:
+        """The resolution schedule from the training images' spectrum; the count the growth budget starts at."""
+        if self.coarse_to_fine is None:
+            return
+        if self.initial_count == 0:  # a resumed run keeps its checkpoint's
+            self.initial_count = self.gaussians["means"].shape[0]
+        dataset = self.trainer.datamodule.train_dataloader().dataset
+        views = min(self.coarse_to_fine.spectrum_views, len(dataset))
+        picked = [dataset[i * len(dataset) // views]["image"] for i in range(views)]
+        energy = band_energy(torch.stack(picked), self.coarse_to_fine.max_factor)
+        self.resolution_schedule = ResolutionSchedule(energy, self.coarse_to_fine)
+        rank_zero_info(f"{type(self).__name__}: coarse to fine from 1/{self.resolution_schedule.start_factor} "
+                       f"resolution to full at {self.coarse_to_fine.full_resolution_images} images")
+
+    def _scheduled_batch(self, batch: dict[str, Tensor]) -> tuple[dict[str, Tensor], int]:
+        """The batch at this step's resolution, and the factor; sets the densifier's growth limit."""
+        schedule = self.resolution_schedule
+        if schedule is None:
+            return batch, 1
+        factor = schedule.factor(self.images_seen)
+        height, width = batch["image"].shape[1:3]
+        self.densifier.growth_limit = schedule.growth_limit(self.initial_count, factor, height, width)
+        return downsampled_batch(batch, factor), factor
 
     def render_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, Any]:
         """The photometric loss summed over the batch's views, scene-wide (the same on every rank), and the
@@ -350,6 +405,7 @@ class GaussianSplattingModule(LightningModule):
             if group.get("name") == "means":
                 group["lr"] = self.means_learning_rate(self.images_seen)
         optimizer.zero_grad(set_to_none=True)
+        batch, factor = self._scheduled_batch(batch)
         photometric, result = self.render_loss(batch)
         regularization = self.regularization()
         loss = photometric + views * regularization
@@ -365,6 +421,8 @@ class GaussianSplattingModule(LightningModule):
         view_grad = result.means2d.grad if result.absgrad is None else result.absgrad.grad  # AbsGS: |.| per pixel
         if view_grad is not None:
             self.densifier.accumulate(view_grad, result.radii, result.width, result.height)
+        if isinstance(inner, VisibleAdam):
+            inner.set_visible((result.radii > 0).any(dim=0))
         optimizer.step()
         self.guard.after_step(self.gaussians, inner, step, self.images_seen)
 
@@ -376,6 +434,8 @@ class GaussianSplattingModule(LightningModule):
         self.log("train/regularization", regularization.detach())
         self.log("train/gaussians", float(self.global_gaussian_count()), prog_bar=True)
         self.log("train/sh_degree", float(self.active_sh_degree))
+        if self.resolution_schedule is not None:
+            self.log("train/resolution_factor", float(factor))
         for name, value in self.renderer.last_stats.items():  # exchange volume, balance
             self.log(f"renderer/{name}", value, sync_dist=True, reduce_fx="max" if "imbalance" in name else "sum")
         return loss

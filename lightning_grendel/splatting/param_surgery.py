@@ -2,7 +2,8 @@
 
 Densification (clone, split, prune, opacity reset, MCMC relocation) and Grendel's redistribution change
 the number of Gaussians or rewrite some; each edit swaps the ``nn.Parameter`` in the ``ParameterDict``
-and in the optimiser's param group, and edits ``exp_avg`` / ``exp_avg_sq`` row for row.
+and in the optimiser's param group, and edits ``exp_avg`` / ``exp_avg_sq`` (and the per-row step count
+``row_step`` of :class:`~.sparse_adam.VisibleAdam`) row for row: new or rewritten rows start from zero.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
+ROW_STATE_KEYS = (*MOMENT_KEYS, "row_step")  # optimiser state with one entry per Gaussian row
 
 
 def _swap(
@@ -32,7 +34,7 @@ def _swap(
         state = optimizer.state.pop(old, None)
         if state:
             optimizer.state[new] = {
-                name: edit_moment(name, tensor) if name in MOMENT_KEYS else tensor for name, tensor in state.items()
+                name: edit_moment(name, tensor) if name in ROW_STATE_KEYS else tensor for name, tensor in state.items()
             }
     params[key] = new
 
@@ -55,7 +57,8 @@ def append_rows(
         added = {} if moments is None else moments.get(key, {})
 
         def grow(name: str, tensor: Tensor, value: Tensor = value, added: dict = added) -> Tensor:
-            return torch.cat([tensor, added.get(name, torch.zeros_like(value)).to(tensor)])
+            fresh = tensor.new_zeros((value.shape[0], *tensor.shape[1:]))  # row_step is [N], moments like value
+            return torch.cat([tensor, added.get(name, fresh).to(tensor)])
 
         _swap(params, optimizer, key, torch.cat([params[key].detach(), value]), grow)
 
