@@ -26,6 +26,16 @@ def load_extension() -> ModuleType | None:
     return load_cpp_extension(PROJECTION)
 
 
+SHBands = tuple[Tensor, Tensor]
+
+
+def _bands(coefficients: Tensor | SHBands) -> SHBands:
+    """``(sh0 [N, 1, 3], shN [N, K - 1, 3])``: the module's parameters as they are, or a joined tensor's slices."""
+    if isinstance(coefficients, tuple):
+        return coefficients
+    return coefficients[:, :1], coefficients[:, 1:]
+
+
 def fused_projection_available(means: Tensor, quats: Tensor, scales: Tensor, coefficients: Tensor | SHBands,
                                cameras: Cameras) -> bool:
     """Whether the fused op applies: CPU float32/float64 tensors of one dtype, constant cameras, a built extension.
@@ -45,29 +55,19 @@ def fused_projection_available(means: Tensor, quats: Tensor, scales: Tensor, coe
     return on_cpu and one_dtype and constant_cameras and load_extension() is not None
 
 
-SHBands = tuple[Tensor, ...]
-
-
-def _bands(coefficients: Tensor | SHBands) -> SHBands:
-    return coefficients if isinstance(coefficients, tuple) else (coefficients,)
-
-
-def _joined(bands: SHBands) -> Tensor:
-    return bands[0] if len(bands) == 1 else torch.cat(bands, dim=1)
-
-
 class _FusedProjection(torch.autograd.Function):
     """Forward and backward both call the extension; the inputs are all backward needs.
 
-    SH bands given apart (the module's ``sh0`` and ``shN``) are joined only while the extension runs and
-    again in backward, never kept in between: a joined copy saved for backward is 192 bytes a Gaussian at
-    SH degree 3, held through rasterization, the loss and backward (benchmarks/gaussian_memory.py).
+    The extension takes the SH bands apart (the module's ``sh0`` and ``shN``) and gives their gradients
+    apart: a joined [N, 16, 3] copy, saved for backward or made again in it, and a joined gradient split
+    into strided views that autograd then copies, were 192 bytes a Gaussian each at SH degree 3
+    (benchmarks/gaussian_memory.py).
     """
 
     @staticmethod
-    def forward(ctx, means, quats, scales, camera_tensors, sizes, *bands):
-        outputs = load_extension().forward(means, quats, scales, _joined(bands), *camera_tensors, *sizes)
-        ctx.save_for_backward(means, quats, scales, *bands)
+    def forward(ctx, means, quats, scales, sh0, shN, camera_tensors, sizes):
+        outputs = load_extension().forward(means, quats, scales, sh0, shN, *camera_tensors, *sizes)
+        ctx.save_for_backward(means, quats, scales, sh0, shN)
         ctx.camera_tensors, ctx.sizes = camera_tensors, sizes
         ctx.mark_non_differentiable(outputs[3])
         ctx.set_materialize_grads(False)
@@ -76,14 +76,10 @@ class _FusedProjection(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_means2d, grad_conics, grad_depths, _grad_radii, grad_compensations, grad_colors):
-        means, quats, scales, *bands = ctx.saved_tensors
         upstream = [None if g is None else g.contiguous()
                     for g in (grad_means2d, grad_conics, grad_depths, grad_compensations, grad_colors)]
-        grads = load_extension().backward(
-            means, quats, scales, _joined(bands), *ctx.camera_tensors, *ctx.sizes, *upstream
-        )
-        band_grads = grads[3].split([band.shape[1] for band in bands], dim=1)
-        return grads[0], grads[1], grads[2], None, None, *band_grads
+        grads = load_extension().backward(*ctx.saved_tensors, *ctx.camera_tensors, *ctx.sizes, *upstream)
+        return *grads, None, None
 
 
 def project_and_shade(
@@ -99,7 +95,7 @@ def project_and_shade(
         quats: (w, x, y, z) quaternions [N, 4] of any non-zero norm.
         scales: activated scales [N, 3].
         coefficients: SH coefficients [N, K, 3], K >= (sh_degree + 1)^2 (extra bands ignored); or a tuple of
-            bands that concatenate to them along dim 1 (``(sh0, shN)``), joined only while the extension runs.
+            bands ``(sh0 [N, 1, 3], shN [N, K - 1, 3])`` that concatenate to them along dim 1 (never joined).
         cameras: C pinhole cameras (no gradient flows to them).
         sh_degree: SH degree 0..3 of the colours.
         rasterize_mode: ``"classic"`` or ``"antialiased"`` (which adds ``compensations``).
@@ -113,9 +109,9 @@ def project_and_shade(
         t.to(dtype).contiguous() for t in (cameras.world_to_camera, cameras.intrinsics, cameras.centers.to(dtype))
     )
     sizes = (cameras.width, cameras.height, sh_degree, rasterize_mode == "antialiased")
-    bands = (band.contiguous() for band in _bands(coefficients))
+    sh0, shN = (band.contiguous() for band in _bands(coefficients))
     means2d, conics, depths, radii, compensations, colors = _FusedProjection.apply(
-        means.contiguous(), quats.contiguous(), scales.contiguous(), camera_tensors, sizes, *bands
+        means.contiguous(), quats.contiguous(), scales.contiguous(), sh0, shN, camera_tensors, sizes
     )
     compensations = compensations if rasterize_mode == "antialiased" else None
     return Projected(means2d, conics, depths, radii, compensations), colors
