@@ -51,6 +51,10 @@ class PosedImageDataset(Dataset):
     def image_shape(self) -> tuple[int, int]:
         return tuple(self.split.images.shape[1:3])
 
+    def load(self, index: int) -> None:
+        """Decode image ``index`` now (streamed: held or memory-mapped, rows not read yet)."""
+        self.split.images[index]
+
     def pixels(self, index: int, rows: slice = slice(None)) -> Tensor:
         """Rows of image ``index`` as float32 [rows, W, 3] in [0, 1] (elementwise, so any rows equal the same
         rows of the whole image)."""

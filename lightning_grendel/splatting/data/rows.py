@@ -6,7 +6,8 @@ memory-mapped from the host's disk cache, so handing the step rows on demand ins
 images means a rank faults in and converts only the rows it uses (about 1/W of each image) instead of
 H·W·C uint8 pages and an H·W·3 float32 copy per image. The conversion (uint8 to float32, alpha over the
 background) is elementwise and is the dataset's own function, so the rows are bit-identical to the same rows
-of the whole-image batch.
+of the whole-image batch. The images themselves are still decoded (or mapped) in the loader, for every view
+on every rank, so a file that fails to decode stops every rank at the same batch.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ class RowSource(Protocol):
 
     def image_shape(self) -> tuple[int, int]:
         """(H, W) of every image."""
+
+    def load(self, index: int) -> None:
+        """Have image ``index`` decoded (or mapped from the disk cache, no page read), raising its error."""
 
 
 class RowImages:
@@ -74,5 +78,7 @@ class CollateRows:
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         batch = default_collate(items)
+        for index in batch["index"]:  # every rank, every view: a file that fails to decode fails here, everywhere
+            self.source.load(int(index))
         # First: Lightning's batch-size inference passes over a leading non-tensor, but warns about one after a tensor.
         return {"image": RowImages(self.source, [int(i) for i in batch["index"]]), **batch}
