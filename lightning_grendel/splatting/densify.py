@@ -40,8 +40,9 @@ class DensifyConfig:
         split_copies: how many Gaussians replace a split one (sampled inside it, scales divided by 0.8·copies).
         max_gaussians: most Gaussians this rank may hold; growth beyond it keeps the highest gradients
             (None: no limit).
-        memory_budget_bytes: bytes this rank may spend on parameters, gradients and two Adam moments
-            (fp32); caps the count like ``max_gaussians`` (None: no limit).
+        memory_budget_bytes: bytes this rank may spend on its Gaussians while training (parameters, gradients,
+            two Adam moments and the step's per-Gaussian buffers: :func:`training_bytes_per_gaussian`, 1,104
+            bytes at SH degree 3); caps the count like ``max_gaussians`` (None: no limit).
         absgrad: AbsGS (Ye et al. 2024): rank Gaussians by the absolute view-space gradient, the sum over
             pixels of |d loss / d mean2d| per component, instead of the summed signed gradient, whose
             pixels' contributions can cancel; needs a ``torch`` or ``gsplat`` rasterizer (``cpp`` falls back
@@ -66,12 +67,24 @@ class DensifyConfig:
 
     def capacity(self, sh_degree: int = 3) -> int | None:
         """Most Gaussians this rank may hold: ``max_gaussians`` and what ``memory_budget_bytes`` affords
-        (parameters, gradients and two Adam moments per float), whichever is smaller."""
+        (:func:`training_bytes_per_gaussian` each), whichever is smaller."""
         limits = [] if self.max_gaussians is None else [self.max_gaussians]
         if self.memory_budget_bytes is not None:
-            floats = 3 + 3 + 4 + 1 + 3 * (sh_degree + 1) ** 2
-            limits.append(self.memory_budget_bytes // (4 * 4 * floats))
+            limits.append(self.memory_budget_bytes // training_bytes_per_gaussian(sh_degree))
         return min(limits) if limits else None
+
+
+TRAINING_BYTES_OVER_FLOOR = 160  # measured: see training_bytes_per_gaussian
+
+
+def training_bytes_per_gaussian(sh_degree: int = 3) -> int:
+    """Peak memory one Gaussian costs while training on the CPU: the floor (parameter, gradient and two Adam
+    moments per fp32 float: 944 bytes at SH degree 3) plus ``TRAINING_BYTES_OVER_FLOOR``, what
+    ``benchmarks/gaussian_memory.py`` measured above it at 1M Gaussians, SH degree 3, one view a step
+    (1,104 bytes in all; 4M: fewer): densification statistics, the step's per-Gaussian projection outputs
+    and their gradients, and freed memory the allocator keeps (docs/results/capture_scale.md)."""
+    floats = 3 + 3 + 4 + 1 + 3 * (sh_degree + 1) ** 2
+    return 4 * 4 * floats + TRAINING_BYTES_OVER_FLOOR
 
 
 class Densifier:

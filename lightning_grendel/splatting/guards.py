@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 NonFiniteMode = Literal["stop", "skip"]
 MAX_CONSECUTIVE_SKIPS = 10
+ROW_CHUNK = 1 << 16  # rows bad_rows checks at a time
 _HINT = ("lower the learning rates (lr_means, lr_scales, ...) or check the dataset's cameras; "
          "on_nonfinite='skip' skips such steps instead")
 
@@ -39,9 +40,17 @@ class NonFiniteError(FloatingPointError):
 
 
 def bad_rows(tensor: Tensor) -> Tensor:
-    """Bool [N]: rows of ``tensor`` [N, ...] with at least one non-finite entry."""
-    finite = torch.isfinite(tensor.detach())
-    return ~finite.reshape(finite.shape[0], -1).all(dim=1) if finite.dim() > 1 else ~finite
+    """Bool [N]: rows of ``tensor`` [N, ...] with at least one non-finite entry.
+
+    Checked ``ROW_CHUNK`` rows at a time: ``isfinite`` makes an ``abs`` copy and three boolean masks of its
+    input, which on the whole SH gradient of a million Gaussians were the step's peak memory (315 bytes a
+    Gaussian, benchmarks/gaussian_memory.py).
+    """
+    rows = []
+    for chunk in tensor.detach().split(ROW_CHUNK):
+        finite = torch.isfinite(chunk)
+        rows.append(~(finite.flatten(1).all(dim=1) if finite.dim() > 1 else finite))
+    return torch.cat(rows)
 
 
 def _world() -> int:

@@ -49,9 +49,9 @@ def splat_gaussians(
     """
     if projection not in PROJECTIONS:
         raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
-    means, quats = params["means"], params["quats"]
-    scales, coefficients = activated_scales(params), sh_coefficients(params)
-    use_cpp = projection in ("auto", "cpp") and fused_projection_available(means, quats, scales, coefficients, cameras)
+    means, quats, scales = params["means"], params["quats"], activated_scales(params)
+    bands = (params["sh0"], params["shN"])  # the fused op joins them itself, keeping no joined copy
+    use_cpp = projection in ("auto", "cpp") and fused_projection_available(means, quats, scales, bands, cameras)
     # cpp needs CPU tensors and gsplat CUDA ones, so at most one of the two applies.
     use_gsplat = projection in ("auto", "gsplat") and gsplat_projection_available(means, cameras)
     if projection == "cpp" and not use_cpp:
@@ -59,15 +59,15 @@ def splat_gaussians(
     if projection == "gsplat" and not use_gsplat:
         raise ValueError("projection='gsplat' needs float32 CUDA inputs, constant cameras and gsplat installed")
     if use_cpp:
-        projected, colors = project_and_shade(means, quats, scales, coefficients, cameras, sh_degree, rasterize_mode)
+        projected, colors = project_and_shade(means, quats, scales, bands, cameras, sh_degree, rasterize_mode)
     elif use_gsplat:
         projected, colors = project_and_shade_gsplat(
-            means, quats, scales, coefficients, cameras, sh_degree, rasterize_mode
+            means, quats, scales, sh_coefficients(params), cameras, sh_degree, rasterize_mode
         )
     else:
         projected = project_gaussians(means, quats, scales, cameras, rasterize_mode)
         directions = means[None] - cameras.centers.to(means.dtype)[:, None]
-        colors = sh_to_rgb(sh_degree, coefficients[None], directions)
+        colors = sh_to_rgb(sh_degree, sh_coefficients(params)[None], directions)
     opacities = activated_opacities(params)[None].expand(len(cameras), -1)
     if projected.compensations is not None:
         opacities = opacities * projected.compensations

@@ -191,3 +191,24 @@ def test_splat_gaussians_same_on_both_paths(mode):
                         splats.means2d.grad, *(leaves[k].grad for k in ("means", "quats", "scales", "sh0", "shN"))])
     for got, want in zip(results[1], results[0], strict=True):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("mode", ["classic", "antialiased"])
+def test_sh_bands_apart_equal_the_joined_coefficients_bit_for_bit(mode):
+    """``(sh0, shN)`` given apart (what splat_gaussians passes, so no joined copy is saved for backward) give the
+    same outputs and the same gradients as the joined [N, 16, 3] tensor, to the bit."""
+    results = []
+    for apart in (False, True):
+        gaussians, cameras = scene(300, torch.float32, seed=4, spread=2.0)
+        params = {key: value.clone().requires_grad_(True) for key, value in gaussians.items()}
+        bands = (params["sh0"], params["shN"]) if apart else sh_coefficients(params)
+        projected, colors = project_and_shade(params["means"], params["quats"], activated_scales(params), bands,
+                                              cameras, 3, mode)
+        values = outputs(projected, colors)
+        weights = [torch.randn(v.shape, generator=torch.Generator().manual_seed(i)) for i, v in enumerate(values)]
+        sum((v * w).sum() for v, w in zip(values, weights, strict=True)).backward()
+        results.append(([v.detach() for v in values], {key: p.grad for key, p in params.items()}))
+    (joined_values, joined_grads), (apart_values, apart_grads) = results
+    assert all(torch.equal(a, b) for a, b in zip(joined_values, apart_values, strict=True))
+    assert all(torch.equal(joined_grads[key], apart_grads[key]) for key in ("means", "quats", "scales", "sh0", "shN"))
+    assert apart_grads["sh0"].is_contiguous() and apart_grads["shN"].is_contiguous()

@@ -43,6 +43,18 @@ def test_bad_rows_counts_rows_with_any_non_finite_entry():
     assert bad_rows(torch.tensor([1.0, float("inf")])).tolist() == [False, True]
 
 
+def test_bad_rows_in_chunks_equals_one_pass(monkeypatch):
+    """Checked a few rows at a time (what bounds its memory), the answer is the one-pass one, across chunk edges."""
+    tensor = torch.randn(23, 4, 3)
+    tensor[[0, 6, 7, 15, 22], [1, 0, 3, 2, 1], [2, 0, 1, 1, 0]] = torch.tensor([math.nan, math.inf, -math.inf,
+                                                                                 math.nan, math.inf])
+    expected = ~torch.isfinite(tensor).flatten(1).all(dim=1)
+    monkeypatch.setattr("lightning_grendel.splatting.guards.ROW_CHUNK", 7)
+    assert torch.equal(bad_rows(tensor), expected) and int(expected.sum()) == 5
+    assert torch.equal(bad_rows(tensor[:, 0, 0]), ~torch.isfinite(tensor[:, 0, 0]))
+    assert bad_rows(torch.zeros(0, 3)).shape == (0,)
+
+
 @pytest.mark.timeout(60)
 def test_a_nan_training_pose_is_refused_before_the_first_step(tmp_path):
     data = _data()

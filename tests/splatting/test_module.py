@@ -13,7 +13,12 @@ from lightning.pytorch import Callback, Trainer
 from plyfile import PlyData
 
 from lightning_grendel.splatting.data.datamodule import GaussianSplattingDataModule
-from lightning_grendel.splatting.densify import Densifier, DensifyConfig
+from lightning_grendel.splatting.densify import (
+    TRAINING_BYTES_OVER_FLOOR,
+    Densifier,
+    DensifyConfig,
+    training_bytes_per_gaussian,
+)
 from lightning_grendel.splatting.gaussians import make_parameters
 from lightning_grendel.splatting.losses import image_loss
 from lightning_grendel.splatting.module import GaussianSplattingModule
@@ -167,11 +172,30 @@ def test_capacity_caps_densification_to_the_highest_gradients(caplog):
     assert sum("capacity reached" in r.message for r in caplog.records) == 1  # said once
 
 
-def test_memory_budget_converts_to_a_gaussian_count():
-    per_gaussian = 4 * 4 * (3 + 3 + 4 + 1 + 48)  # params, grads, two moments; SH degree 3
+def test_memory_budget_counts_what_a_training_gaussian_holds(tmp_path):
+    """The budget's bytes per Gaussian cover every per-Gaussian tensor still held after a training step
+    (parameters, gradients, Adam's moments, densification statistics), which is more than the floor of
+    parameters + gradients + two moments the budget used to count, and convert to a count exactly."""
+    per_gaussian = training_bytes_per_gaussian(3)
+    assert per_gaussian == 4 * 4 * (3 + 3 + 4 + 1 + 48) + TRAINING_BYTES_OVER_FLOOR  # 944 + the measured rest
     assert DensifyConfig(memory_budget_bytes=per_gaussian * 1000).capacity(3) == 1000
+    assert DensifyConfig(memory_budget_bytes=per_gaussian * 1000 - 1).capacity(3) == 999
     assert DensifyConfig(memory_budget_bytes=per_gaussian * 1000, max_gaussians=10).capacity(3) == 10
     assert DensifyConfig().capacity(3) is None
+    module = GaussianSplattingModule(sh_degree=3, sh_degree_interval=0, export_ply=False, backend="torch",
+                                     densify=DensifyConfig(start_images=10**9, opacity_reset_every_images=0))
+    trainer = Trainer(accelerator="cpu", devices=1, max_steps=2, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, limit_val_batches=0, enable_model_summary=False,
+                      default_root_dir=tmp_path)
+    trainer.fit(module, GaussianSplattingDataModule(format="demo", image_width=24, num_init_points=300))
+    count = module.gaussians["means"].shape[0]
+    optimizer = module.optimizers().optimizer
+    held = [p for p in module.gaussians.values()] + [p.grad for p in module.gaussians.values()]
+    held += [t for p in module.gaussians.values() for t in optimizer.state[p].values() if t.dim() > 0]
+    held += [module.densifier.grad_sum, module.densifier.visible_count]
+    assert all(t.shape[0] == count for t in held)
+    held_per_gaussian = sum(t.nbytes for t in held) / count
+    assert 944 < held_per_gaussian <= per_gaussian
 
 
 @pytest.mark.timeout(600)

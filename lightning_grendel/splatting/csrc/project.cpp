@@ -267,23 +267,28 @@ inline void normalize_backward(const T* unit, T norm, const T* g, T* out) {
   for (int i = 0; i < D; ++i) out[i] = (g[i] - unit[i] * dot) / norm;
 }
 
-// The inputs of one Gaussian: its mean, its shape and its SH coefficients [K, 3].
+// The inputs of one Gaussian: its mean and its shape.
 template <typename T>
 struct Gaussian {
   const T* mean;
   Shape<T> shape;
-  const T* coef;
 };
 
+// The SH coefficients come as two bands, sh0 [N, 1, 3] and shN [N, K - 1, 3] (the module's parameters), so
+// no joined [N, K, 3] copy is ever made: a Gaussian's first `count` coefficients are gathered per Gaussian.
 template <typename T>
 struct Inputs {
-  const T *means, *quats, *scales, *coefs;
-  int64_t coefficients;
-  Inputs(const torch::Tensor& m, const torch::Tensor& q, const torch::Tensor& s, const torch::Tensor& c)
-      : means(m.data_ptr<T>()), quats(q.data_ptr<T>()), scales(s.data_ptr<T>()), coefs(c.data_ptr<T>()),
-        coefficients(c.size(1)) {}
-  Gaussian<T> operator[](int64_t n) const {
-    return {means + 3 * n, make_shape(quats + 4 * n, scales + 3 * n), coefs + n * coefficients * 3};
+  const T *means, *quats, *scales, *sh0, *shN;
+  int64_t rest;  // K - 1
+  Inputs(const torch::Tensor& m, const torch::Tensor& q, const torch::Tensor& s, const torch::Tensor& c0,
+         const torch::Tensor& cN)
+      : means(m.data_ptr<T>()), quats(q.data_ptr<T>()), scales(s.data_ptr<T>()), sh0(c0.data_ptr<T>()),
+        shN(cN.numel() > 0 ? cN.data_ptr<T>() : nullptr), rest(cN.size(1)) {}
+  Gaussian<T> operator[](int64_t n) const { return {means + 3 * n, make_shape(quats + 4 * n, scales + 3 * n)}; }
+  // The first `count` coefficients [count, 3] of Gaussian n, into coef.
+  void gather(int64_t n, int count, T* coef) const {
+    for (int ch = 0; ch < 3; ++ch) coef[ch] = sh0[3 * n + ch];
+    for (int i = 3; i < 3 * count; ++i) coef[i] = shN[n * rest * 3 + i - 3];
   }
 };
 
@@ -298,15 +303,16 @@ inline void shade_raw(const T* bases, const T* coef, int count, T* raw) {
 }
 
 struct Sizes {
-  int64_t cameras, gaussians, coefficients;
+  int64_t cameras, gaussians;
   int degree;
   bool antialiased;
 };
 
 template <typename T>
 std::vector<torch::Tensor> forward_impl(const torch::Tensor& means, const torch::Tensor& quats,
-                                        const torch::Tensor& scales, const torch::Tensor& coefficients,
-                                        const std::vector<Camera<T>>& cameras, const Sizes& z) {
+                                        const torch::Tensor& scales, const torch::Tensor& sh0,
+                                        const torch::Tensor& shN, const std::vector<Camera<T>>& cameras,
+                                        const Sizes& z) {
   const auto opts = means.options();
   const int64_t C = z.cameras, N = z.gaussians;
   torch::Tensor means2d = torch::empty({C, N, 2}, opts);
@@ -315,7 +321,7 @@ std::vector<torch::Tensor> forward_impl(const torch::Tensor& means, const torch:
   torch::Tensor radii = torch::empty({C, N}, opts.dtype(torch::kInt32));
   torch::Tensor comps = z.antialiased ? torch::empty({C, N}, opts) : torch::empty({0}, opts);
   torch::Tensor colors = torch::empty({C, N, 3}, opts);
-  const Inputs<T> in(means, quats, scales, coefficients);
+  const Inputs<T> in(means, quats, scales, sh0, shN);
   T* m2 = means2d.data_ptr<T>();
   T* co = conics.data_ptr<T>();
   T* de = depths.data_ptr<T>();
@@ -325,7 +331,9 @@ std::vector<torch::Tensor> forward_impl(const torch::Tensor& means, const torch:
   const int count = (z.degree + 1) * (z.degree + 1);
 #pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
   for (int64_t n = 0; n < N; ++n) {
-    const auto [mean, shape, coef] = in[n];
+    const auto [mean, shape] = in[n];
+    T coef[48];
+    in.gather(n, count, coef);
     for (int64_t ci = 0; ci < C; ++ci) {
       const Camera<T>& cam = cameras[ci];
       const Pair<T> q = project_pair(cam, mean, shape);
@@ -364,25 +372,29 @@ const T* maybe(const std::optional<torch::Tensor>& t) {
 
 template <typename T>
 std::vector<torch::Tensor> backward_impl(const torch::Tensor& means, const torch::Tensor& quats,
-                                         const torch::Tensor& scales, const torch::Tensor& coefficients,
-                                         const std::vector<Camera<T>>& cameras, const Sizes& z,
+                                         const torch::Tensor& scales, const torch::Tensor& sh0,
+                                         const torch::Tensor& shN, const std::vector<Camera<T>>& cameras,
+                                         const Sizes& z,
                                          const T* g_means2d, const T* g_conics, const T* g_depths,
                                          const T* g_colors, const T* g_comps) {
-  const int64_t C = z.cameras, N = z.gaussians, K = z.coefficients;
+  const int64_t C = z.cameras, N = z.gaussians, rest = shN.size(1);
   torch::Tensor grad_means = torch::zeros_like(means);
   torch::Tensor grad_quats = torch::zeros_like(quats);
   torch::Tensor grad_scales = torch::zeros_like(scales);
-  torch::Tensor grad_coefficients = torch::zeros_like(coefficients);
-  const Inputs<T> in(means, quats, scales, coefficients);
+  torch::Tensor grad_sh0 = torch::zeros_like(sh0);
+  torch::Tensor grad_shN = torch::zeros_like(shN);
+  const Inputs<T> in(means, quats, scales, sh0, shN);
   T* gmp = grad_means.data_ptr<T>();
   T* gqp = grad_quats.data_ptr<T>();
   T* gsp = grad_scales.data_ptr<T>();
-  T* gcp = grad_coefficients.data_ptr<T>();
+  T* g0p = grad_sh0.data_ptr<T>();
+  T* gNp = grad_shN.numel() > 0 ? grad_shN.data_ptr<T>() : nullptr;
   const int count = (z.degree + 1) * (z.degree + 1);
 #pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
   for (int64_t n = 0; n < N; ++n) {
-    const auto [mean, shape, coef] = in[n];
-    T* g_coef = gcp + n * K * 3;
+    const auto [mean, shape] = in[n];
+    T coef[48], g_coef[48] = {};
+    in.gather(n, count, coef);
     T* g_mean = gmp + 3 * n;
     T g_sigma[9] = {};
     for (int64_t ci = 0; ci < C; ++ci) {
@@ -510,16 +522,19 @@ std::vector<torch::Tensor> backward_impl(const torch::Tensor& means, const torch
         T(2) * (-T(2) * zq * g[0] - w * g[1] + x * g[2] + w * g[3] - T(2) * zq * g[4] + y * g[5] + x * g[6] + y * g[7]),
     };
     normalize_backward<4>(shape.qhat, shape.qnorm, g_qhat, gqp + 4 * n);
+    for (int ch = 0; ch < 3; ++ch) g0p[3 * n + ch] = g_coef[ch];
+    for (int i = 3; i < 3 * count; ++i) gNp[n * rest * 3 + i - 3] = g_coef[i];
   }
-  return {grad_means, grad_quats, grad_scales, grad_coefficients};
+  return {grad_means, grad_quats, grad_scales, grad_sh0, grad_shN};
 }
 
 Sizes check_inputs(const torch::Tensor& means, const torch::Tensor& quats, const torch::Tensor& scales,
-                   const torch::Tensor& coefficients, const torch::Tensor& viewmats, const torch::Tensor& intrinsics,
+                   const torch::Tensor& sh0, const torch::Tensor& shN, const torch::Tensor& viewmats,
+                   const torch::Tensor& intrinsics,
                    const torch::Tensor& centers, int64_t degree, bool antialiased) {
   const auto dtype = means.scalar_type();
   TORCH_CHECK(dtype == torch::kFloat32 || dtype == torch::kFloat64, "fused projection: float32 or float64 only");
-  for (const auto* t : {&means, &quats, &scales, &coefficients, &viewmats, &intrinsics, &centers}) {
+  for (const auto* t : {&means, &quats, &scales, &sh0, &shN, &viewmats, &intrinsics, &centers}) {
     TORCH_CHECK(t->device().is_cpu(), "fused projection: tensors must be on the CPU");
     TORCH_CHECK(t->scalar_type() == dtype, "fused projection: all tensors must share one dtype");
     TORCH_CHECK(t->is_contiguous(), "fused projection: tensors must be contiguous");
@@ -530,33 +545,34 @@ Sizes check_inputs(const torch::Tensor& means, const torch::Tensor& quats, const
   TORCH_CHECK(scales.dim() == 2 && scales.size(0) == N && scales.size(1) == 3,
               "fused projection: scales must be [N, 3]");
   TORCH_CHECK(0 <= degree && degree <= 3, "fused projection: SH degree must be in 0..3, got ", degree);
-  TORCH_CHECK(coefficients.dim() == 3 && coefficients.size(0) == N && coefficients.size(2) == 3 &&
-                  coefficients.size(1) >= (degree + 1) * (degree + 1),
-              "fused projection: coefficients must be [N, K >= (degree+1)^2, 3], got ", coefficients.sizes());
+  TORCH_CHECK(sh0.dim() == 3 && sh0.size(0) == N && sh0.size(1) == 1 && sh0.size(2) == 3,
+              "fused projection: sh0 must be [N, 1, 3], got ", sh0.sizes());
+  TORCH_CHECK(shN.dim() == 3 && shN.size(0) == N && shN.size(2) == 3 && shN.size(1) + 1 >= (degree + 1) * (degree + 1),
+              "fused projection: shN must be [N, K - 1 >= (degree+1)^2 - 1, 3], got ", shN.sizes());
   TORCH_CHECK(viewmats.dim() == 3 && viewmats.size(1) == 4 && viewmats.size(2) == 4,
               "fused projection: world_to_camera must be [C, 4, 4]");
   TORCH_CHECK(intrinsics.dim() == 3 && intrinsics.size(0) == C && intrinsics.size(1) == 3 && intrinsics.size(2) == 3,
               "fused projection: intrinsics must be [C, 3, 3]");
   TORCH_CHECK(centers.dim() == 2 && centers.size(0) == C && centers.size(1) == 3,
               "fused projection: centers must be [C, 3]");
-  return Sizes{C, N, coefficients.size(1), int(degree), antialiased};
+  return Sizes{C, N, int(degree), antialiased};
 }
 
 std::vector<torch::Tensor> forward(const torch::Tensor& means, const torch::Tensor& quats, const torch::Tensor& scales,
-                                   const torch::Tensor& coefficients, const torch::Tensor& viewmats,
+                                   const torch::Tensor& sh0, const torch::Tensor& shN, const torch::Tensor& viewmats,
                                    const torch::Tensor& intrinsics, const torch::Tensor& centers, int64_t width,
                                    int64_t height, int64_t degree, bool antialiased) {
-  const Sizes z = check_inputs(means, quats, scales, coefficients, viewmats, intrinsics, centers, degree, antialiased);
+  const Sizes z = check_inputs(means, quats, scales, sh0, shN, viewmats, intrinsics, centers, degree, antialiased);
   if (means.scalar_type() == torch::kFloat64) {
     const auto cams = read_cameras<double>(viewmats, intrinsics, centers, width, height);
-    return forward_impl<double>(means, quats, scales, coefficients, cams, z);
+    return forward_impl<double>(means, quats, scales, sh0, shN, cams, z);
   }
   const auto cams = read_cameras<float>(viewmats, intrinsics, centers, width, height);
-  return forward_impl<float>(means, quats, scales, coefficients, cams, z);
+  return forward_impl<float>(means, quats, scales, sh0, shN, cams, z);
 }
 
 std::vector<torch::Tensor> backward(const torch::Tensor& means, const torch::Tensor& quats, const torch::Tensor& scales,
-                                    const torch::Tensor& coefficients, const torch::Tensor& viewmats,
+                                    const torch::Tensor& sh0, const torch::Tensor& shN, const torch::Tensor& viewmats,
                                     const torch::Tensor& intrinsics, const torch::Tensor& centers, int64_t width,
                                     int64_t height, int64_t degree, bool antialiased,
                                     const std::optional<torch::Tensor>& g_means2d,
@@ -564,7 +580,7 @@ std::vector<torch::Tensor> backward(const torch::Tensor& means, const torch::Ten
                                     const std::optional<torch::Tensor>& g_depths,
                                     const std::optional<torch::Tensor>& g_comps,
                                     const std::optional<torch::Tensor>& g_colors) {
-  const Sizes z = check_inputs(means, quats, scales, coefficients, viewmats, intrinsics, centers, degree, antialiased);
+  const Sizes z = check_inputs(means, quats, scales, sh0, shN, viewmats, intrinsics, centers, degree, antialiased);
   const int64_t pairs = z.cameras * z.gaussians;
   const std::vector<std::pair<const std::optional<torch::Tensor>*, int64_t>> grads = {
       {&g_means2d, 2 * pairs}, {&g_conics, 3 * pairs}, {&g_depths, pairs}, {&g_comps, pairs}, {&g_colors, 3 * pairs}};
@@ -576,12 +592,12 @@ std::vector<torch::Tensor> backward(const torch::Tensor& means, const torch::Ten
   }
   if (means.scalar_type() == torch::kFloat64) {
     const auto cams = read_cameras<double>(viewmats, intrinsics, centers, width, height);
-    return backward_impl<double>(means, quats, scales, coefficients, cams, z, maybe<double>(g_means2d),
+    return backward_impl<double>(means, quats, scales, sh0, shN, cams, z, maybe<double>(g_means2d),
                                  maybe<double>(g_conics), maybe<double>(g_depths), maybe<double>(g_colors),
                                  antialiased ? maybe<double>(g_comps) : nullptr);
   }
   const auto cams = read_cameras<float>(viewmats, intrinsics, centers, width, height);
-  return backward_impl<float>(means, quats, scales, coefficients, cams, z, maybe<float>(g_means2d),
+  return backward_impl<float>(means, quats, scales, sh0, shN, cams, z, maybe<float>(g_means2d),
                               maybe<float>(g_conics), maybe<float>(g_depths), maybe<float>(g_colors),
                               antialiased ? maybe<float>(g_comps) : nullptr);
 }
@@ -592,5 +608,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward,
         "means2d, conics, depths, radii, compensations (empty unless antialiased) and colours of every pair");
   m.def("backward", &backward,
-        "gradients of means, quats, scales and SH coefficients from the outputs' gradients (None = zero)");
+        "gradients of means, quats, scales, sh0 and shN from the outputs' gradients (None = zero)");
 }

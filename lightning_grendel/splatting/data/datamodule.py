@@ -22,6 +22,7 @@ from lightning_grendel.splatting.data.colmap import find_model_dir, load_colmap_
 from lightning_grendel.splatting.data.demo_scene import make_demo_scene
 from lightning_grendel.splatting.data.image_cache import DecodedImageCache
 from lightning_grendel.splatting.data.nerfstudio import TRANSFORMS_FILE, load_nerfstudio_scene
+from lightning_grendel.splatting.data.rows import CollateRows
 from lightning_grendel.splatting.data.scene import ImageSplit, SceneData
 from lightning_grendel.splatting.data.streamed import ImageStorage, PrefetchingSampler, StorageMode, StreamedImages
 
@@ -34,23 +35,39 @@ DEMO_INIT_POINTS = 5_000  # enough for the small demo scene, cheap on two CPU co
 class PosedImageDataset(Dataset):
     """Items ``{"image" [H,W,3] float32 in [0,1], "world_to_camera" [4,4], "intrinsics" [3,3], "index"}``.
 
-    Images with alpha are composited over ``background`` per item (``rgb*a + bg*(1-a)``).
+    Images with alpha are composited over ``background`` per item (``rgb*a + bg*(1-a)``). With
+    ``rows_on_demand`` the items have no ``image``: :class:`~.rows.CollateRows` gives the batch a
+    :class:`~.rows.RowImages` that reads rows through :meth:`pixels` when the step asks for them.
     """
 
-    def __init__(self, split: ImageSplit, background: Tensor) -> None:
+    def __init__(self, split: ImageSplit, background: Tensor, rows_on_demand: bool = False) -> None:
         self.split = split
         self.background = background.to(torch.float32)
+        self.rows_on_demand = rows_on_demand
 
     def __len__(self) -> int:
         return len(self.split)
 
-    def __getitem__(self, index: int) -> dict[str, Tensor | int]:
-        pixels = self.split.images[index].to(torch.float32) / 255.0
+    def image_shape(self) -> tuple[int, int]:
+        return tuple(self.split.images.shape[1:3])
+
+    def load(self, index: int) -> None:
+        """Decode image ``index`` now (streamed: held or memory-mapped, rows not read yet)."""
+        self.split.images[index]
+
+    def pixels(self, index: int, rows: slice = slice(None)) -> Tensor:
+        """Rows of image ``index`` as float32 [rows, W, 3] in [0, 1] (elementwise, so any rows equal the same
+        rows of the whole image)."""
+        pixels = self.split.images[index][rows].to(torch.float32) / 255.0
         if pixels.shape[-1] == 4:
             alpha = pixels[..., 3:]
             pixels = pixels[..., :3] * alpha + self.background * (1.0 - alpha)
+        return pixels
+
+    def __getitem__(self, index: int) -> dict[str, Tensor | int]:
+        item = {} if self.rows_on_demand else {"image": self.pixels(index)}
         return {
-            "image": pixels,
+            **item,
             "world_to_camera": self.split.cameras.world_to_camera[index],
             "intrinsics": self.split.cameras.intrinsics[index],
             "index": index,
@@ -181,6 +198,13 @@ class GaussianSplattingDataModule(LightningDataModule):
         if self._scene is None:
             self._scene = self._load()
 
+    def teardown(self, stage: str | None = None) -> None:
+        """End the streamed splits' prefetch threads (a loader abandoned mid-pass may have left one)."""
+        if self._scene is not None:
+            for split in (self._scene.train, self._scene.val, self._scene.test):
+                if isinstance(split.images, StreamedImages):
+                    split.images.stop_prefetching()
+
     @property
     def scene(self) -> SceneData:
         """The decoded scene; accessors load it on first use, so they also work before ``setup``."""
@@ -210,8 +234,11 @@ class GaussianSplattingDataModule(LightningDataModule):
         return sampler
 
     def train_dataloader(self) -> DataLoader:
+        """Streamed without workers, the batches' images are :class:`~.rows.RowImages`: a Grendel rank reads only
+        the rows it renders (the same values; see :mod:`.rows`)."""
         generator = torch.Generator().manual_seed(self.seed)
-        dataset = self._dataset(self.scene.train)
+        rows_on_demand = isinstance(self.scene.train.images, StreamedImages) and self.num_workers == 0
+        dataset = PosedImageDataset(self.scene.train, self._background, rows_on_demand)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
@@ -219,6 +246,7 @@ class GaussianSplattingDataModule(LightningDataModule):
             generator=generator,  # what shuffle=True would pass: the same draws, so the same order
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            collate_fn=CollateRows(dataset) if rows_on_demand else None,
         )
 
     def _eval_loader(self, split: ImageSplit) -> DataLoader:

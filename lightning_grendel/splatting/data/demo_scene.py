@@ -204,15 +204,19 @@ def orbit_cameras(count: int, width: int, height: int, generator: torch.Generato
     """Cameras around the scene, azimuths evenly spread (with jitter), random elevation and distance."""
     jitter = torch.rand(count, 3, generator=generator, dtype=torch.float64)
     azimuth = 2 * math.pi * (torch.arange(count, dtype=torch.float64) + 0.8 * jitter[:, 0]) / count
-    elevation = torch.deg2rad(20 + 35 * jitter[:, 1])
-    distance = 3.6 + 0.8 * jitter[:, 2]
+    return cameras_on_sphere(azimuth, 20 + 35 * jitter[:, 1], 3.6 + 0.8 * jitter[:, 2], width, height)
+
+
+def cameras_on_sphere(azimuth: Tensor, elevation_deg: Tensor, distance: Tensor, width: int, height: int) -> Cameras:
+    """Cameras at these spherical positions (float64 [C] each) looking at the scene's centre."""
+    elevation = torch.deg2rad(elevation_deg)
     eyes = distance[:, None] * torch.stack(
         [torch.cos(elevation) * torch.cos(azimuth), torch.cos(elevation) * torch.sin(azimuth), torch.sin(elevation)],
         -1,
     )
     w2c = look_at_world_to_camera(eyes, torch.tensor(LOOK_AT, dtype=torch.float64))
     focal = focal_from_fov(FIELD_OF_VIEW, width)
-    intrinsics = intrinsics_matrix(focal, focal, width / 2, height / 2).expand(count, 3, 3).clone()
+    intrinsics = intrinsics_matrix(focal, focal, width / 2, height / 2).expand(len(azimuth), 3, 3).clone()
     return Cameras(w2c.to(torch.float32), intrinsics, width, height)
 
 

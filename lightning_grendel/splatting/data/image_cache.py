@@ -22,9 +22,12 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import hashlib
+import io
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -41,6 +44,15 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 LOCK_FILE = ".locks"
 FREE_SPACE_RESERVE = 1 << 30  # never fill the disk: keep 1 GiB free beside the cache
+
+
+@functools.cache
+def npy_header(shape: tuple[int, int, int]) -> bytes:
+    """The header ``np.save`` writes before a C-ordered uint8 array of ``shape`` (format 1.0)."""
+    buffer = io.BytesIO()
+    header = {"descr": "|u1", "fortran_order": False, "shape": tuple(int(side) for side in shape)}
+    np.lib.format.write_array_header_1_0(buffer, header)
+    return buffer.getvalue()
 
 
 def default_cache_dir(kind: str = "undistorted") -> Path:
@@ -88,20 +100,29 @@ class DecodedImageCache:
         return pixels if mapped is None else mapped  # mapped: the host's shared pages, not a private copy
 
     def _read(self, entry: Path, shape: tuple[int, int, int], mmap: bool, quiet: bool = False) -> np.ndarray | None:
+        """The entry's pixels, or None when it is missing or is not the ``.npy`` of a uint8 ``shape`` array.
+
+        Not ``np.load``: it parses the header with ``ast.literal_eval``, and CPython 3.11's AST conversion
+        keeps its recursion depth in interpreter-wide state, so two threads parsing at once (the prefetch
+        thread and the step, or pytest compiling a module) fail with ``SystemError: AST constructor recursion
+        depth mismatch``. The header np.save writes for this shape is known, so it is compared byte for byte.
+        """
         if not entry.is_file():
             return None
+        header = npy_header(shape)
         try:
-            pixels = np.load(entry, mmap_mode="c" if mmap else None, allow_pickle=False)
-        except (OSError, ValueError, EOFError) as error:
+            with open(entry, "rb") as handle:
+                found = handle.read(len(header))
+            size = entry.stat().st_size
+            if found != header or size != len(header) + math.prod(shape):
+                raise ValueError(f"not the .npy file of a uint8 {shape} array ({size} bytes)")
+            if mmap:
+                return np.memmap(entry, np.uint8, "c", offset=len(header), shape=shape)
+            return np.fromfile(entry, np.uint8, offset=len(header)).reshape(shape)
+        except (OSError, ValueError) as error:
             if not quiet:
                 log.warning("image cache file %s cannot be read (%s): recomputing it", entry, error)
             return None
-        if pixels.dtype != np.uint8 or pixels.shape != shape:
-            if not quiet:
-                log.warning("image cache file %s holds a %s %s array, not uint8 %s: recomputing it", entry,
-                            pixels.dtype, pixels.shape, shape)
-            return None
-        return pixels
 
     @contextmanager
     def _lock(self, key: str) -> Iterator[None]:

@@ -8,8 +8,8 @@ at most ``budget_bytes``. With a disk cache (:class:`~.image_cache.DecodedImageC
 decoded once per host, written atomically, and read back memory-mapped: the ranks of a host then share
 its pages in the page cache, one copy among them. :class:`PrefetchingSampler` asks for the next batch's
 images while the current step runs, on a background thread (decoders release the GIL), so in steady
-state the step does not wait on decoding. A decoder's error (a truncated file) reaches the step as the
-decoder raised it, naming the file.
+state the step does not wait on decoding; the thread lives as long as one pass over the loader. A
+decoder's error (a truncated file) reaches the step as the decoder raised it, naming the file.
 """
 
 from __future__ import annotations
@@ -121,6 +121,25 @@ class StreamedImages:
                 if index not in self._ready and index not in self._pending:
                     self._pending[index] = self._executor.submit(self._prefetched, index)
 
+    def stop_prefetching(self) -> None:
+        """Cancel the decodes not started, wait for the running one and end the background thread.
+
+        Called when a loader's pass is over (exhausted, abandoned or garbage-collected) and at the trainer's
+        teardown, so no prefetch thread outlives the loop that used it (a live one racing the interpreter,
+        e.g. pytest compiling the next module, is what the flaky ``AST constructor recursion depth`` errors
+        were). The next :meth:`prefetch` starts a new thread.
+        """
+        if self._pid != os.getpid():
+            self._reset()
+            return
+        with self._mutex:
+            executor, self._executor = self._executor, None
+            for future in self._pending.values():
+                future.cancel()
+            self._pending.clear()
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)
+
     def _prefetched(self, index: int) -> np.ndarray:
         pixels = self._load(index)
         with self._mutex:
@@ -162,10 +181,13 @@ class PrefetchingSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         order = list(self.sampler)
-        for position, index in enumerate(order):
-            if position % self.batch_size == 0:
-                self.images.prefetch(order[position + self.batch_size : position + 2 * self.batch_size])
-            yield index
+        try:
+            for position, index in enumerate(order):
+                if position % self.batch_size == 0:
+                    self.images.prefetch(order[position + self.batch_size : position + 2 * self.batch_size])
+                yield index
+        finally:  # exhausted, or closed when the loader's iterator is dropped: the thread ends with the pass
+            self.images.stop_prefetching()
 
     def __len__(self) -> int:
         return len(self.sampler)
