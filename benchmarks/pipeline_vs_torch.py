@@ -11,22 +11,25 @@ project's ``1f1b``, ``interleaved_1f1b`` and ``zb_h1``. Each world (2 or 4 ranks
 copy per (framework, schedule); runs of a few steps alternate between the frameworks (the order
 flips every round), tokens/s is the median over rounds. Peak memory is each rank's resident set
 above its level before the step (freed memory handed back with ``malloc_trim`` first), sampled
-every millisecond in an untimed step. Losses of every step of both are compared.
+every millisecond in an untimed step. Losses of every step of both are compared. Before the worlds
+start, one process times a middle chunk's (two blocks') fused backward against ZB-H1's ``B`` + ``W``
+(``lightning_grendel/pipeline/split_backward.py``), alternating, median of 15, in thread CPU time
+(the machine is shared: wall time there measures the neighbours).
 
     python benchmarks/pipeline_vs_torch.py            # 2 and 4 stages, 3 rounds of 2 steps
     python benchmarks/pipeline_vs_torch.py --quick    # a small model, 2 stages, 1 round (a test)
 
 Prints a table and ``RESULT pipeline_vs_torch.<S>stages.<schedule>.{ours,torch}_tokens_s``,
 ``...ratio`` (ours / torch), ``...{ours,torch}_peak_mib`` (largest over ranks),
-``RESULT pipeline_vs_torch.min_ratio`` and ``RESULT pipeline_vs_torch.loss_gap`` (largest absolute
-difference of a step's loss).
+``RESULT pipeline_vs_torch.min_ratio``, ``RESULT pipeline_vs_torch.loss_gap`` (largest absolute
+difference of a step's loss) and ``RESULT pipeline_vs_torch.split_over_fused_backward`` (B + W time /
+fused backward time).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import ctypes
 import datetime
 import os
@@ -42,7 +45,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from lightning_grendel.pipeline import PipelineRuntime
-from lightning_grendel.pipeline.examples.tiny_lm import TinyTransformerLM, lm_loss
+from lightning_grendel.pipeline.examples.tiny_lm import CausalBlock, TinyTransformerLM, lm_loss
+from lightning_grendel.pipeline.split_backward import input_gradient
 from lightning_grendel.resharding.mesh import Mesh
 
 # (this project's schedule, torch's schedule class, chunks per rank)
@@ -214,6 +218,40 @@ def _rank(rank: int, world: int, init: str, config: Config, out: dict) -> None:
     dist.destroy_process_group()
 
 
+def split_over_fused(config: Config, repeats: int = 15) -> float:
+    """Median CPU time of a two-block chunk's B + W over its fused backward (one micro-batch, one thread)."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    chunk = torch.nn.Sequential(*(CausalBlock(config.d_model, config.heads) for _ in range(2)))
+    params = list(chunk.parameters())
+    rows = config.batch // config.microbatches
+    x = torch.randn(rows, config.seq_len, config.d_model)
+    grad = torch.randn_like(x)
+
+    def fused() -> float:
+        y = chunk(x.requires_grad_(True))
+        start = time.thread_time()
+        torch.autograd.backward([y], [grad])
+        return time.thread_time() - start
+
+    def split() -> float:
+        y = chunk(x.requires_grad_(True))
+        start = time.thread_time()
+        _, weight = input_gradient([x], [y], [grad], params)
+        weight.run()
+        return time.thread_time() - start
+
+    times: dict[Callable[[], float], list[float]] = {fused: [], split: []}
+    for repeat in range(repeats + 1):
+        for run in (fused, split) if repeat % 2 else (split, fused):
+            chunk.zero_grad(set_to_none=True)
+            x.grad = None
+            elapsed = run()
+            if repeat:
+                times[run].append(elapsed)
+    return statistics.median(times[split]) / statistics.median(times[fused])
+
+
 def measure(world: int, config: Config) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         manager = mp.Manager()
@@ -247,6 +285,7 @@ def main() -> None:
               f"{'ratio':>6} {'ours MiB':>9} {'torch MiB':>9}")
     print(header)
     print("-" * len(header))
+    split = split_over_fused(config)
     ratios, gap, lines = [], 0.0, []
     for world in stages:
         result = measure(world, config)
@@ -262,8 +301,9 @@ def main() -> None:
             print(f"{world:>6} {ours:<18} {label:<30} {rate['ours']:>10.0f} {rate['torch']:>11.0f} {ratio:>6.3f} "
                   f"{peak['ours']:>9.1f} {peak['torch']:>9.1f}")
             name = f"pipeline_vs_torch.{world}stages.{ours}"
-            lines += [f"RESULT {name}.ours_tokens_s={rate['ours']:.1f}", f"RESULT {name}.torch_tokens_s={rate['torch']:.1f}",
-                      f"RESULT {name}.ratio={ratio:.3f}", f"RESULT {name}.ours_peak_mib={peak['ours']:.1f}",
+            lines += [f"RESULT {name}.ours_tokens_s={rate['ours']:.1f}",
+                      f"RESULT {name}.torch_tokens_s={rate['torch']:.1f}", f"RESULT {name}.ratio={ratio:.3f}",
+                      f"RESULT {name}.ours_peak_mib={peak['ours']:.1f}",
                       f"RESULT {name}.torch_peak_mib={peak['torch']:.1f}"]
             per_rank = " ".join(f"{a / 2**20:.0f}/{b / 2**20:.0f}" for a, b in
                                 zip(result["peaks"][(ours, "ours")], result["peaks"][(ours, "torch")], strict=True))
@@ -272,6 +312,7 @@ def main() -> None:
     print("\n".join(lines))
     print(f"RESULT pipeline_vs_torch.min_ratio={min(ratios):.3f}")
     print(f"RESULT pipeline_vs_torch.loss_gap={gap:.2e}")
+    print(f"RESULT pipeline_vs_torch.split_over_fused_backward={split:.3f}")
 
 
 if __name__ == "__main__":

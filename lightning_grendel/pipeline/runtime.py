@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch.utils._pytree import tree_flatten
 
 from lightning_grendel.pipeline.meta_forward import autocast_state, meta_forward
-from lightning_grendel.pipeline.outbox import Outbox, input_gradient, weight_gradient
+from lightning_grendel.pipeline.outbox import Outbox
 from lightning_grendel.pipeline.ownership import parameter_users
 from lightning_grendel.pipeline.pytree import (
     Layout,
@@ -37,6 +37,7 @@ from lightning_grendel.pipeline.pytree import (
 )
 from lightning_grendel.pipeline.schedule_orders import Action
 from lightning_grendel.pipeline.schedules import Schedule, check_schedule, stage_order
+from lightning_grendel.pipeline.split_backward import WeightPass, input_gradient
 from lightning_grendel.pipeline.stages import Pipeline
 from lightning_grendel.pipeline.tensor_parallel import find_linear, make_column_parallel
 from lightning_grendel.pipeline.tied import TiedGradients, tie_parameters
@@ -295,7 +296,7 @@ class PipelineRuntime:
         firsts, keys = self._firsts(micro, counts, self._forward_context)
         device = _device_of(firsts[0])
         last = len(self.chunk_meshes) - 1
-        held: dict[tuple[int, int], tuple[list[torch.Tensor], list[torch.Tensor] | None, list | None]] = {}
+        held: dict[tuple[int, int], tuple[list[torch.Tensor], Any, list | None]] = {}  # outputs or weight pass
         loss_sum = torch.zeros((), dtype=torch.float64)
         failure: _Failure | None = None
         for action in self._order:
@@ -337,11 +338,10 @@ class PipelineRuntime:
                 if c > 0:
                     self._send(_BACKWARD, boundaries[c - 1], x_grads, self._tag(m, _BACKWARD, c - 1, span))
             else:
-                _, outs, grads = held.pop((c, m))
-                if failure is None and outs is not None:
-                    params = [p for p in self.pipeline.stages[c].module.parameters() if p.requires_grad]
+                _, weight, _ = held.pop((c, m))
+                if failure is None and isinstance(weight, WeightPass):
                     try:
-                        weight_gradient(outs, grads, params)
+                        weight.run()
                     except Exception as error:  # noqa: BLE001 - raised on every rank by _settle
                         failure = _Failure(self.rank, action, error)
         for outbox in self._outboxes:
@@ -414,8 +414,9 @@ class PipelineRuntime:
         elif outs and not outs[0].requires_grad:
             outs, grads = [], []
         if self._split_backward:
-            x_grads = input_gradient(wanting, outs, grads)
-            held[(c, m)] = (wanting, outs, grads)
+            params = [p for p in self.pipeline.stages[c].module.parameters() if p.requires_grad]
+            x_grads, weight = input_gradient(wanting, outs, grads, params)
+            held[(c, m)] = (wanting, weight, None)  # the graph now lives in the weight pass
             return x_grads
         del held[(c, m)]
         if outs:
