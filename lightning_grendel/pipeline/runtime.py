@@ -41,9 +41,10 @@ from lightning_grendel.pipeline.split_backward import WeightPass, input_gradient
 from lightning_grendel.pipeline.stages import Pipeline
 from lightning_grendel.pipeline.tensor_parallel import find_linear, make_column_parallel
 from lightning_grendel.pipeline.tied import TiedGradients, tie_parameters
+from lightning_grendel.resharding.auto import resolve_plan
 from lightning_grendel.resharding.executors import GroupCache, start_plan, transport_pairs
 from lightning_grendel.resharding.mesh import Mesh, check_disjoint
-from lightning_grendel.resharding.plan import Executor, ReshardPlan, check_executor, make_plan
+from lightning_grendel.resharding.plan import Executor, ReshardPlan, check_executor
 from lightning_grendel.resharding.senders import SenderMode, check_sender_mode
 from lightning_grendel.resharding.shm import Transport, arenas_for, check_transport, create_arenas
 
@@ -81,7 +82,7 @@ class PipelineRuntime:
     """
 
     def __init__(self, pipeline: Pipeline, meshes: Sequence[Mesh], *, schedule: Schedule = "eager_1f1b",
-                 executor: Executor = "broadcast", sender_mode: SenderMode = "normal", num_microbatches: int = 4,
+                 executor: Executor = "auto", sender_mode: SenderMode = "auto", num_microbatches: int = 4,
                  transfer_latency_s: float = 0.0, timeout_s: float = 120.0, transport: Transport = "auto",
                  forward_context: Callable[[], AbstractContextManager[Any]] = nullcontext) -> None:
         check_transport(transport)
@@ -174,7 +175,7 @@ class PipelineRuntime:
         if key not in self._layouts:
             self._layouts[key] = self._make_layouts(first_input, samples, device)
         if key not in self._plans:
-            self._plans[key] = self._make_boundaries(self._layouts[key])
+            self._plans[key] = self._make_boundaries(self._layouts[key], device)
         return key
 
     def _make_layouts(self, first_input: Any, samples: int, device: torch.device) -> list[_ChunkLayout]:
@@ -198,18 +199,21 @@ class PipelineRuntime:
             layouts.append(_ChunkLayout(inputs, outputs, axes))
         return layouts
 
-    def _make_boundaries(self, layouts: list[_ChunkLayout]) -> tuple[list[_Boundary], int]:
-        """Forward and backward plans of every chunk boundary; groups made in one order on all ranks."""
+    def _make_boundaries(self, layouts: list[_ChunkLayout], device: torch.device) -> tuple[list[_Boundary], int]:
+        """Forward and backward plans of every chunk boundary; groups made in one order on all ranks.
+
+        An ``auto`` executor or sender mode is chosen here, per boundary tensor and direction, by
+        timing the candidates on that direction's lane (``resharding/auto.py``; collective).
+        """
         boundaries, span = [], 1
         meshes = self.chunk_meshes
         for c in range(len(meshes) - 1):
             sent, received = layouts[c].outputs, layouts[c + 1].inputs
             forward, backward, offsets, offset = [], [], [], 0
             for (_, src), (_, dst) in zip(sent.tensors, received.tensors, strict=True):
-                plan = make_plan(src.shape, src.dtype, meshes[c], src.spec, meshes[c + 1], dst.spec,
-                                 self.executor, self.sender_mode)
-                back = make_plan(src.shape, src.dtype, meshes[c + 1], dst.spec, meshes[c], src.spec,
-                                 self.executor, self.sender_mode) if src.differentiable else None
+                plan = self._plan(src.shape, src.dtype, meshes[c], src.spec, meshes[c + 1], dst.spec, _FORWARD, device)
+                back = self._plan(src.shape, src.dtype, meshes[c + 1], dst.spec, meshes[c], src.spec, _BACKWARD,
+                                  device) if src.differentiable else None
                 self._groups[_FORWARD].ensure(plan.groups())
                 if back is not None:
                     self._groups[_BACKWARD].ensure(back.groups())
@@ -220,6 +224,11 @@ class PipelineRuntime:
             boundaries.append(_Boundary(forward, backward, offsets))
             span = max(span, offset)
         return boundaries, span
+
+    def _plan(self, shape: tuple[int, ...], dtype: torch.dtype, src_mesh: Mesh, src_spec: Any, dst_mesh: Mesh,
+              dst_spec: Any, direction: int, device: torch.device) -> ReshardPlan:
+        return resolve_plan(shape, dtype, src_mesh, src_spec, dst_mesh, dst_spec, self.executor, self.sender_mode,
+                            groups=self._groups[direction], shm=self._shm[direction], device=device)
 
     def transports(self) -> set[tuple[str, int, int, str]]:
         """``(direction, from rank, to rank, "shm" or "dist")`` of every chunk boundary planned so far.
