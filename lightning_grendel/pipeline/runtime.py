@@ -82,7 +82,7 @@ class PipelineRuntime:
     """
 
     def __init__(self, pipeline: Pipeline, meshes: Sequence[Mesh], *, schedule: Schedule = "eager_1f1b",
-                 executor: Executor = "auto", sender_mode: SenderMode = "auto", num_microbatches: int = 4,
+                 executor: Executor = "broadcast", sender_mode: SenderMode = "normal", num_microbatches: int = 4,
                  transfer_latency_s: float = 0.0, timeout_s: float = 120.0, transport: Transport = "auto",
                  forward_context: Callable[[], AbstractContextManager[Any]] = nullcontext) -> None:
         check_transport(transport)

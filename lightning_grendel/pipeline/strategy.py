@@ -77,9 +77,10 @@ class PipelineStrategy(ProcessGroupStrategy):
             bubble: backward split into input- and weight-gradient passes, weight passes in the bubbles).
         virtual_stages: model chunks per stage mesh (``v``); chunk ``c`` runs on mesh ``c mod S``, so
             ``pipeline_stages()`` returns ``v * S`` stages. Above 1 only with the interleaved schedules.
-        executor: resharding executor (``send_recv``, ``allgather``, ``broadcast``; ``auto``: the fastest per
-            boundary tensor and direction, timed once on its transport when the boundary is first planned).
-        sender_mode: sender selection of the resharding plans (``auto``: chosen with the executor).
+        executor: resharding executor (``send_recv``, ``allgather``, ``broadcast`` (default); ``auto``: the fastest
+            per boundary tensor and direction, timed once on its transport when the boundary is first planned).
+        sender_mode: sender selection of the resharding plans (``normal`` by default; ``auto``: chosen with the
+            executor).
         num_microbatches: micro-batches per step.
         transfer_latency_s: emulated delay before every transfer (benchmarks).
         start_method: how the processes are started.
@@ -96,8 +97,8 @@ class PipelineStrategy(ProcessGroupStrategy):
 
     def __init__(self, stage_meshes: list[list[int]] | None = None, mesh_shapes: list[list[int]] | None = None,
                  split_points: list[str] | None = None,
-                 schedule: Schedule = "eager_1f1b", virtual_stages: int = 1, executor: Executor = "auto",
-                 sender_mode: SenderMode = "auto", num_microbatches: int = 4, transfer_latency_s: float = 0.0,
+                 schedule: Schedule = "eager_1f1b", virtual_stages: int = 1, executor: Executor = "broadcast",
+                 sender_mode: SenderMode = "normal", num_microbatches: int = 4, transfer_latency_s: float = 0.0,
                  start_method: StartMethod = "popen",
                  timeout_s: float = 120.0, transport: Transport = "auto", accelerator: Any = None,
                  parallel_devices: list[torch.device] | None = None,

@@ -45,8 +45,8 @@ def _world_state() -> _WorldState:
 
 
 def reshard(tensor_or_shard: torch.Tensor | None, src_mesh: Mesh, src_spec: str | ShardingSpec, dst_mesh: Mesh,
-            dst_spec: str | ShardingSpec, executor: Executor = "auto", *, shape: Sequence[int] | None = None,
-            dtype: torch.dtype | None = None, sender_mode: SenderMode = "auto", seed: int = 0,
+            dst_spec: str | ShardingSpec, executor: Executor = "broadcast", *, shape: Sequence[int] | None = None,
+            dtype: torch.dtype | None = None, sender_mode: SenderMode = "normal", seed: int = 0,
             groups: GroupCache | None = None, transport: Transport = "auto",
             out: torch.Tensor | None = None) -> torch.Tensor | None:
     """Return this rank's shard of the tensor under ``dst_spec`` on ``dst_mesh`` (None off that mesh).
@@ -54,9 +54,9 @@ def reshard(tensor_or_shard: torch.Tensor | None, src_mesh: Mesh, src_spec: str 
     Collective over the default process group: every rank calls it with the same layouts, ``shape``
     and ``dtype`` (source ranks may omit them by passing the full tensor). Source ranks pass either
     the full tensor or their local shard; the other ranks pass None. ``executor`` is
-    ``send_recv``, ``allgather``, ``broadcast`` or ``auto`` (default: the fastest, timed once per
+    ``send_recv``, ``allgather``, ``broadcast`` (default) or ``auto`` (the fastest, timed once per
     process group and layout on this transport, see ``auto.py``); ``sender_mode`` the sender
-    selection (``auto`` likewise). ``transport``:
+    selection (``normal`` by default, ``auto`` likewise). ``transport``:
     ``dist`` moves payloads with ``torch.distributed``; ``shm`` through shared memory (gloo, every rank
     of both meshes on one host); ``auto`` picks ``shm`` where it applies and ``dist`` elsewhere.
     A destination rank may pass ``out`` (its shard's shape and dtype) to receive into a reused buffer.

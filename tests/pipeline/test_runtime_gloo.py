@@ -135,7 +135,7 @@ def _all_equivalences(rank: int, world: int) -> int:
     checked = _equivalence(rank, world, SCHEDULES, EXECUTORS, "normal", ("dist",))
     checked += _equivalence(rank, world, SCHEDULES, ("broadcast",), "normal", ("shm",))
     checked += _equivalence(rank, world, ("zb_h1", "interleaved_1f1b"), ("auto",), "auto", ("dist", "shm"))
-    _lorentz_equivalence(rank)  # the defaults: executor and sender mode auto, transport auto
+    _lorentz_equivalence(rank)  # the defaults: broadcast, normal senders, transport auto
     return checked
 
 

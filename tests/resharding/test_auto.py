@@ -25,7 +25,8 @@ def _auto_against_fixed(rank: int, world: int, transport: str) -> tuple[int, str
     for src, dst, src_spec, dst_spec in PAIRS:
         mine = expected_shard(full, src, src_spec, rank) if rank in src.ranks else None
         before = cache.measured
-        auto = reshard(mine, src, src_spec, dst, dst_spec, shape=shape, dtype=full.dtype, transport=transport)
+        auto = reshard(mine, src, src_spec, dst, dst_spec, "auto", shape=shape, dtype=full.dtype, sender_mode="auto",
+                       transport=transport)
         measured = cache.measured
         assert measured <= before + 1
         again = reshard(mine, src, src_spec, dst, dst_spec, "auto", shape=shape, dtype=full.dtype,
