@@ -6,8 +6,8 @@ F, input-gradient B-W, weight-gradient W, each split over the rank's v chunks), 
 starts ``--latency-ms`` late (the runtime's ``transfer_latency_s``). Sleeping does not use a core,
 so the processes do not contend; what remains on top of the prediction is the runtime's own
 overhead (Python, gloo messages, autograd). The split of a chunk's backward into its input and
-weight parts is exact here; on a real model the ZB-H1 runtime's weight pass re-walks the chunk's
-graph (see docs/pipeline.md).
+weight parts is exact here; on a real model B + W cost more than one fused backward (measured by
+benchmarks/pipeline_vs_torch.py).
 
     python benchmarks/pipeline_schedules.py [--quick]
 

@@ -4,6 +4,9 @@ Measured side by side in one run on this one machine with both transports (paylo
 loopback, and through shared memory with gloo carrying only signals: what ``reshard()`` picks on one
 host), and every plan also timed in the topology cost model
 (lightning_grendel.resharding.costmodel), where inter-host NICs are the bottleneck.
+``executor="auto"`` with ``sender_mode="auto"`` (resharding/auto.py) chooses per layout and transport
+by timing the candidates once; it is timed beside the fixed variants, and ``auto_vs_best_worst`` is
+its median over the best fixed variant's, worst over the layouts.
 The eager-vs-1F1B step time uses an emulated per-transfer latency (each send starts that much later
 on the sender's outbox thread): an emulation of a slow link, not a measurement of one.
 
@@ -27,6 +30,7 @@ import torch.multiprocessing as mp
 from pipeline_schedules import median_step_seconds
 
 from lightning_grendel.resharding import Mesh, make_plan
+from lightning_grendel.resharding.auto import resolve_plan
 from lightning_grendel.resharding.costmodel import Topology, plan_makespan, traffic
 from lightning_grendel.resharding.executors import GroupCache, start_plan
 from lightning_grendel.resharding.mesh import box_slices, local_box
@@ -84,8 +88,16 @@ def _bench_rank(rank: int, world: int, init: str, quick: bool, mib: int, repeats
             plan = make_plan(shape, full.dtype, src, src_spec, dst, dst_spec, executor, mode, host_of=hosts)
             groups.ensure(plan.groups())
             plans[(name, executor, mode)] = plan
+    auto = {}  # executor="auto", sender_mode="auto": chosen by timing on each transport (once per layout)
+    for name, src, src_spec, dst, dst_spec, hosts in _cases(quick):
+        for transport in TRANSPORTS:
+            auto[(name, transport)] = resolve_plan(shape, full.dtype, src, src_spec, dst, dst_spec, "auto", "auto",
+                                                   groups=groups, shm=arenas if transport == "shm" else None,
+                                                   host_of=hosts)
+            groups.ensure(auto[(name, transport)].groups())
     timings: dict[tuple, list[float]] = {(*key, t): [] for key in plans for t in TRANSPORTS}
-    runs = [(transport, executor, mode) for transport in TRANSPORTS for executor, mode in VARIANTS]
+    timings.update({(name, "auto", "auto", t): [] for name, t in auto})
+    runs = [(transport, executor, mode) for transport in TRANSPORTS for executor, mode in [*VARIANTS, ("auto", "auto")]]
     for name, src, _, dst, _, _ in _cases(quick):
         specs = plans[(name, "send_recv", "normal")]
         local = buffer = None
@@ -98,7 +110,7 @@ def _bench_rank(rank: int, world: int, init: str, quick: bool, mib: int, repeats
         for repeat in range(repeats + 1):  # the first round warms up connections and buffers
             # A seeded shuffle per repeat (the same on every rank): no variant always runs at the same point.
             for transport, executor, mode in random.Random(repeat).sample(runs, len(runs)):
-                plan = plans[(name, executor, mode)]
+                plan = auto[(name, transport)] if executor == "auto" else plans[(name, executor, mode)]
                 dist.barrier()
                 start = time.perf_counter()
                 result = start_plan(plan, rank, local, groups, shm=arenas if transport == "shm" else None,
@@ -118,6 +130,10 @@ def _bench_rank(rank: int, world: int, init: str, quick: bool, mib: int, repeats
             medians = [statistics.median(timings[(name, executor, mode, t)]) for t in TRANSPORTS]
             out[(name, executor, mode)] = (*medians, plan_makespan(plan, Topology(hosts)),
                                            sum(sent.values()), max(sent.values()))
+        for (name, transport), plan in auto.items():
+            chosen = next((f"{e}/{m}" for (n, e, m), fixed in plans.items() if n == name and fixed.ops == plan.ops),
+                          f"{plan.executor}/other")
+            out[("auto", name, transport)] = (statistics.median(timings[(name, "auto", "auto", transport)]), chosen)
     dist.barrier()
     arenas.close()
     dist.destroy_process_group()
@@ -195,6 +211,20 @@ def main() -> None:
     print(f"RESULT resharding.broadcast_speedup_1to4={send_recv[1] / broadcast[1]:.3f}")
     print(f"RESULT resharding.model_speedup_1to4={send_recv[2] / broadcast[2]:.3f}")
     print(f"RESULT resharding.worst_broadcast_ratio={worst['shm']:.3f}")
+    print("\nexecutor='auto', sender_mode='auto' (chosen once per layout by timing the candidates on the transport): "
+          "its median over the best fixed variant's median")
+    auto_worst = {t: 0.0 for t in TRANSPORTS}
+    for name, *_ in _cases(args.quick):
+        parts = []
+        for i, transport in enumerate(TRANSPORTS):
+            seconds, chosen = results[("auto", name, transport)]
+            best = min(results[(name, executor, mode)][i] for executor, mode in VARIANTS)
+            auto_worst[transport] = max(auto_worst[transport], seconds / best)
+            parts.append(f"{'gloo' if transport == 'dist' else transport}: {chosen} {seconds / best:.3f}")
+        print(f"{name:<30} " + "   ".join(parts))
+    print(f"RESULT resharding.auto_vs_best_worst_gloo={auto_worst['dist']:.3f}")
+    print(f"RESULT resharding.auto_vs_best_worst_shm={auto_worst['shm']:.3f}")
+    print(f"RESULT resharding.auto_vs_best_worst={max(auto_worst.values()):.3f}")
     print(f"RESULT pipeline.eager_vs_1f1b={pipeline['1f1b'] / pipeline['eager_1f1b']:.3f}")
 
 

@@ -60,19 +60,3 @@ class Outbox:
         self._queue.put(None)
         self._thread.join(timeout=10)
 
-
-def input_gradient(inputs: list[torch.Tensor], outputs: list[torch.Tensor],
-                   grads: list[torch.Tensor | None]) -> list[torch.Tensor]:
-    """Split backward, first half: the gradients of the chunk inputs only (the graph is kept for the weights)."""
-    if not inputs:
-        return []
-    if not outputs:
-        return [torch.zeros_like(x) for x in inputs]
-    results = torch.autograd.grad(outputs, inputs, grads, retain_graph=True, allow_unused=True)
-    return [torch.zeros_like(x) if r is None else r for x, r in zip(inputs, results, strict=True)]
-
-
-def weight_gradient(outputs: list[torch.Tensor], grads: list[torch.Tensor | None], params: list[torch.Tensor]) -> None:
-    """Split backward, second half: accumulate the parameters' gradients and free the graph."""
-    if params and outputs:
-        torch.autograd.backward(outputs, grads, inputs=params)

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch.utils._pytree import tree_flatten
 
 from lightning_grendel.pipeline.meta_forward import autocast_state, meta_forward
-from lightning_grendel.pipeline.outbox import Outbox, input_gradient, weight_gradient
+from lightning_grendel.pipeline.outbox import Outbox
 from lightning_grendel.pipeline.ownership import parameter_users
 from lightning_grendel.pipeline.pytree import (
     Layout,
@@ -37,12 +37,14 @@ from lightning_grendel.pipeline.pytree import (
 )
 from lightning_grendel.pipeline.schedule_orders import Action
 from lightning_grendel.pipeline.schedules import Schedule, check_schedule, stage_order
+from lightning_grendel.pipeline.split_backward import WeightPass, input_gradient
 from lightning_grendel.pipeline.stages import Pipeline
 from lightning_grendel.pipeline.tensor_parallel import find_linear, make_column_parallel
 from lightning_grendel.pipeline.tied import TiedGradients, tie_parameters
+from lightning_grendel.resharding.auto import resolve_plan
 from lightning_grendel.resharding.executors import GroupCache, start_plan, transport_pairs
 from lightning_grendel.resharding.mesh import Mesh, check_disjoint
-from lightning_grendel.resharding.plan import Executor, ReshardPlan, check_executor, make_plan
+from lightning_grendel.resharding.plan import Executor, ReshardPlan, check_executor
 from lightning_grendel.resharding.senders import SenderMode, check_sender_mode
 from lightning_grendel.resharding.shm import Transport, arenas_for, check_transport, create_arenas
 
@@ -173,7 +175,7 @@ class PipelineRuntime:
         if key not in self._layouts:
             self._layouts[key] = self._make_layouts(first_input, samples, device)
         if key not in self._plans:
-            self._plans[key] = self._make_boundaries(self._layouts[key])
+            self._plans[key] = self._make_boundaries(self._layouts[key], device)
         return key
 
     def _make_layouts(self, first_input: Any, samples: int, device: torch.device) -> list[_ChunkLayout]:
@@ -197,18 +199,21 @@ class PipelineRuntime:
             layouts.append(_ChunkLayout(inputs, outputs, axes))
         return layouts
 
-    def _make_boundaries(self, layouts: list[_ChunkLayout]) -> tuple[list[_Boundary], int]:
-        """Forward and backward plans of every chunk boundary; groups made in one order on all ranks."""
+    def _make_boundaries(self, layouts: list[_ChunkLayout], device: torch.device) -> tuple[list[_Boundary], int]:
+        """Forward and backward plans of every chunk boundary; groups made in one order on all ranks.
+
+        An ``auto`` executor or sender mode is chosen here, per boundary tensor and direction, by
+        timing the candidates on that direction's lane (``resharding/auto.py``; collective).
+        """
         boundaries, span = [], 1
         meshes = self.chunk_meshes
         for c in range(len(meshes) - 1):
             sent, received = layouts[c].outputs, layouts[c + 1].inputs
             forward, backward, offsets, offset = [], [], [], 0
             for (_, src), (_, dst) in zip(sent.tensors, received.tensors, strict=True):
-                plan = make_plan(src.shape, src.dtype, meshes[c], src.spec, meshes[c + 1], dst.spec,
-                                 self.executor, self.sender_mode)
-                back = make_plan(src.shape, src.dtype, meshes[c + 1], dst.spec, meshes[c], src.spec,
-                                 self.executor, self.sender_mode) if src.differentiable else None
+                plan = self._plan(src.shape, src.dtype, meshes[c], src.spec, meshes[c + 1], dst.spec, _FORWARD, device)
+                back = self._plan(src.shape, src.dtype, meshes[c + 1], dst.spec, meshes[c], src.spec, _BACKWARD,
+                                  device) if src.differentiable else None
                 self._groups[_FORWARD].ensure(plan.groups())
                 if back is not None:
                     self._groups[_BACKWARD].ensure(back.groups())
@@ -219,6 +224,11 @@ class PipelineRuntime:
             boundaries.append(_Boundary(forward, backward, offsets))
             span = max(span, offset)
         return boundaries, span
+
+    def _plan(self, shape: tuple[int, ...], dtype: torch.dtype, src_mesh: Mesh, src_spec: Any, dst_mesh: Mesh,
+              dst_spec: Any, direction: int, device: torch.device) -> ReshardPlan:
+        return resolve_plan(shape, dtype, src_mesh, src_spec, dst_mesh, dst_spec, self.executor, self.sender_mode,
+                            groups=self._groups[direction], shm=self._shm[direction], device=device)
 
     def transports(self) -> set[tuple[str, int, int, str]]:
         """``(direction, from rank, to rank, "shm" or "dist")`` of every chunk boundary planned so far.
@@ -295,7 +305,7 @@ class PipelineRuntime:
         firsts, keys = self._firsts(micro, counts, self._forward_context)
         device = _device_of(firsts[0])
         last = len(self.chunk_meshes) - 1
-        held: dict[tuple[int, int], tuple[list[torch.Tensor], list[torch.Tensor] | None, list | None]] = {}
+        held: dict[tuple[int, int], tuple[list[torch.Tensor], Any, list | None]] = {}  # outputs or weight pass
         loss_sum = torch.zeros((), dtype=torch.float64)
         failure: _Failure | None = None
         for action in self._order:
@@ -337,11 +347,10 @@ class PipelineRuntime:
                 if c > 0:
                     self._send(_BACKWARD, boundaries[c - 1], x_grads, self._tag(m, _BACKWARD, c - 1, span))
             else:
-                _, outs, grads = held.pop((c, m))
-                if failure is None and outs is not None:
-                    params = [p for p in self.pipeline.stages[c].module.parameters() if p.requires_grad]
+                _, weight, _ = held.pop((c, m))
+                if failure is None and isinstance(weight, WeightPass):
                     try:
-                        weight_gradient(outs, grads, params)
+                        weight.run()
                     except Exception as error:  # noqa: BLE001 - raised on every rank by _settle
                         failure = _Failure(self.rank, action, error)
         for outbox in self._outboxes:
@@ -414,8 +423,9 @@ class PipelineRuntime:
         elif outs and not outs[0].requires_grad:
             outs, grads = [], []
         if self._split_backward:
-            x_grads = input_gradient(wanting, outs, grads)
-            held[(c, m)] = (wanting, outs, grads)
+            params = [p for p in self.pipeline.stages[c].module.parameters() if p.requires_grad]
+            x_grads, weight = input_gradient(wanting, outs, grads, params)
+            held[(c, m)] = (wanting, weight, None)  # the graph now lives in the weight pass
             return x_grads
         del held[(c, m)]
         if outs:

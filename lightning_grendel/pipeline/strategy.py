@@ -77,8 +77,10 @@ class PipelineStrategy(ProcessGroupStrategy):
             bubble: backward split into input- and weight-gradient passes, weight passes in the bubbles).
         virtual_stages: model chunks per stage mesh (``v``); chunk ``c`` runs on mesh ``c mod S``, so
             ``pipeline_stages()`` returns ``v * S`` stages. Above 1 only with the interleaved schedules.
-        executor: resharding executor (``send_recv``, ``allgather``, ``broadcast``).
-        sender_mode: sender selection of the resharding plans.
+        executor: resharding executor (``send_recv``, ``allgather``, ``broadcast`` (default); ``auto``: the fastest
+            per boundary tensor and direction, timed once on its transport when the boundary is first planned).
+        sender_mode: sender selection of the resharding plans (``normal`` by default; ``auto``: chosen with the
+            executor).
         num_microbatches: micro-batches per step.
         transfer_latency_s: emulated delay before every transfer (benchmarks).
         start_method: how the processes are started.

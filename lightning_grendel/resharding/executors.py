@@ -137,7 +137,7 @@ def _covers(out: torch.Tensor, origin: Sequence[int], box: Box) -> bool:
     return out.is_contiguous() and tuple(origin) == _origin(box) and box_shape(box) == tuple(out.shape)
 
 
-def _receive_device(local: torch.Tensor | None) -> torch.device:
+def receive_device(local: torch.Tensor | None) -> torch.device:
     """Where this rank's destination shard lives: NCCL moves only CUDA tensors, gloo CPU ones."""
     if local is not None:
         return local.device
@@ -163,7 +163,7 @@ def start_plan(plan: ReshardPlan, rank: int, local: torch.Tensor | None, groups:
         dst_box = local_box(plan.dst_mesh, plan.dst_spec, plan.shape, rank)
         dst_origin = _origin(dst_box)
         if out is None:
-            out = torch.empty(box_shape(dst_box), dtype=plan.dtype, device=_receive_device(local))
+            out = torch.empty(box_shape(dst_box), dtype=plan.dtype, device=receive_device(local))
         elif tuple(out.shape) != box_shape(dst_box) or out.dtype != plan.dtype:
             raise ValueError(f"rank {rank}: out has shape {tuple(out.shape)} and dtype {out.dtype}; its destination "
                              f"shard needs {box_shape(dst_box)} and {plan.dtype}")

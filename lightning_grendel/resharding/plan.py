@@ -15,11 +15,12 @@ from typing import Literal, get_args
 import torch
 
 from lightning_grendel.resharding.mesh import Mesh, ShardingSpec, chunk_bounds
-from lightning_grendel.resharding.senders import SenderMode, Transfer, check_sender_mode, select_senders
+from lightning_grendel.resharding.senders import FixedSenderMode, Transfer, check_sender_mode, select_senders
 from lightning_grendel.resharding.tasks import UnitTask, unit_tasks
 
-Executor = Literal["send_recv", "allgather", "broadcast"]
-EXECUTORS: tuple[Executor, ...] = get_args(Executor)
+FixedExecutor = Literal["send_recv", "allgather", "broadcast"]
+EXECUTORS: tuple[FixedExecutor, ...] = get_args(FixedExecutor)
+Executor = Literal["auto", "send_recv", "allgather", "broadcast"]  # auto: see auto.py
 
 
 @dataclass(frozen=True)
@@ -97,19 +98,26 @@ def gather_layout(tasks: Sequence[UnitTask], op: Gather) -> tuple[list[list[tupl
     return layout, size
 
 
-def check_executor(executor: str) -> None:
-    """Raise ``ValueError`` naming the choices if ``executor`` is not one of :data:`EXECUTORS`."""
-    if executor not in EXECUTORS:
-        raise ValueError(f"unknown resharding executor {executor!r}; choose one of {EXECUTORS}")
+def check_executor(executor: str, allow_auto: bool = True) -> None:
+    """Raise ``ValueError`` naming the choices if ``executor`` is neither ``auto`` nor one of :data:`EXECUTORS`.
+
+    ``auto`` is chosen by timing on a process group (``auto.py``): a plan built without one
+    (``allow_auto=False``) needs a fixed executor.
+    """
+    if executor == "auto" and not allow_auto:
+        raise ValueError(f"executor='auto' is chosen on a process group (reshard(), PipelineRuntime or "
+                         f"resharding.auto.resolve_plan); make_plan needs one of {EXECUTORS}")
+    if executor != "auto" and executor not in EXECUTORS:
+        raise ValueError(f"unknown resharding executor {executor!r}; choose 'auto' or one of {EXECUTORS}")
 
 
 def make_plan(shape: Sequence[int], dtype: torch.dtype, src_mesh: Mesh, src_spec: str | ShardingSpec,
-              dst_mesh: Mesh, dst_spec: str | ShardingSpec, executor: Executor = "broadcast",
-              sender_mode: SenderMode = "normal", *, host_of: Mapping[int, int] | None = None, seed: int = 0,
+              dst_mesh: Mesh, dst_spec: str | ShardingSpec, executor: FixedExecutor = "broadcast",
+              sender_mode: FixedSenderMode = "normal", *, host_of: Mapping[int, int] | None = None, seed: int = 0,
               loads: MutableMapping[int, int] | None = None) -> ReshardPlan:
     """Validate the request and build the plan; raises ``ValueError`` on bad input (no communication)."""
-    check_executor(executor)
-    check_sender_mode(sender_mode)
+    check_executor(executor, allow_auto=False)
+    check_sender_mode(sender_mode, allow_auto=False)
     shape = tuple(int(s) for s in shape)
     src = ShardingSpec.parse(src_spec, len(shape))
     dst = ShardingSpec.parse(dst_spec, len(shape))
@@ -129,7 +137,7 @@ def make_plan(shape: Sequence[int], dtype: torch.dtype, src_mesh: Mesh, src_spec
     return ReshardPlan(shape, dtype, src_mesh, src, dst_mesh, dst, executor, tuple(tasks), tuple(ops))
 
 
-def _allgather_ops(tasks: Sequence[UnitTask], itemsize: int, sender_mode: SenderMode, host_of: Mapping[int, int],
+def _allgather_ops(tasks: Sequence[UnitTask], itemsize: int, sender_mode: FixedSenderMode, host_of: Mapping[int, int],
                    seed: int, loads: MutableMapping[int, int] | None) -> list[Op]:
     pieces = []
     for index, task in enumerate(tasks):

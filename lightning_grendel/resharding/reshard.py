@@ -10,10 +10,11 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
+from lightning_grendel.resharding.auto import resolve_plan
 from lightning_grendel.resharding.executors import GroupCache, start_plan
 from lightning_grendel.resharding.mesh import Mesh, ShardingSpec, box_slices, local_box, local_shape
-from lightning_grendel.resharding.plan import Executor, make_plan
-from lightning_grendel.resharding.senders import SenderMode
+from lightning_grendel.resharding.plan import EXECUTORS, Executor, check_executor, make_plan
+from lightning_grendel.resharding.senders import SENDER_MODES, SenderMode, check_sender_mode
 from lightning_grendel.resharding.shm import SharedMemoryArenas, Transport, arenas_for, check_transport, create_arenas
 
 
@@ -53,12 +54,16 @@ def reshard(tensor_or_shard: torch.Tensor | None, src_mesh: Mesh, src_spec: str 
     Collective over the default process group: every rank calls it with the same layouts, ``shape``
     and ``dtype`` (source ranks may omit them by passing the full tensor). Source ranks pass either
     the full tensor or their local shard; the other ranks pass None. ``executor`` is
-    ``send_recv``, ``allgather`` or ``broadcast``; ``sender_mode`` the sender selection. ``transport``:
+    ``send_recv``, ``allgather``, ``broadcast`` (default) or ``auto`` (the fastest, timed once per
+    process group and layout on this transport, see ``auto.py``); ``sender_mode`` the sender
+    selection (``normal`` by default, ``auto`` likewise). ``transport``:
     ``dist`` moves payloads with ``torch.distributed``; ``shm`` through shared memory (gloo, every rank
     of both meshes on one host); ``auto`` picks ``shm`` where it applies and ``dist`` elsewhere.
     A destination rank may pass ``out`` (its shard's shape and dtype) to receive into a reused buffer.
     """
     check_transport(transport)
+    check_executor(executor)
+    check_sender_mode(sender_mode)
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("reshard() needs an initialised torch.distributed process group")
     rank = dist.get_rank()
@@ -68,7 +73,9 @@ def reshard(tensor_or_shard: torch.Tensor | None, src_mesh: Mesh, src_spec: str 
         shape = tuple(tensor_or_shard.shape) if shape is None else shape
         dtype = tensor_or_shard.dtype if dtype is None else dtype
     shape = tuple(int(s) for s in shape)
-    plan = make_plan(shape, dtype, src_mesh, src_spec, dst_mesh, dst_spec, executor, sender_mode, seed=seed)
+    plan = make_plan(shape, dtype, src_mesh, src_spec, dst_mesh, dst_spec,  # validates the request; auto's later
+                     EXECUTORS[0] if executor == "auto" else executor,
+                     SENDER_MODES[0] if sender_mode == "auto" else sender_mode, seed=seed)
     world = dist.get_world_size()
     if max(*src_mesh.ranks, *dst_mesh.ranks) >= world:
         raise ValueError(f"mesh ranks must be below the world size {world}")
@@ -81,6 +88,9 @@ def reshard(tensor_or_shard: torch.Tensor | None, src_mesh: Mesh, src_spec: str 
     arenas = state.shared_memory() if transport != "dist" else None
     shm = arenas_for(transport, arenas, (*src_mesh.ranks, *dst_mesh.ranks))
     groups = state.groups if groups is None else groups
+    if "auto" in (executor, sender_mode):
+        plan = resolve_plan(shape, dtype, src_mesh, src_spec, dst_mesh, dst_spec, executor, sender_mode, groups=groups,
+                            shm=shm, device=None if local is None else local.device, seed=seed)
     groups.ensure(plan.groups())
     return start_plan(plan, rank, local, groups, shm=shm, out=out).wait()
 

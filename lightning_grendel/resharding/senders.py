@@ -12,8 +12,9 @@ from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-SenderMode = Literal["normal", "no_loadbalance", "loadbalance_size", "loadbalance_order"]
-SENDER_MODES: tuple[SenderMode, ...] = get_args(SenderMode)
+FixedSenderMode = Literal["normal", "no_loadbalance", "loadbalance_size", "loadbalance_order"]
+SENDER_MODES: tuple[FixedSenderMode, ...] = get_args(FixedSenderMode)
+SenderMode = Literal["auto", "normal", "no_loadbalance", "loadbalance_size", "loadbalance_order"]  # auto: auto.py
 
 
 @dataclass(frozen=True)
@@ -34,17 +35,23 @@ class Assignment:
     sender: int
 
 
-def check_sender_mode(sender_mode: str) -> None:
-    """Raise ``ValueError`` naming the choices if ``sender_mode`` is not one of :data:`SENDER_MODES`."""
-    if sender_mode not in SENDER_MODES:
-        raise ValueError(f"unknown sender_mode {sender_mode!r}; choose one of {SENDER_MODES}")
+def check_sender_mode(sender_mode: str, allow_auto: bool = True) -> None:
+    """Raise ``ValueError`` naming the choices if ``sender_mode`` is neither ``auto`` nor one of :data:`SENDER_MODES`.
+
+    ``auto`` is chosen by timing on a process group (``auto.py``); selecting senders needs a fixed mode.
+    """
+    if sender_mode == "auto" and not allow_auto:
+        raise ValueError(f"sender_mode='auto' is chosen on a process group (reshard(), PipelineRuntime or "
+                         f"resharding.auto.resolve_plan); a plan needs one of {SENDER_MODES}")
+    if sender_mode != "auto" and sender_mode not in SENDER_MODES:
+        raise ValueError(f"unknown sender_mode {sender_mode!r}; choose 'auto' or one of {SENDER_MODES}")
 
 
-def select_senders(transfers: Sequence[Transfer], sender_mode: SenderMode = "normal", *,
+def select_senders(transfers: Sequence[Transfer], sender_mode: FixedSenderMode = "normal", *,
                    host_of: Mapping[int, int] | None = None, seed: int = 0, trials: int = 100,
                    loads: MutableMapping[int, int] | None = None) -> list[Assignment]:
     """Choose a sender per transfer. ``loads`` (bytes per rank) is updated, so it can span several plans."""
-    check_sender_mode(sender_mode)
+    check_sender_mode(sender_mode, allow_auto=False)
     loads = loads if loads is not None else {}
     if sender_mode == "loadbalance_order":
         return _order_rounds(transfers, loads, random.Random(seed), trials)

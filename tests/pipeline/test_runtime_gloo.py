@@ -134,14 +134,15 @@ def _lorentz_equivalence(rank: int) -> None:
 def _all_equivalences(rank: int, world: int) -> int:
     checked = _equivalence(rank, world, SCHEDULES, EXECUTORS, "normal", ("dist",))
     checked += _equivalence(rank, world, SCHEDULES, ("broadcast",), "normal", ("shm",))
-    _lorentz_equivalence(rank)
+    checked += _equivalence(rank, world, ("zb_h1", "interleaved_1f1b"), ("auto",), "auto", ("dist", "shm"))
+    _lorentz_equivalence(rank)  # the defaults: broadcast, normal senders, transport auto
     return checked
 
 
 @pytest.mark.timeout(300)
 def test_pipelined_step_equals_unpipelined_for_every_schedule_and_executor():
     """Every schedule (interleaved with two chunks per mesh) and executor over gloo, every schedule through
-    shared memory; plus the Lorentz transformer recipe's model
-    (default transport), in the same processes (start-up dominates here)."""
+    shared memory, executor="auto" on both transports; plus the Lorentz transformer recipe's model
+    (default executor and transport), in the same processes (start-up dominates here)."""
     results = run_distributed(_all_equivalences, 6, timeout_s=150)
     assert all(n > 0 for n in results)
