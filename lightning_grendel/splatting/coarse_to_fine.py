@@ -117,6 +117,8 @@ def downsampled_batch(batch: dict[str, Tensor], factor: int) -> dict[str, Tensor
     """The batch at ``1/factor`` resolution: area-pooled images and intrinsics scaled to match."""
     if factor == 1:
         return batch
+    images = batch["image"]
+    images = images.full() if hasattr(images, "full") else images  # a streamed batch's RowImages: every row
     intrinsics = batch["intrinsics"].clone()
     intrinsics[..., :2, :] /= factor  # fx, cx and fy, cy: pixel centres at x + 0.5 keep their place
-    return {**batch, "image": area_downsample(batch["image"], factor), "intrinsics": intrinsics}
+    return {**batch, "image": area_downsample(images, factor), "intrinsics": intrinsics}

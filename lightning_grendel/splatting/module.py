@@ -353,7 +353,9 @@ class GaussianSplattingModule(LightningModule):
             self.initial_count = self.gaussians["means"].shape[0]
         dataset = self.trainer.datamodule.train_dataloader().dataset
         views = min(self.coarse_to_fine.spectrum_views, len(dataset))
-        picked = [dataset[i * len(dataset) // views]["image"] for i in range(views)]
+        # A streamed split's items carry no image (the batch reads rows on demand): ask the dataset for pixels.
+        image = dataset.pixels if hasattr(dataset, "pixels") else (lambda index: dataset[index]["image"])
+        picked = [image(i * len(dataset) // views) for i in range(views)]
         energy = band_energy(torch.stack(picked), self.coarse_to_fine.max_factor)
         self.resolution_schedule = ResolutionSchedule(energy, self.coarse_to_fine)
         rank_zero_info(f"{type(self).__name__}: coarse to fine from 1/{self.resolution_schedule.start_factor} "

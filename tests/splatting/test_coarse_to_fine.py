@@ -25,6 +25,7 @@ from lightning_grendel.splatting.gaussians import make_parameters
 from lightning_grendel.splatting.mcmc import MCMCConfig
 from lightning_grendel.splatting.module import GaussianSplattingModule
 from lightning_grendel.splatting.render import splat_gaussians
+from tests.helpers.capture_files import write_colmap_capture
 from tests.helpers.scenes import orbit_cameras, random_gaussians
 
 
@@ -162,3 +163,29 @@ def test_grendel_refuses_the_one_process_options_before_starting_a_rank(tmp_path
         trainer = Trainer(strategy="grendel_spawn", accelerator="cpu", devices=2, default_root_dir=tmp_path)
         with pytest.raises(ValueError, match=f"--model.{flag} is not supported under GrendelStrategy"):
             trainer.fit(module, data)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("schedule", [None, CoarseToFine(full_resolution_images=4, energy_tolerance=0.99,
+                                                          max_factor=2)])
+def test_a_streamed_capture_trains_exactly_as_one_held_in_memory(tmp_path, schedule):
+    """Six steps over 5 views, into the second epoch: the streamed loader's prefetching must draw the same
+    order from the shared generator as a plain one (it once drew an extra permutation at each epoch's end).
+    Streamed batches hand the step RowImages (rows read on demand): coarse to fine's spectrum and pooled
+    ground truth read them whole, and give what the in-memory images give, bit for bit."""
+    write_colmap_capture(tmp_path / "data", "PINHOLE", "40 40 24 18", count=6)
+    trained = {}
+    for storage in ("memory", "stream"):
+        torch.manual_seed(0)
+        module = GaussianSplattingModule(sh_degree=0, backend="cpp", export_ply=False, coarse_to_fine=schedule)
+        data = GaussianSplattingDataModule(str(tmp_path / "data"), test_every=6, batch_size=1, image_storage=storage,
+                                           image_disk_cache=False, num_init_points=100)
+        record = _Record()
+        trainer = Trainer(accelerator="cpu", devices=1, max_steps=6, logger=False, enable_checkpointing=False,
+                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                          callbacks=[record], default_root_dir=tmp_path / storage)
+        trainer.fit(module, data)
+        assert record.factors[0] == (1.0 if schedule is None else 2.0) and record.factors[-1] == 1.0
+        trained[storage] = module.gaussians
+    for key, value in trained["memory"].items():
+        torch.testing.assert_close(trained["stream"][key], value, rtol=0, atol=0, msg=key)

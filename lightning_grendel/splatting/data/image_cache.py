@@ -31,6 +31,7 @@ import math
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -67,6 +68,7 @@ class DecodedImageCache:
     def __init__(self, folder: str | Path | None = None, kind: str = "undistorted") -> None:
         self.folder = default_cache_dir(kind) if folder is None else Path(folder).expanduser()
         self.writable = True
+        self._disabling = threading.Lock()  # the prefetch thread and the step may both fail to write
         self._locks: tuple[int, int] | None = None  # (pid, descriptor) of the lock file
 
     def key(self, image: Path, camera: str, size: tuple[int, int]) -> str:
@@ -190,7 +192,19 @@ class DecodedImageCache:
             return False
         return True
 
+    def __getstate__(self) -> dict:  # spawned DataLoader workers and ranks get the folder, not the lock
+        state = dict(self.__dict__)
+        state.pop("_disabling")
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._disabling = threading.Lock()
+
     def _disable(self, error: OSError) -> None:
-        self.writable = False
+        with self._disabling:
+            if not self.writable:  # the other thread's write failed first and said so
+                return
+            self.writable = False
         log.warning("image cache folder %s is not writable (%s): decoding without a disk cache, images held in "
                     "memory (set the datamodule's undistort_cache_dir / image_cache_dir)", self.folder, error)

@@ -14,6 +14,7 @@ decoder's error (a truncated file) reaches the step as the decoder raised it, na
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 from collections import OrderedDict
@@ -180,12 +181,24 @@ class PrefetchingSampler(Sampler[int]):
         self.batch_size = batch_size
 
     def __iter__(self) -> Iterator[int]:
-        order = list(self.sampler)
+        # The inner sampler is asked exactly as far as the consumer asks, plus the next batch but never past its
+        # length: RandomSampler draws another permutation from the loader's shared generator when asked past its
+        # end, so asking further than a plain loader would change every later epoch's order.
+        indices, remaining = iter(self.sampler), len(self.sampler)
+
+        def draw() -> list[int]:
+            nonlocal remaining
+            batch = list(itertools.islice(indices, min(self.batch_size, remaining)))
+            remaining -= len(batch)
+            return batch
+
+        current, upcoming = draw(), draw()
         try:
-            for position, index in enumerate(order):
-                if position % self.batch_size == 0:
-                    self.images.prefetch(order[position + self.batch_size : position + 2 * self.batch_size])
-                yield index
+            while current:
+                self.images.prefetch(upcoming)
+                yield from current
+                current, upcoming = upcoming, draw()
+            yield from indices  # asked past the end: whatever the sampler itself does there
         finally:  # exhausted, or closed when the loader's iterator is dropped: the thread ends with the pass
             self.images.stop_prefetching()
 

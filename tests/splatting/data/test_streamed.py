@@ -113,6 +113,9 @@ def test_the_next_batch_is_prefetched_while_this_one_is_used(tmp_path):
 
 
 def prefetch_threads() -> list[threading.Thread]:
+    """Live prefetch threads once garbage is collected (an earlier test's abandoned loader ends its thread when
+    its iterator, often in a reference cycle, is collected)."""
+    gc.collect()
     return [thread for thread in threading.enumerate() if thread.name.startswith("image-prefetch")]
 
 
