@@ -1,11 +1,11 @@
 """Captures the size users bring: peak memory per rank against the number of 1080p views, what W ranks of a
 host hold together, and the step time of streamed images against all-in-memory ones.
 
-A synthetic COLMAP capture (``_synthetic_capture.py``: the demo scene ray-cast at a low resolution,
+A synthetic COLMAP capture (``capture_support/synthetic.py``: the demo scene ray-cast at a low resolution,
 upsampled to 1920x1080 with sensor noise, JPEG quality 90) is written to ``--work`` once; the 100- and
 1000-view captures are its first views (same files). Every run is the CLI's ``fit`` in its own process,
 with a config written here (``GaussianSplattingModule`` at SH degree 3 on the capture's points,
-densification off so the Gaussian count stays put; ``_capture_probe.StepProbe`` records the numbers).
+densification off so the Gaussian count stays put; ``capture_support.probe.StepProbe`` records the numbers).
 
 1. **Flat in views**: one process streams (``image_storage: stream``, a ``--budget-mib`` memory cache, the
    disk cache) and trains ``--steps`` steps at 100, 1000 and 3000 views; its peak RSS, the budget subtracted,
@@ -47,7 +47,7 @@ import yaml
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _synthetic_capture import disk_bytes, prefix_capture, write_capture  # noqa: E402
+from capture_support.synthetic import disk_bytes, prefix_capture, write_capture  # noqa: E402
 
 PHASES = ("rss", "ratio", "copies")
 WARMUP = 5  # steps before the step time is steady (prefetching in its rhythm, allocator warm)
@@ -58,7 +58,7 @@ def run_config(views_root: Path, folder: Path, steps: int, storage: str, budget:
                world: int, width: int | None, recipe: dict | None = None) -> dict:
     """The CLI config of one run: densification off, the probe, no validation, no checkpoint (unless the recipe
     has them)."""
-    probe = {"class_path": "_capture_probe.StepProbe",
+    probe = {"class_path": "capture_support.probe.StepProbe",
              "init_args": {"path": str(folder / "probe.json"),
                            "image_cache_dir": None if cache is None or world == 1 else str(cache)}}
     data = {"path": str(views_root), "format": "colmap", "image_width": width, "test_every": 8, "batch_size": 1,

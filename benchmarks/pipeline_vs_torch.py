@@ -34,7 +34,6 @@ import ctypes
 import datetime
 import os
 import statistics
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -42,7 +41,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from resharding import spawn_ranks
 
 from lightning_grendel.pipeline import PipelineRuntime
 from lightning_grendel.pipeline.examples.tiny_lm import CausalBlock, TinyTransformerLM, lm_loss
@@ -253,14 +252,7 @@ def split_over_fused(config: Config, repeats: int = 15) -> float:
 
 
 def measure(world: int, config: Config) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        manager = mp.Manager()
-        out = manager.dict()
-        mp.start_processes(_rank, args=(world, os.path.join(tmp, "init"), config, out), nprocs=world,
-                           start_method="spawn")
-        result = dict(out)
-        manager.shutdown()
-        return result
+    return spawn_ranks(_rank, world, config)
 
 
 def main() -> None:

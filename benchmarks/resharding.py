@@ -160,7 +160,8 @@ def _pipeline_rank(rank: int, world: int, init: str, latency_s: float, steps: in
     dist.destroy_process_group()
 
 
-def _spawn(fn, world: int, *args) -> dict:
+def spawn_ranks(fn, world: int, *args) -> dict:
+    """``fn(rank, world, init_file, *args, out)`` on ``world`` spawned ranks; what they put in ``out``."""
     with tempfile.TemporaryDirectory() as tmp:
         manager = mp.Manager()
         out = manager.dict()
@@ -180,7 +181,7 @@ def main() -> None:
     args = parser.parse_args()
     mib = args.mib or (2 if args.quick else 64)
     repeats = args.repeats or (1 if args.quick else 9)
-    results = _spawn(_bench_rank, _world(args.quick), args.quick, mib, repeats)
+    results = spawn_ranks(_bench_rank, _world(args.quick), args.quick, mib, repeats)
 
     print(f"\nResharding, float32 {mib} MiB on one machine ({os.cpu_count()} CPUs), median of {repeats}: payloads over "
           "gloo TCP loopback ('gloo') and through shared memory ('shm'); cost model: 12.5 GB/s NIC per host, "
@@ -200,7 +201,7 @@ def main() -> None:
                   f"{total / 2**20:>9.0f} {peak / 2**20:>12.0f}")
             if (executor, mode) == ("broadcast", "normal"):
                 worst = {t: max(worst[t], row[i] / base[i]) for i, t in enumerate(TRANSPORTS)}
-    pipeline = _spawn(_pipeline_rank, 4, args.latency_ms / 1e3, 1 if args.quick else 5)
+    pipeline = spawn_ranks(_pipeline_rank, 4, args.latency_ms / 1e3, 1 if args.quick else 5)
     print(f"\nPipeline step, TinyTransformerLM, 4 stages x 1 rank, 8 micro-batches, emulated transfer latency "
           f"{args.latency_ms:.0f} ms: 1F1B {pipeline['1f1b'] * 1e3:.0f} ms, eager 1F1B "
           f"{pipeline['eager_1f1b'] * 1e3:.0f} ms\n")
