@@ -42,10 +42,10 @@ def test_wheel_install_renders_with_cpp_and_runs_a_recipe_by_name(tmp_path):
     assert {"lightning_grendel/recipes/gaussian/demo.yaml", "lightning_grendel/recipes/smoke/gaussian.yaml"} <= names
 
     venv = tmp_path / "venv"
-    _run(sys.executable, "-m", "venv", "--without-pip", venv, cwd=tmp_path, timeout=120)
+    _run(sys.executable, "-m", "venv", "--without-pip", venv, cwd=tmp_path, timeout=300)
     python = venv / "bin" / "python"
     venv_site = Path(_run(python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])", cwd=tmp_path,
-                          timeout=60).strip())
+                          timeout=300).strip())
     (venv_site / "test_venv_packages.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     _run(sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "-q", wheel, cwd=tmp_path,
          timeout=300)
