@@ -58,12 +58,20 @@ class LorentzKGModule(StopOnNonFinite, L.LightningModule):
         stabilize: RiemannianAdam projects parameters back onto their manifold every this many steps (None: never).
         retraction: optimiser step on the hyperboloid: ``"expmap"`` (exact map and parallel transport) or
             ``"projection"`` (``projx(x + u)``, cheaper, applies ``max_norm`` every step).
+        lr_schedule: ``"constant"`` (HyboNet's), ``"plateau"`` (multiply the rate by ``lr_decay`` once
+            ``val/mrr`` has not improved for ``lr_patience`` validations; it needs epoch-wise validation) or
+            ``"cosine"`` (from ``lr`` down to ``min_lr`` over ``trainer.max_epochs``).
+        lr_decay: the plateau schedule's factor.
+        lr_patience: validations without a better ``val/mrr`` before the plateau schedule decays the rate.
+        min_lr: the rate never goes below this.
     """
 
     def __init__(self, num_entities: int | None = None, num_relations: int | None = None, dim: int = 32,
                  k: float = 1.0, max_norm: float = 1.5, max_scale: float = 3.5, margin: float = 8.0,
                  lr: float = 0.005, stabilize: int | None = 1,
-                 retraction: Literal["expmap", "projection"] = "expmap") -> None:
+                 retraction: Literal["expmap", "projection"] = "expmap",
+                 lr_schedule: Literal["constant", "plateau", "cosine"] = "constant", lr_decay: float = 0.2,
+                 lr_patience: int = 3, min_lr: float = 1e-5) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.model: HyboNetKG | None = None
@@ -115,8 +123,25 @@ class LorentzKGModule(StopOnNonFinite, L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test")
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return LorentzRiemannianAdam(self.parameters(), lr=self.hparams.lr, stabilize=self.hparams.stabilize)
+    def configure_optimizers(self) -> torch.optim.Optimizer | dict:
+        hp = self.hparams
+        optimizer = LorentzRiemannianAdam(self.parameters(), lr=hp.lr, stabilize=hp.stabilize)
+        if hp.lr_schedule == "constant":
+            return optimizer
+        if hp.lr_schedule == "cosine":
+            if self.trainer.max_epochs is None or self.trainer.max_epochs < 1:
+                raise ValueError("lr_schedule='cosine' anneals over trainer.max_epochs: set --trainer.max_epochs")
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, self.trainer.max_epochs, hp.min_lr)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        every = self.trainer.check_val_every_n_epoch
+        if every is None:
+            raise ValueError("lr_schedule='plateau' steps after each validation, so it needs "
+                             "--trainer.check_val_every_n_epoch (validation counted in steps is not supported)")
+        # Stepped on the epochs that validate, so `patience` counts validations, not epochs.
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=hp.lr_decay,
+                                                               patience=hp.lr_patience, min_lr=hp.min_lr)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": "val/mrr",
+                                                         "interval": "epoch", "frequency": every}}
 
     def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
                                     gradient_clip_algorithm: str | None = None) -> None:
