@@ -309,7 +309,7 @@ def plot(path: Path, by_count: list[Point], by_pixels: list[Point], height: int,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    figure, axes = plt.subplots(1, 2, figsize=(12.5, 4.5))
     panels = ((axes[0], by_count, lambda p: p.count, f"Gaussians (at {frame(height)[0]}x{height})"),
               (axes[1], by_pixels, lambda p: p.pixels, f"pixels (at {count:,} Gaussians)"))
     for axis, points, x, label in panels:
@@ -320,9 +320,9 @@ def plot(path: Path, by_count: list[Point], by_pixels: list[Point], height: int,
         axis.set_xlabel(label)
         axis.set_ylabel("CPU ms per step (one thread)")
         axis.grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize=8)
+    figure.legend(*axes[0].get_legend_handles_labels(), loc="center right", fontsize=9)
     figure.suptitle("cpp 3DGS training step, stage by stage (benchmarks/cost_curves.py)")
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0, 0.84, 1))  # the legend on the right, clear of the curves
     figure.savefig(path, dpi=110)
     print(f"plot: {path}")
 
