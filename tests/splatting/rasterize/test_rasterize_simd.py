@@ -107,3 +107,18 @@ def test_bad_impl_and_simd_on_float64_are_clear_errors():
     double = Splats(**{k: v.double() if v.is_floating_point() else v for k, v in scene.items()})
     with pytest.raises(ValueError, match="float32"):
         cpp_backend.rasterize_cpp(double, PixelRows(16, 16, 0, 16, BACKGROUND.double()), impl="simd")
+
+
+def test_bin_simd_gives_the_forwards_tile_lists():
+    """The step benchmark times ``bin_simd`` as the forward's binning: it must do that same work, on strips too."""
+    scene = mixed_scene(53, 70, seed=6)
+    inputs = cpp_backend.prepare_inputs(Splats(**scene), BACKGROUND)
+    means2d, conics, colors, opacities, depths, background, radii = inputs
+    ext = cpp_backend.load_extension()
+    for rows in ((0, 70), (16, 45)):
+        _, _, _, offsets, ids, *_ = ext.forward_simd(means2d, conics, colors, opacities, depths, radii, 53, 70,
+                                                     background, *rows)
+        binned_offsets, binned_ids = ext.bin_simd(means2d, conics, colors, opacities, depths, radii, 53, 70,
+                                                  background, *rows)
+        assert ids.numel() > 0
+        assert torch.equal(binned_offsets, offsets) and torch.equal(binned_ids, ids)

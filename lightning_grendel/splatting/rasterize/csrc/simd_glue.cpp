@@ -1,6 +1,6 @@
 // Torch entry points of the vectorised float32 rasterizer (simd_*.cpp), registered on the module that
-// rasterize.cpp defines: forward_simd, backward_simd, plus fast_exp, simd_isa and exp_blend_ceiling for
-// the tests and the benchmark.
+// rasterize.cpp defines: forward_simd, backward_simd, plus bin_simd, fast_exp, simd_isa and exp_blend_ceiling
+// for the tests and the benchmarks.
 
 #include <torch/extension.h>
 
@@ -29,21 +29,17 @@ Inputs float_inputs(const torch::Tensor& means2d, const torch::Tensor& conics, c
 
 using lgr_simd_raster::SimdSplat;
 
-// Returns image [rows, W, D], final transmittance [rows, W], last contributor [rows, W], tile offsets
-// [tiles + 1], tile splat ids [M], record slots [M], per-splat slot offsets [N + 1], the prepared splats
-// (bytes, for backward), blended pairs.
-std::vector<torch::Tensor> forward_simd(const torch::Tensor& means2d, const torch::Tensor& conics,
-                                        const torch::Tensor& colors, const torch::Tensor& opacities,
-                                        const torch::Tensor& depths, const torch::Tensor& radii, int64_t width,
-                                        int64_t height, const torch::Tensor& background, int64_t row_start,
-                                        int64_t row_end) {
-  const Inputs in = float_inputs(means2d, conics, colors, opacities, background);
+// The binning half of forward_simd: the prepared splats (bytes, for backward), their record slot offsets
+// [N + 1], and the depth-sorted tile lists (offsets [tiles + 1], splat ids [M], record slots [M]).
+struct Binned {
+  torch::Tensor prepared, splat_offsets, offsets, ids, slots;
+};
+
+Binned bin(const Inputs& in, const torch::Tensor& depths, const torch::Tensor& radii, const Grid& g, int threads) {
   TORCH_CHECK(depths.is_contiguous() && depths.numel() == in.n && depths.scalar_type() == torch::kFloat64,
               "depths must be [N] float64");
   TORCH_CHECK(radii.is_contiguous() && radii.numel() == in.n && radii.scalar_type() == torch::kFloat32,
               "radii must be [N] float32");
-  const int threads = at::get_num_threads();
-  const Grid g(width, height, row_start, row_end);
   auto prepared = torch::empty({in.n * static_cast<int64_t>(sizeof(SimdSplat))}, torch::TensorOptions().dtype(torch::kUInt8));
   auto* splats = reinterpret_cast<SimdSplat*>(prepared.data_ptr<uint8_t>());
   const auto i64 = torch::TensorOptions().dtype(torch::kInt64), i32 = torch::TensorOptions().dtype(torch::kInt32);
@@ -54,14 +50,43 @@ std::vector<torch::Tensor> forward_simd(const torch::Tensor& means2d, const torc
   TORCH_CHECK(m < std::numeric_limits<int32_t>::max(), "rasterize_cpp (simd): too many splat-tile pairs");
   auto offsets = torch::empty({g.num_tiles() + 1}, i64), ids = torch::empty({m}, i32), slots = torch::empty({m}, i32);
   binner.fill(offsets.data_ptr<int64_t>(), ids.data_ptr<int32_t>(), slots.data_ptr<int32_t>());
+  return {prepared, splat_offsets, offsets, ids, slots};
+}
+
+// Returns image [rows, W, D], final transmittance [rows, W], last contributor [rows, W], tile offsets
+// [tiles + 1], tile splat ids [M], record slots [M], per-splat slot offsets [N + 1], the prepared splats
+// (bytes, for backward), blended pairs.
+std::vector<torch::Tensor> forward_simd(const torch::Tensor& means2d, const torch::Tensor& conics,
+                                        const torch::Tensor& colors, const torch::Tensor& opacities,
+                                        const torch::Tensor& depths, const torch::Tensor& radii, int64_t width,
+                                        int64_t height, const torch::Tensor& background, int64_t row_start,
+                                        int64_t row_end) {
+  const Inputs in = float_inputs(means2d, conics, colors, opacities, background);
+  const int threads = at::get_num_threads();
+  const Grid g(width, height, row_start, row_end);
+  const Binned b = bin(in, depths, radii, g, threads);
   auto image = torch::empty({g.rows(), width, in.channels}, colors.options());
   auto final_t = torch::empty({g.rows(), width}, colors.options());
-  auto last = torch::empty({g.rows(), width}, i32);
-  const Bins bins{offsets.data_ptr<int64_t>(), ids.data_ptr<int32_t>(), slots.data_ptr<int32_t>(),
-                  splat_offsets.data_ptr<int64_t>()};
+  auto last = torch::empty({g.rows(), width}, torch::TensorOptions().dtype(torch::kInt32));
+  const Bins bins{b.offsets.data_ptr<int64_t>(), b.ids.data_ptr<int32_t>(), b.slots.data_ptr<int32_t>(),
+                  b.splat_offsets.data_ptr<int64_t>()};
+  const auto* splats = reinterpret_cast<const SimdSplat*>(b.prepared.data_ptr<uint8_t>());
   const int64_t blended = lgr_simd_raster::forward(g, bins, splats, in, image.data_ptr<float>(), final_t.data_ptr<float>(),
                                                    last.data_ptr<int32_t>(), threads);
-  return {image, final_t, last, offsets, ids, slots, splat_offsets, prepared, torch::tensor(blended, torch::kInt64)};
+  return {image, final_t, last, b.offsets, b.ids, b.slots, b.splat_offsets, b.prepared,
+          torch::tensor(blended, torch::kInt64)};
+}
+
+// forward_simd's binning alone, on the same arguments: tile offsets [tiles + 1] and splat ids [M]. The step
+// benchmark (benchmarks/cost_curves.py) times it to split a forward into binning and compositing.
+std::vector<torch::Tensor> bin_simd(const torch::Tensor& means2d, const torch::Tensor& conics,
+                                    const torch::Tensor& colors, const torch::Tensor& opacities,
+                                    const torch::Tensor& depths, const torch::Tensor& radii, int64_t width,
+                                    int64_t height, const torch::Tensor& background, int64_t row_start,
+                                    int64_t row_end) {
+  const Inputs in = float_inputs(means2d, conics, colors, opacities, background);
+  const Binned b = bin(in, depths, radii, Grid(width, height, row_start, row_end), at::get_num_threads());
+  return {b.offsets, b.ids};
 }
 
 // Returns grads for means2d [N, 2], conics [N, 3], colors [N, D], opacities [N].
@@ -116,6 +141,7 @@ torch::Tensor fast_exp(const torch::Tensor& x) {
 
 void register_simd(pybind11::module& m) {
   m.def("forward_simd", &forward_simd, "Vectorised float32 forward; also returns the record slots for backward");
+  m.def("bin_simd", &bin_simd, "forward_simd's binning alone: tile offsets and depth-sorted splat ids");
   m.def("backward_simd", &backward_simd, "Vectorised float32 backward over forward_simd's tile lists");
   m.def("fast_exp", &fast_exp, "The kernels' vectorised exp, elementwise (for testing its error bound)");
   m.def("simd_isa", [] { return std::string(lgr_simd::isa()); }, "Instruction set the lane groups compile to");
