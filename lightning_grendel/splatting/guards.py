@@ -42,12 +42,18 @@ class NonFiniteError(FloatingPointError):
 def bad_rows(tensor: Tensor) -> Tensor:
     """Bool [N]: rows of ``tensor`` [N, ...] with at least one non-finite entry.
 
-    Checked ``ROW_CHUNK`` rows at a time: ``isfinite`` makes an ``abs`` copy and three boolean masks of its
-    input, which on the whole SH gradient of a million Gaussians were the step's peak memory (315 bytes a
-    Gaussian, benchmarks/gaussian_memory.py).
+    One sum first: a NaN or infinity anywhere makes it non-finite, so a finite sum proves every row finite
+    at the cost of one read (the row scan was the largest stage of a step above ~0.6M Gaussians,
+    benchmarks/cost_curves.py). A finite tensor can still overflow the sum; then the rows are scanned,
+    ``ROW_CHUNK`` at a time: ``isfinite`` makes an ``abs`` copy and three boolean masks of its input, which
+    on the whole SH gradient of a million Gaussians were the step's peak memory (315 bytes a Gaussian,
+    benchmarks/gaussian_memory.py).
     """
+    tensor = tensor.detach()
+    if tensor.numel() == 0 or torch.isfinite(tensor.sum()):
+        return torch.zeros(tensor.shape[0], dtype=torch.bool, device=tensor.device)
     rows = []
-    for chunk in tensor.detach().split(ROW_CHUNK):
+    for chunk in tensor.split(ROW_CHUNK):
         finite = torch.isfinite(chunk)
         rows.append(~(finite.flatten(1).all(dim=1) if finite.dim() > 1 else finite))
     return torch.cat(rows)

@@ -43,6 +43,15 @@ def test_bad_rows_counts_rows_with_any_non_finite_entry():
     assert bad_rows(torch.tensor([1.0, float("inf")])).tolist() == [False, True]
 
 
+def test_bad_rows_when_the_sum_is_not_finite_but_every_value_is():
+    """The one-sum shortcut only ever skips the scan on a finite sum: an overflowing sum of finite values is
+    scanned (no false alarm), and infinities of both signs, whose sum is NaN, are both found."""
+    huge = torch.full((3, 2), 3e38)
+    assert torch.isinf(huge.sum()) and not bad_rows(huge).any()
+    huge[2, 0], huge[0, 1] = math.inf, -math.inf
+    assert bad_rows(huge).tolist() == [True, False, True]
+
+
 def test_bad_rows_in_chunks_equals_one_pass(monkeypatch):
     """Checked a few rows at a time (what bounds its memory), the answer is the one-pass one, across chunk edges."""
     tensor = torch.randn(23, 4, 3)
