@@ -1,0 +1,131 @@
+"""Per-rank orders of the V-shaped schedules, ZBV and DualPipeV (pure functions, no torch).
+
+Both run ``2S`` chunks on ``S`` ranks in a V: rank ``r`` holds chunk ``r`` on the way down and chunk
+``2S-1-r`` on the way back, so rank 0 holds the first and the last chunk and the turn (chunk ``S-1``
+to chunk ``S``) stays on rank ``S-1``. Both split the backward: ``B`` is the input gradient, ``W`` the
+weight gradient. The orders are those torch 2.14 generates (``ScheduleZBVZeroBubble``,
+``ScheduleDualPipeV``; a test compares them action by action), with DualPipeV's full backward written
+as ``B`` then ``W`` and its overlapped forward/backward pairs run one after the other (forward first).
+"""
+
+from __future__ import annotations
+
+from lightning_grendel.pipeline.schedule_orders import Action
+
+
+def v_chunks(rank: int, num_ranks: int) -> tuple[int, int]:
+    """The chunks rank ``rank`` holds in a V over ``num_ranks`` ranks: down the V, then back up."""
+    return rank, 2 * num_ranks - 1 - rank
+
+
+def v_stage(chunk: int, num_ranks: int) -> int:
+    """The rank (stage mesh) holding ``chunk`` in a V."""
+    return chunk if chunk < num_ranks else 2 * num_ranks - 1 - chunk
+
+
+class _Emitter:
+    """Appends actions, each chunk's micro-batches counted per kind; ``B`` queues its ``W`` when asked."""
+
+    def __init__(self, rank: int, num_ranks: int) -> None:
+        self.chunks = v_chunks(rank, num_ranks)
+        self.order: list[Action] = []
+        self.count: dict[tuple[str, int], int] = {}
+        self.pending: list[Action] = []  # weight passes held back, oldest first
+
+    def emit(self, kind: str, local: int, queue_weight: bool = False) -> None:
+        chunk = self.chunks[local]
+        m = self.count.get((kind, chunk), 0)
+        self.count[(kind, chunk)] = m + 1
+        self.order.append(Action(kind, m, chunk))
+        if queue_weight:
+            self.pending.append(Action("W", m, chunk))
+
+    def full_backward(self, local: int) -> None:
+        """``B`` and its ``W`` at once: torch's un-split backward."""
+        self.emit("B", local)
+        self.order.append(Action("W", self.order[-1].microbatch, self.order[-1].chunk))
+
+    def weight_if_pending(self) -> None:
+        if self.pending:
+            self.order.append(self.pending.pop(0))
+
+    def emitted(self, kind: str, local: int) -> int:
+        return self.count.get((kind, self.chunks[local]), 0)
+
+
+def zbv_order(rank: int, num_ranks: int, num_microbatches: int, virtual_stages: int) -> list[Action]:
+    """ZB-V (Qi et al. 2024, section 6): warm-up down the V, then ``F B W`` on each chunk in turn.
+
+    The order is made for at least ``2S-1`` micro-batches (enough to fill the V) and the actions of
+    micro-batches past ``num_microbatches`` are dropped, as torch does.
+    """
+    S, r = num_ranks, rank
+    n = max(2 * S - 1, num_microbatches)
+    e = _Emitter(r, S)
+    for _ in range(2 * (S - r) - 1):
+        e.emit("F", 0)
+    for _ in range(r):
+        e.emit("F", 1)
+        e.emit("F", 0)
+    for _ in range(S - r):
+        e.emit("F", 1)
+        e.full_backward(1)
+    while e.emitted("F", 1) < e.emitted("F", 0) or e.emitted("F", 0) < n:
+        if e.emitted("F", 0) < n:
+            e.emit("F", 0)
+        e.full_backward(0)
+        e.emit("F", 1)
+        e.full_backward(1)
+    for _ in range(r):
+        e.emit("B", 0, queue_weight=True)
+        e.emit("B", 1, queue_weight=True)
+    for _ in range(S - r):
+        e.emit("B", 0, queue_weight=True)
+        e.order.append(next(w for w in e.pending if w.chunk == e.chunks[0]))
+        e.pending.remove(e.order[-1])
+    e.order += sorted(e.pending, key=lambda w: (w.chunk != e.chunks[1], w.microbatch))
+    return [action for action in e.order if action.microbatch < num_microbatches]
+
+
+def dualpipev_order(rank: int, num_ranks: int, num_microbatches: int, virtual_stages: int) -> list[Action]:
+    """DualPipeV (DeepSeek-V3's DualPipe folded onto half the ranks; ``num_microbatches >= 2S``).
+
+    Warm-up forwards down the V, zero-bubble ``B W F`` steps on the way back, then the main phase of
+    forward/backward pairs on opposite chunks (overlapped on a GPU, one after the other here), and a
+    cool-down whose later backwards hold their weight passes back to fill the drain.
+    """
+    S, r, M = num_ranks, rank, num_microbatches
+    e = _Emitter(r, S)
+    for _ in range(2 * (S - r - 1)):
+        e.emit("F", 0)
+    for _ in range(r + 1):
+        e.emit("F", 0)
+        e.emit("F", 1)
+    for _ in range(S - r - 1):
+        e.emit("B", 1, queue_weight=True)
+        e.weight_if_pending()
+        e.emit("F", 1)
+    for _ in range(M - 2 * S + r + 1):
+        e.emit("F", 0)
+        e.full_backward(1)
+        e.emit("F", 1)
+        e.full_backward(0)
+    for _ in range(S - r - 1):
+        e.full_backward(1)
+        e.emit("F", 1)
+        e.full_backward(0)
+    split = False  # from the middle of this phase on, backwards leave their weight passes for the drain
+    for i in range(r + 1):
+        for local, parity in ((1, 1), (0, 0)):
+            if i == (r + 1) // 2 and r % 2 == parity:
+                split = True
+            if split:
+                e.emit("B", local, queue_weight=True)
+            else:
+                e.full_backward(local)
+    for _ in range(S - r - 1):
+        e.weight_if_pending()
+        e.emit("B", 0, queue_weight=True)
+    for _ in range(r + 1):
+        e.weight_if_pending()
+    return e.order
