@@ -351,7 +351,7 @@ class PipelineRuntime:
         held: dict[tuple[int, int], tuple[list[torch.Tensor], Any, list | None]] = {}  # outputs or weight pass
         loss_sum = torch.zeros((), dtype=torch.float64)
         failure: _Failure | None = None
-        for action in self._order:
+        for index, action in enumerate(self._order):
             c, m = action.chunk, action.microbatch
             layouts = self._layouts[keys[m]]
             boundaries, span = self._plans[keys[m]]
@@ -373,23 +373,24 @@ class PipelineRuntime:
                         sent = layouts[c].outputs.zeros(self.chunk_meshes[c], self.rank, device)
                     self._send(_FORWARD, boundaries[c], sent, self._tag(m, _FORWARD, c, span))
             elif action.kind == "B":
+                split = self._split_backward and not action.fused  # a fused B runs its W too
                 wanting, outs, grads = held[(c, m)]
                 if c < last:
                     grads = self._receive(_BACKWARD, boundaries[c], self._tag(m, _BACKWARD, c, span))
                 x_grads = None
                 if failure is None and outs is not None:
                     try:
-                        x_grads = self._backward(c, m, held, outs, grads)
+                        x_grads = self._backward(c, m, held, outs, grads, split)
                     except Exception as error:  # noqa: BLE001 - raised on every rank by _settle
                         failure = _Failure(self.rank, action, error)
                 if x_grads is None:
                     held[(c, m)] = (wanting, None, None)
-                    if not self._split_backward:
+                    if not split:
                         del held[(c, m)]
                     x_grads = [torch.zeros_like(x) for x in wanting]
                 if c > 0:
                     self._send(_BACKWARD, boundaries[c - 1], x_grads, self._tag(m, _BACKWARD, c - 1, span))
-            else:
+            elif not self._order[index - 1].fused:  # else this W ran with the fused B before it
                 _, weight, _ = held.pop((c, m))
                 if failure is None and isinstance(weight, WeightPass):
                     try:
@@ -457,15 +458,15 @@ class PipelineRuntime:
         return loss * ((stop - start) / total)
 
     def _backward(self, c: int, m: int, held: dict, outs: list[torch.Tensor],
-                  grads: list[torch.Tensor | None]) -> list[torch.Tensor]:
-        """The input gradients of chunk ``c`` for micro-batch ``m`` (the weights' too unless backward is split)."""
+                  grads: list[torch.Tensor | None], split: bool) -> list[torch.Tensor]:
+        """The input gradients of chunk ``c`` for micro-batch ``m`` (the weights' too unless ``split``)."""
         wanting = held[(c, m)][0]
         if c < len(self.chunk_meshes) - 1:
             pairs = [(y, g) for y, g in zip(outs, grads, strict=True) if y.requires_grad]
             outs, grads = [y for y, _ in pairs], [g for _, g in pairs]
         elif outs and not outs[0].requires_grad:
             outs, grads = [], []
-        if self._split_backward:
+        if split:
             params = [p for p in self.pipeline.stages[c].module.parameters() if p.requires_grad]
             x_grads, weight = input_gradient(wanting, outs, grads, params)
             held[(c, m)] = (wanting, weight, None)  # the graph now lives in the weight pass

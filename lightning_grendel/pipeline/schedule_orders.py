@@ -15,11 +15,14 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Action:
     """``F`` forward, ``B`` backward (input gradient only where the schedule splits it), ``W`` weight
-    gradient; ``chunk`` is the model chunk (the stage when there are no virtual stages)."""
+    gradient; ``chunk`` is the model chunk (the stage when there are no virtual stages). A ``fused``
+    ``B`` is directly followed by its ``W`` and runs with it as one backward (torch's full backward):
+    less work than two passes, its input gradient sent once both are done."""
 
     kind: str
     microbatch: int
     chunk: int
+    fused: bool = False
 
     def __str__(self) -> str:
         return f"{self.kind}{self.microbatch}"

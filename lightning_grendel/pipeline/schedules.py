@@ -135,7 +135,8 @@ def clock_table(name: str, num_stages: int, num_microbatches: int, *, virtual_st
 
     Times are per rank and micro-batch for the rank's whole share of the model, so schedules compare
     directly: a chunk takes ``1/v`` of them. ``backward_time`` is a full backward; a split schedule's
-    ``W`` takes ``weight_time`` (default half) of it and its ``B`` the rest.
+    ``W`` takes ``weight_time`` (default half) of it and its ``B`` the rest. A fused ``B`` (run with
+    its ``W`` as one pass) hands its input gradient on only when its ``W`` is done.
     """
     split = check_schedule(name, virtual_stages).split_backward
     weight = backward_time / 2 if weight_time is None else weight_time
@@ -144,6 +145,7 @@ def clock_table(name: str, num_stages: int, num_microbatches: int, *, virtual_st
     placed = chunk_stages(name, num_stages, virtual_stages)
     orders = [stage_order(name, s, num_stages, num_microbatches, virtual_stages) for s in range(num_stages)]
     done: dict[tuple[str, int, int], float] = {}
+    handed: dict[tuple[str, int, int], float] = {}  # when the next chunk may use it, if later than done
     free = [0.0] * num_stages
     position = [0] * num_stages
     slots: list[Slot] = []
@@ -157,10 +159,13 @@ def clock_table(name: str, num_stages: int, num_microbatches: int, *, virtual_st
                     break
                 ready = 0.0
                 if dependency is not None:
-                    ready = done[dependency] + (latency if placed[dependency[2]] != s else 0.0)
+                    available = done[dependency] if action.kind == "W" else handed.get(dependency, done[dependency])
+                    ready = available + (latency if placed[dependency[2]] != s else 0.0)
                 start = max(free[s], ready)
                 end = start + cost[action.kind] / virtual_stages
                 done[(action.kind, action.microbatch, action.chunk)] = free[s] = end
+                if action.fused:
+                    handed[("B", action.microbatch, action.chunk)] = end + cost["W"] / virtual_stages
                 position[s] += 1
                 slots.append(Slot(s, action, start, end))
                 progressed = True

@@ -5,7 +5,8 @@ Both run ``2S`` chunks on ``S`` ranks in a V: rank ``r`` holds chunk ``r`` on th
 to chunk ``S``) stays on rank ``S-1``. Both split the backward: ``B`` is the input gradient, ``W`` the
 weight gradient. The orders are those torch 2.14 generates (``ScheduleZBVZeroBubble``,
 ``ScheduleDualPipeV``; a test compares them action by action), with DualPipeV's full backward written
-as ``B`` then ``W`` and its overlapped forward/backward pairs run one after the other (forward first).
+as a ``B`` fused with the ``W`` after it, and its overlapped forward/backward pairs run one after the
+other (forward first).
 """
 
 from __future__ import annotations
@@ -40,10 +41,12 @@ class _Emitter:
         if queue_weight:
             self.pending.append(Action("W", m, chunk))
 
-    def full_backward(self, local: int) -> None:
-        """``B`` and its ``W`` at once: torch's un-split backward."""
+    def backward_and_weight(self, local: int, fused: bool) -> None:
+        """``B`` then its ``W``: one pass when ``fused`` (torch's full backward), else two."""
         self.emit("B", local)
-        self.order.append(Action("W", self.order[-1].microbatch, self.order[-1].chunk))
+        b = self.order[-1]
+        self.order[-1] = Action("B", b.microbatch, b.chunk, fused=fused)
+        self.order.append(Action("W", b.microbatch, b.chunk))
 
     def weight_if_pending(self) -> None:
         if self.pending:
@@ -55,6 +58,9 @@ class _Emitter:
 
 def zbv_order(rank: int, num_ranks: int, num_microbatches: int, virtual_stages: int) -> list[Action]:
     """ZB-V (Qi et al. 2024, section 6): warm-up down the V, then ``F B W`` on each chunk in turn.
+
+    Its ``B`` and ``W`` stay two passes even where adjacent (torch runs them apart too), so the input
+    gradient leaves before the weight pass.
 
     The order is made for at least ``2S-1`` micro-batches (enough to fill the V) and the actions of
     micro-batches past ``num_microbatches`` are dropped, as torch does.
@@ -69,13 +75,13 @@ def zbv_order(rank: int, num_ranks: int, num_microbatches: int, virtual_stages: 
         e.emit("F", 0)
     for _ in range(S - r):
         e.emit("F", 1)
-        e.full_backward(1)
+        e.backward_and_weight(1, fused=False)
     while e.emitted("F", 1) < e.emitted("F", 0) or e.emitted("F", 0) < n:
         if e.emitted("F", 0) < n:
             e.emit("F", 0)
-        e.full_backward(0)
+        e.backward_and_weight(0, fused=False)
         e.emit("F", 1)
-        e.full_backward(1)
+        e.backward_and_weight(1, fused=False)
     for _ in range(r):
         e.emit("B", 0, queue_weight=True)
         e.emit("B", 1, queue_weight=True)
@@ -107,13 +113,13 @@ def dualpipev_order(rank: int, num_ranks: int, num_microbatches: int, virtual_st
         e.emit("F", 1)
     for _ in range(M - 2 * S + r + 1):
         e.emit("F", 0)
-        e.full_backward(1)
+        e.backward_and_weight(1, fused=True)
         e.emit("F", 1)
-        e.full_backward(0)
+        e.backward_and_weight(0, fused=True)
     for _ in range(S - r - 1):
-        e.full_backward(1)
+        e.backward_and_weight(1, fused=True)
         e.emit("F", 1)
-        e.full_backward(0)
+        e.backward_and_weight(0, fused=True)
     split = False  # from the middle of this phase on, backwards leave their weight passes for the drain
     for i in range(r + 1):
         for local, parity in ((1, 1), (0, 0)):
@@ -122,7 +128,7 @@ def dualpipev_order(rank: int, num_ranks: int, num_microbatches: int, virtual_st
             if split:
                 e.emit("B", local, queue_weight=True)
             else:
-                e.full_backward(local)
+                e.backward_and_weight(local, fused=True)
     for _ in range(S - r - 1):
         e.weight_if_pending()
         e.emit("B", 0, queue_weight=True)

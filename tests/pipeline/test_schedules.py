@@ -6,6 +6,7 @@ from typing import get_args
 
 import pytest
 
+from lightning_grendel.pipeline.schedule_orders import Action
 from lightning_grendel.pipeline.schedules import (
     SCHEDULES,
     Schedule,
@@ -53,13 +54,16 @@ def _check_clock_tables(name, virtual, stages, microbatches):
                 assert end[("B", m, c)].end <= slot.start
             elif kind == "B":
                 assert end[("F", m, c)].end <= slot.start  # forward before backward on the same chunk
-                if c + 1 < chunks:
-                    assert end[("B", m, c + 1)].end + latency * (placed[c + 1] != placed[c]) <= slot.start
+                if c + 1 < chunks:  # a fused B hands its gradient on once its W is done
+                    given = end[("W" if end[("B", m, c + 1)].action.fused else "B", m, c + 1)].end
+                    assert given + latency * (placed[c + 1] != placed[c]) <= slot.start
             elif c > 0:  # the latency only between chunks on different meshes (not at a V's turn)
                 assert end[("F", m, c - 1)].end + latency * (placed[c - 1] != placed[c]) <= slot.start
-        for s in range(stages):  # a rank runs one action at a time
+        for s in range(stages):  # a rank runs one action at a time, a fused B's W right after it
             own = sorted((slot for slot in slots if slot.stage == s), key=lambda slot: slot.start)
             assert all(a.end <= b.start + 1e-9 for a, b in zip(own, own[1:], strict=False))
+            assert all(b.action == Action("W", a.action.microbatch, a.action.chunk)
+                       for a, b in zip(own, own[1:], strict=False) if a.action.fused)
         for c in range(chunks):  # micro-batches in order within a chunk: the transfer lanes rely on it
             for kind in kinds:
                 starts = [end[(kind, m, c)].start for m in range(microbatches)]
@@ -158,8 +162,6 @@ def _torch_order(class_name, rank, stages, microbatches):
     from torch.distributed.pipelining import schedules as torch_schedules
     from torch.distributed.pipelining.schedules import _ComputationType as Kind
 
-    from lightning_grendel.pipeline.schedule_orders import Action
-
     schedule = object.__new__(getattr(torch_schedules, class_name))
     schedule.pp_group_size, schedule._n_microbatches = stages, microbatches
     schedule.num_stages = schedule._num_stages = 2 * stages
@@ -169,8 +171,11 @@ def _torch_order(class_name, rank, stages, microbatches):
         if action is None:
             continue
         for part in action.sub_actions if action.computation_type == Kind.OVERLAP_F_B else (action,):
-            kinds = ("B", "W") if part.computation_type == Kind.FULL_BACKWARD else (names[part.computation_type],)
-            order += [Action(kind, part.microbatch_index, part.stage_index) for kind in kinds]
+            m, c = part.microbatch_index, part.stage_index
+            if part.computation_type == Kind.FULL_BACKWARD:  # one pass: a fused B and its W
+                order += [Action("B", m, c, fused=True), Action("W", m, c)]
+            else:
+                order.append(Action(names[part.computation_type], m, c))
     return order
 
 
