@@ -1,10 +1,9 @@
 """Per-rank action orders of every pipeline schedule (pure functions, no torch).
 
 A rank holds the model chunks ``c`` with ``c % num_ranks == rank`` (one chunk per rank unless the
-schedule interleaves virtual stages; the V schedules of ``v_schedule_orders.py`` place theirs in a
-V). Within a chunk, forwards and backwards run in micro-batch
-order in every schedule, so each transfer lane sees its messages in the order the receiver asks
-for them.
+schedule interleaves virtual stages; the V schedules of ``v_schedule_orders.py`` place theirs in a V).
+Within a chunk, forwards and backwards run in micro-batch order in every schedule, so each transfer
+lane sees its messages in the order the receiver asks for them.
 """
 
 from __future__ import annotations

@@ -43,14 +43,17 @@ class _Emitter:
 
     def backward_and_weight(self, local: int, fused: bool) -> None:
         """``B`` then its ``W``: one pass when ``fused`` (torch's full backward), else two."""
-        self.emit("B", local)
-        b = self.order[-1]
-        self.order[-1] = Action("B", b.microbatch, b.chunk, fused=fused)
-        self.order.append(Action("W", b.microbatch, b.chunk))
+        chunk = self.chunks[local]
+        m = self.count.get(("B", chunk), 0)
+        self.count[("B", chunk)] = m + 1
+        self.order += [Action("B", m, chunk, fused=fused), Action("W", m, chunk)]
 
-    def weight_if_pending(self) -> None:
-        if self.pending:
-            self.order.append(self.pending.pop(0))
+    def weight_if_pending(self, local: int | None = None) -> None:
+        """The oldest held-back weight pass (of chunk ``local`` when given), if any."""
+        wanted = [w for w in self.pending if local is None or w.chunk == self.chunks[local]]
+        if wanted:
+            self.pending.remove(wanted[0])
+            self.order.append(wanted[0])
 
     def emitted(self, kind: str, local: int) -> int:
         return self.count.get((kind, self.chunks[local]), 0)
@@ -87,8 +90,7 @@ def zbv_order(rank: int, num_ranks: int, num_microbatches: int, virtual_stages: 
         e.emit("B", 1, queue_weight=True)
     for _ in range(S - r):
         e.emit("B", 0, queue_weight=True)
-        e.order.append(next(w for w in e.pending if w.chunk == e.chunks[0]))
-        e.pending.remove(e.order[-1])
+        e.weight_if_pending(0)
     e.order += sorted(e.pending, key=lambda w: (w.chunk != e.chunks[1], w.microbatch))
     return [action for action in e.order if action.microbatch < num_microbatches]
 
