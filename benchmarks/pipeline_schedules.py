@@ -11,8 +11,10 @@ benchmarks/pipeline_vs_torch.py).
 
     python benchmarks/pipeline_schedules.py [--quick]
 
-Prints a table and ``RESULT pipeline.<schedule>_step_s``, ``RESULT pipeline.interleaved_gain_fraction``
-and ``RESULT pipeline.zero_bubble_gain_fraction`` (measured gain over 1F1B / clock-table gain).
+Prints a table and ``RESULT pipeline.<schedule>_step_s``, ``RESULT pipeline.interleaved_gain_fraction``,
+``RESULT pipeline.zero_bubble_gain_fraction`` and the V schedules' ``RESULT pipeline.zbv_gain_fraction``
+and ``RESULT pipeline.dualpipev_gain_fraction`` (measured gain over 1F1B / clock-table gain; DualPipeV
+needs 8 micro-batches, so ``--quick`` leaves it out).
 """
 
 from __future__ import annotations
@@ -31,14 +33,20 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from lightning_grendel.pipeline import PipelineRuntime
-from lightning_grendel.pipeline.schedules import clock_table, makespan
+from lightning_grendel.pipeline.schedules import SCHEDULES, clock_table, makespan
 from lightning_grendel.pipeline.stages import Pipeline, PipelineStage
 from lightning_grendel.resharding.mesh import Mesh
 
 NUM_STAGES = 4
 WIDTH = 16
 CASES = [("gpipe", 1), ("1f1b", 1), ("eager_1f1b", 1), ("interleaved_1f1b", 2), ("eager_interleaved_1f1b", 2),
-         ("zb_h1", 1)]
+         ("zb_h1", 1), ("zbv", 2), ("dualpipev", 2)]
+GAINS = (("interleaved", "interleaved_1f1b"), ("zero_bubble", "zb_h1"), ("zbv", "zbv"), ("dualpipev", "dualpipev"))
+
+
+def runnable(microbatches: int) -> list[tuple[str, int]]:
+    """The cases whose schedule takes ``microbatches`` on the benchmark's stage meshes."""
+    return [(name, v) for name, v in CASES if microbatches >= SCHEDULES[name].min_rounds * NUM_STAGES]
 
 
 class _Sleep(torch.autograd.Function):
@@ -117,7 +125,8 @@ def _rank(rank: int, world: int, init: str, costs: tuple[float, float, float], l
                             timeout=datetime.timedelta(seconds=600))
     meshes = [Mesh([r], (1, 1)) for r in range(world)]
     runtimes = {name: PipelineRuntime(_pipeline(v, costs), meshes, schedule=name, num_microbatches=microbatches,
-                                      transfer_latency_s=latency_s, transport="dist") for name, v in CASES}
+                                      transfer_latency_s=latency_s, transport="dist")
+                for name, v in runnable(microbatches)}
     x, target = torch.randn(2 * microbatches, WIDTH), torch.randn(2 * microbatches, WIDTH)
     medians = median_step_seconds(runtimes, x, target, steps)
     if rank == 0:
@@ -143,21 +152,24 @@ def main() -> None:
                                         out), nprocs=NUM_STAGES, start_method="spawn")
         measured = dict(out)
         manager.shutdown()
+    cases = runnable(microbatches)
     predicted = {name: makespan(clock_table(name, NUM_STAGES, microbatches, virtual_stages=v, forward_time=costs[0],
                                             backward_time=costs[1], weight_time=costs[2], latency=latency))
-                 for name, v in CASES}
+                 for name, v in cases}
     print(f"\n{NUM_STAGES} stages x 1 rank, {microbatches} micro-batches, per rank and micro-batch: forward "
           f"{costs[0] * 1e3:.0f} ms, backward {costs[1] * 1e3:.0f} ms (weight part {costs[2] * 1e3:.0f} ms), "
           f"transfer latency {args.latency_ms:.0f} ms, median of {steps} step(s)\n")
     print("| schedule | v | clock table (ms) | measured (ms) | measured / predicted |")
     print("|---|---|---|---|---|")
-    for name, v in CASES:
+    for name, v in cases:
         print(f"| {name} | {v} | {predicted[name] * 1e3:.0f} | {measured[name] * 1e3:.0f} | "
               f"{measured[name] / predicted[name]:.3f} |")
     print()
-    for name, _ in CASES:
+    for name, _ in cases:
         print(f"RESULT pipeline.{name}_step_s={measured[name]:.4f}")
-    for label, name in (("interleaved", "interleaved_1f1b"), ("zero_bubble", "zb_h1")):
+    for label, name in GAINS:
+        if name not in measured:
+            continue
         gain = (measured["1f1b"] - measured[name]) / (predicted["1f1b"] - predicted[name])
         print(f"RESULT pipeline.{label}_gain_fraction={gain:.3f}")
 

@@ -6,8 +6,10 @@ from the same initial weights on the same batches, on CPU with gloo and one thre
 project runs ``PipelineRuntime`` (the engine ``PipelineStrategy`` drives, here called from a plain
 loop as torch's schedules are; one rank per stage mesh, default transport: shared memory on one
 host); torch runs ``Schedule1F1B``, ``ScheduleInterleaved1F1B`` (2 chunks per rank) and
-``ScheduleInterleavedZeroBubble`` (one chunk per rank: ZB-H1's zero-bubble order) against this
-project's ``1f1b``, ``interleaved_1f1b`` and ``zb_h1``. Each world (2 or 4 ranks) holds one model
+``ScheduleInterleavedZeroBubble`` (one chunk per rank: ZB-H1's zero-bubble order),
+``ScheduleZBVZeroBubble`` and ``ScheduleDualPipeV`` (two chunks per rank in a V) against this
+project's ``1f1b``, ``interleaved_1f1b``, ``zb_h1``, ``zbv`` and ``dualpipev`` (DualPipeV only where
+the micro-batches number at least twice the ranks, as both require). Each world (2 or 4 ranks) holds one model
 copy per (framework, schedule); runs of a few steps alternate between the frameworks (the order
 flips every round), tokens/s is the median over rounds. Peak memory is each rank's resident set
 above its level before the step (freed memory handed back with ``malloc_trim`` first), sampled
@@ -45,12 +47,15 @@ from resharding import spawn_ranks
 
 from lightning_grendel.pipeline import PipelineRuntime
 from lightning_grendel.pipeline.examples.tiny_lm import CausalBlock, TinyTransformerLM, lm_loss
+from lightning_grendel.pipeline.schedules import SCHEDULES as REGISTRY
+from lightning_grendel.pipeline.schedules import chunk_stages
 from lightning_grendel.pipeline.split_backward import input_gradient
 from lightning_grendel.resharding.mesh import Mesh
 
 # (this project's schedule, torch's schedule class, chunks per rank)
 SCHEDULES = [("1f1b", "Schedule1F1B", 1), ("interleaved_1f1b", "ScheduleInterleaved1F1B", 2),
-             ("zb_h1", "ScheduleInterleavedZeroBubble", 1)]
+             ("zb_h1", "ScheduleInterleavedZeroBubble", 1), ("zbv", "ScheduleZBVZeroBubble", 2),
+             ("dualpipev", "ScheduleDualPipeV", 2)]
 
 
 @dataclass(frozen=True)
@@ -71,6 +76,11 @@ class Config:
     @property
     def tokens(self) -> int:
         return self.batch * self.seq_len
+
+
+def runnable(world: int, config: Config) -> list[tuple[str, str, int]]:
+    """The schedule pairs that take ``config.microbatches`` on ``world`` ranks."""
+    return [case for case in SCHEDULES if config.microbatches >= REGISTRY[case[0]].min_rounds * world]
 
 
 def _splits(layers: int, chunks: int) -> list[int]:
@@ -114,12 +124,12 @@ class _Ours:
 class _Torch:
     """A step of torch's schedule from a plain loop: input on the first stage, target and losses on the last."""
 
-    def __init__(self, schedule: str, config: Config, world: int, chunks: int) -> None:
+    def __init__(self, schedule: str, ours: str, config: Config, world: int, chunks: int) -> None:
         from torch.distributed import pipelining
 
         rank = dist.get_rank()
         modules = [stage.module for stage in _model(config, world * chunks).pipeline_stages().stages]
-        indices = list(range(rank, world * chunks, world))
+        indices = [c for c, stage in enumerate(chunk_stages(ours, world, chunks)) if stage == rank]
         stages = [pipelining.PipelineStage(modules[i], i, world * chunks, torch.device("cpu")) for i in indices]
         cls = getattr(pipelining, schedule)
         self.schedule = cls(stages if cls is not pipelining.Schedule1F1B else stages[0], config.microbatches,
@@ -179,9 +189,10 @@ def _rank(rank: int, world: int, init: str, config: Config, out: dict) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=600))
     runners: dict[tuple[str, str], _Ours | _Torch] = {}
-    for ours, theirs, chunks in SCHEDULES:
+    cases = runnable(world, config)
+    for ours, theirs, chunks in cases:
         runners[(ours, "ours")] = _Ours(ours, config, world, chunks)
-        runners[(ours, "torch")] = _Torch(theirs, config, world, chunks)
+        runners[(ours, "torch")] = _Torch(theirs, ours, config, world, chunks)
     losses: dict[tuple[str, str], list[float]] = {key: [] for key in runners}
     seconds: dict[tuple[str, str], list[float]] = {key: [] for key in runners}
     peaks: dict[tuple[str, str], int] = {}
@@ -197,7 +208,7 @@ def _rank(rank: int, world: int, init: str, config: Config, out: dict) -> None:
     for key in runners:  # warm-up: first-step plans, shape inference, connections
         run(key, 1)
     for round_index in range(config.rounds):
-        for ours, _, _ in SCHEDULES:
+        for ours, _, _ in cases:
             order = ("ours", "torch") if round_index % 2 == 0 else ("torch", "ours")
             for framework in order:
                 seconds[(ours, framework)].append(run((ours, framework), config.steps))
@@ -281,7 +292,7 @@ def main() -> None:
     ratios, gap, lines = [], 0.0, []
     for world in stages:
         result = measure(world, config)
-        for ours, theirs, chunks in SCHEDULES:
+        for ours, theirs, chunks in runnable(world, config):
             rate = {f: config.tokens * config.steps / statistics.median(result["seconds"][(ours, f)])
                     for f in ("ours", "torch")}
             peak = {f: max(result["peaks"][(ours, f)]) / 2**20 for f in ("ours", "torch")}

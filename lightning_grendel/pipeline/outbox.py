@@ -1,11 +1,13 @@
-"""Outgoing transfers of a pipeline rank: one FIFO thread per direction, each with its own groups.
+"""Outgoing transfers of a pipeline rank: one FIFO thread per lane, each with its own groups.
 
 A send completes only once its receiver has asked for it, so one FIFO for both directions could hold a
 gradient behind an activation the receiver wants later (with two stage meshes, or interleaved chunks,
 both directions go to the same peer). Forward and backward lanes therefore run on their own threads,
 with their own process groups (collectives on one group must run in one order on every member) and,
-for the shared-memory transport, their own arenas. Within a lane, messages leave in the order the
-receiver takes them: every schedule runs a chunk's micro-batches in order.
+for the shared-memory transport, their own arenas. Under a V placement a rank sends both down and back
+up the V in each direction, so each half of the V gets a lane per direction of its own
+(``schedules.boundary_lanes``). Within a lane, messages leave in the order the receiver takes them:
+every schedule runs a chunk's micro-batches in order.
 """
 
 from __future__ import annotations

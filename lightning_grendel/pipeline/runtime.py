@@ -3,7 +3,9 @@
 Kept apart from Lightning so it can be tested (and used) with plain ``torch.distributed``. Sends go
 through an outbox thread, so a stage moves on to its next action as soon as an output exists and the
 transfer overlaps compute; every forward and loss runs on the calling thread. With ``v`` virtual
-stages the pipeline has ``v * S`` chunks and chunk ``c`` runs on stage mesh ``c mod S``. Stage inputs
+stages the pipeline has ``v * S`` chunks placed by the schedule: chunk ``c`` on stage mesh ``c mod S``,
+or in a V (``zbv``, ``dualpipev``: mesh ``c``, then ``2S-1-c``), where the turn from chunk ``S-1`` to
+chunk ``S`` stays on one mesh and passes its tensors without a transfer. Stage inputs
 and outputs are pytrees: each tensor leaf crosses a boundary through its own resharding plan.
 A forward context (the precision plugin's autocast or default dtype) is entered around every forward
 and loss, never around backward, and the layouts and plans are kept per autocast state.
@@ -36,14 +38,14 @@ from lightning_grendel.pipeline.pytree import (
     to_meta,
 )
 from lightning_grendel.pipeline.schedule_orders import Action
-from lightning_grendel.pipeline.schedules import Schedule, check_schedule, stage_order
+from lightning_grendel.pipeline.schedules import Schedule, boundary_lanes, check_schedule, chunk_stages, stage_order
 from lightning_grendel.pipeline.split_backward import WeightPass, input_gradient
 from lightning_grendel.pipeline.stages import Pipeline
 from lightning_grendel.pipeline.tensor_parallel import find_linear, make_column_parallel
 from lightning_grendel.pipeline.tied import TiedGradients, tie_parameters
 from lightning_grendel.resharding.auto import resolve_plan
 from lightning_grendel.resharding.executors import GroupCache, start_plan, transport_pairs
-from lightning_grendel.resharding.mesh import Mesh, check_disjoint
+from lightning_grendel.resharding.mesh import Mesh, check_disjoint, local_box
 from lightning_grendel.resharding.plan import Executor, ReshardPlan, check_executor
 from lightning_grendel.resharding.senders import SenderMode, check_sender_mode
 from lightning_grendel.resharding.shm import Transport, arenas_for, check_transport, create_arenas
@@ -62,11 +64,18 @@ class _ChunkLayout:
 
 @dataclass(frozen=True)
 class _Boundary:
-    """Per tensor leaf of a boundary: the forward plan, the backward plan (differentiable leaves), tag offsets."""
+    """Per tensor leaf of a boundary: the forward plan, the backward plan (differentiable leaves), tag offsets.
+
+    ``part``: which of the schedule's transfer lanes per direction it uses (``schedules.boundary_lanes``).
+    A boundary between two chunks on the same mesh (a V's turn) is ``local``: no plans, its tensors
+    are handed over in-process.
+    """
 
     forward: list[ReshardPlan]
     backward: list[ReshardPlan | None]
     offsets: list[int]
+    part: int = 0
+    local: bool = False
 
 
 class PipelineRuntime:
@@ -101,7 +110,8 @@ class PipelineRuntime:
         if self.virtual_stages > 1 and len(meshes) < 2:
             raise ValueError("virtual stages need at least 2 stage meshes (consecutive chunks on different meshes)")
         self.pipeline, self.meshes = pipeline, list(meshes)
-        self.chunk_meshes = [self.meshes[c % len(meshes)] for c in range(num_chunks)]
+        placed = chunk_stages(schedule, len(meshes), self.virtual_stages)
+        self.chunk_meshes = [self.meshes[stage] for stage in placed]
         self.schedule, self.executor, self.sender_mode = schedule, executor, sender_mode
         self.num_microbatches = num_microbatches
         self._forward_context = forward_context
@@ -112,7 +122,8 @@ class PipelineRuntime:
             raise ValueError(f"stage meshes must cover ranks 0..{world - 1} exactly once, got {used}")
         self.stage = next(i for i, mesh in enumerate(self.meshes) if self.rank in mesh.ranks)
         self._order = stage_order(schedule, self.stage, len(meshes), num_microbatches, self.virtual_stages)
-        self.chunks = list(range(self.stage, num_chunks, len(meshes)))
+        self.chunks = [c for c, stage in enumerate(placed) if stage == self.stage]
+        self._handed: dict[tuple[int, int], list[torch.Tensor]] = {}  # same-mesh boundaries: (direction, tag)
         stage_modules = [stage.module for stage in pipeline.stages]
         tie_parameters(stage_modules, pipeline.tied)
         self.modules = [stage_modules[c] for c in self.chunks]
@@ -128,7 +139,9 @@ class PipelineRuntime:
                                      "weight tied to another stage; tied weights cannot be column-parallel")
         self._meta = {c: copy.deepcopy(stage.module).to("meta")  # before any Linear is made column-parallel
                       for c, stage in enumerate(pipeline.stages) if stage.meta is None}
-        self._groups = (GroupCache(timeout_s), GroupCache(timeout_s))  # one set per direction (lane)
+        self._parts = boundary_lanes(schedule, len(meshes), self.virtual_stages)
+        lanes = 2 * (max(self._parts, default=0) + 1)  # lane 2 * part + direction
+        self._groups = [GroupCache(timeout_s) for _ in range(lanes)]  # one set per lane
         self._stage_groups = [dist.new_group(list(mesh.ranks)) for mesh in self.meshes]
         self._tied = TiedGradients(stage_modules, self.chunk_meshes, self.rank, timeout_s)
         self._tp_parts: dict[int, int] = {}
@@ -142,7 +155,7 @@ class PipelineRuntime:
                     self._tp_parts[index] = mesh.shape[-1]
                     make_column_parallel(linear, mesh.coordinate(self.rank)[-1], mesh.shape[-1], group)
         self._shm = []
-        for _ in (_FORWARD, _BACKWARD):
+        for _ in range(lanes):
             arenas = create_arenas() if transport != "dist" else None
             try:
                 self._shm.append(arenas_for(transport, arenas, used))
@@ -153,8 +166,8 @@ class PipelineRuntime:
                 raise
             if arenas is not None and self._shm[-1] is None:
                 arenas.close()
-        self._outboxes = [Outbox(self.rank, self._groups[d], transfer_latency_s, self._shm[d])
-                          for d in (_FORWARD, _BACKWARD)]
+        self._outboxes = [Outbox(self.rank, self._groups[lane], transfer_latency_s, self._shm[lane])
+                          for lane in range(lanes)]
         self._layouts: dict[Hashable, list[_ChunkLayout]] = {}
         self._plans: dict[Hashable, tuple[list[_Boundary], int]] = {}
 
@@ -209,26 +222,49 @@ class PipelineRuntime:
         meshes = self.chunk_meshes
         for c in range(len(meshes) - 1):
             sent, received = layouts[c].outputs, layouts[c + 1].inputs
+            if meshes[c] is meshes[c + 1]:
+                self._check_local_boundary(c, sent, received)
+                boundaries.append(_Boundary([], [], [], local=True))
+                continue
             forward, backward, offsets, offset = [], [], [], 0
+            ahead, back_lane = self._lane(_FORWARD, self._parts[c]), self._lane(_BACKWARD, self._parts[c])
             for (_, src), (_, dst) in zip(sent.tensors, received.tensors, strict=True):
-                plan = self._plan(src.shape, src.dtype, meshes[c], src.spec, meshes[c + 1], dst.spec, _FORWARD, device)
-                back = self._plan(src.shape, src.dtype, meshes[c + 1], dst.spec, meshes[c], src.spec, _BACKWARD,
+                plan = self._plan(src.shape, src.dtype, meshes[c], src.spec, meshes[c + 1], dst.spec, ahead, device)
+                back = self._plan(src.shape, src.dtype, meshes[c + 1], dst.spec, meshes[c], src.spec, back_lane,
                                   device) if src.differentiable else None
-                self._groups[_FORWARD].ensure(plan.groups())
+                self._groups[ahead].ensure(plan.groups())
                 if back is not None:
-                    self._groups[_BACKWARD].ensure(back.groups())
+                    self._groups[back_lane].ensure(back.groups())
                 forward.append(plan)
                 backward.append(back)
                 offsets.append(offset)
                 offset += max(len(plan.ops), len(back.ops) if back is not None else 0) + 1
-            boundaries.append(_Boundary(forward, backward, offsets))
+            boundaries.append(_Boundary(forward, backward, offsets, self._parts[c]))
             span = max(span, offset)
         return boundaries, span
 
+    def _check_local_boundary(self, c: int, sent: Layout, received: Layout) -> None:
+        """Chunks ``c`` and ``c + 1`` share a mesh: every rank must already hold the part it needs."""
+        mesh = self.chunk_meshes[c]
+        for (_, src), (_, dst) in zip(sent.tensors, received.tensors, strict=True):
+            same = src.shape == dst.shape and src.dtype == dst.dtype and all(
+                local_box(mesh, src.spec, src.shape, r) == local_box(mesh, dst.spec, dst.shape, r) for r in mesh.ranks)
+            if not same:
+                raise ValueError(f"stages {c} and {c + 1} both run on stage mesh {self.meshes.index(mesh)} (the turn "
+                                 f"of schedule {self.schedule!r}'s V), where nothing is resharded: stage {c + 1}'s "
+                                 f"input_spec must leave every rank the part of leaf {src.path or '(the output)'} "
+                                 f"that stage {c}'s output gives it ({src.spec} of {src.shape} {src.dtype}), got "
+                                 f"{dst.spec} of {dst.shape} {dst.dtype}")
+
     def _plan(self, shape: tuple[int, ...], dtype: torch.dtype, src_mesh: Mesh, src_spec: Any, dst_mesh: Mesh,
-              dst_spec: Any, direction: int, device: torch.device) -> ReshardPlan:
+              dst_spec: Any, lane: int, device: torch.device) -> ReshardPlan:
         return resolve_plan(shape, dtype, src_mesh, src_spec, dst_mesh, dst_spec, self.executor, self.sender_mode,
-                            groups=self._groups[direction], shm=self._shm[direction], device=device)
+                            groups=self._groups[lane], shm=self._shm[lane], device=device)
+
+    @staticmethod
+    def _lane(direction: int, part: int) -> int:
+        """Transfer lane: its own outbox thread, process groups and arenas (see ``outbox.py``)."""
+        return 2 * part + direction
 
     def transports(self) -> set[tuple[str, int, int, str]]:
         """``(direction, from rank, to rank, "shm" or "dist")`` of every chunk boundary planned so far.
@@ -243,7 +279,8 @@ class PipelineRuntime:
                                                ("backward", _BACKWARD, boundary.backward)):
                     for plan in plans:
                         if plan is not None:
-                            pairs |= {(name, *pair) for pair in transport_pairs(plan, self._shm[direction])}
+                            shm = self._shm[self._lane(direction, boundary.part)]
+                            pairs |= {(name, *pair) for pair in transport_pairs(plan, shm)}
         return pairs
 
     # -- transfers --------------------------------------------------------------------------------------
@@ -252,17 +289,23 @@ class PipelineRuntime:
         return ((microbatch * 2 + direction) * len(self.chunk_meshes) + boundary) * span
 
     def _send(self, direction: int, boundary: _Boundary, tensors: Sequence[torch.Tensor], base: int) -> None:
+        if boundary.local:
+            self._handed[(direction, base)] = list(tensors)
+            return
         plans = boundary.forward if direction == _FORWARD else [p for p in boundary.backward if p is not None]
         offsets = boundary.offsets if direction == _FORWARD else [
             o for o, p in zip(boundary.offsets, boundary.backward, strict=True) if p is not None]
         for plan, tensor, offset in zip(plans, tensors, offsets, strict=True):
-            self._outboxes[direction].put(plan, tensor, base + offset)
+            self._outboxes[self._lane(direction, boundary.part)].put(plan, tensor, base + offset)
 
     def _receive(self, direction: int, boundary: _Boundary, base: int) -> list[torch.Tensor]:
+        if boundary.local:
+            return self._handed.pop((direction, base))
+        lane = self._lane(direction, boundary.part)
         pairs = zip(boundary.forward, boundary.offsets, strict=True) if direction == _FORWARD else [
             (p, o) for p, o in zip(boundary.backward, boundary.offsets, strict=True) if p is not None]
-        return [start_plan(plan, self.rank, None, self._groups[direction], base + offset,
-                           self._shm[direction]).wait() for plan, offset in pairs]
+        return [start_plan(plan, self.rank, None, self._groups[lane], base + offset, self._shm[lane]).wait()
+                for plan, offset in pairs]
 
     def _chunk_input(self, c: int, m: int, first_input: Any, layouts: list[_ChunkLayout], boundaries: list[_Boundary],
                      span: int, grad: bool) -> tuple[Any, list[torch.Tensor]]:
@@ -308,7 +351,7 @@ class PipelineRuntime:
         held: dict[tuple[int, int], tuple[list[torch.Tensor], Any, list | None]] = {}  # outputs or weight pass
         loss_sum = torch.zeros((), dtype=torch.float64)
         failure: _Failure | None = None
-        for action in self._order:
+        for index, action in enumerate(self._order):
             c, m = action.chunk, action.microbatch
             layouts = self._layouts[keys[m]]
             boundaries, span = self._plans[keys[m]]
@@ -330,23 +373,24 @@ class PipelineRuntime:
                         sent = layouts[c].outputs.zeros(self.chunk_meshes[c], self.rank, device)
                     self._send(_FORWARD, boundaries[c], sent, self._tag(m, _FORWARD, c, span))
             elif action.kind == "B":
+                split = self._split_backward and not action.fused  # a fused B runs its W too
                 wanting, outs, grads = held[(c, m)]
                 if c < last:
                     grads = self._receive(_BACKWARD, boundaries[c], self._tag(m, _BACKWARD, c, span))
                 x_grads = None
                 if failure is None and outs is not None:
                     try:
-                        x_grads = self._backward(c, m, held, outs, grads)
+                        x_grads = self._backward(c, m, held, outs, grads, split)
                     except Exception as error:  # noqa: BLE001 - raised on every rank by _settle
                         failure = _Failure(self.rank, action, error)
                 if x_grads is None:
                     held[(c, m)] = (wanting, None, None)
-                    if not self._split_backward:
+                    if not split:
                         del held[(c, m)]
                     x_grads = [torch.zeros_like(x) for x in wanting]
                 if c > 0:
                     self._send(_BACKWARD, boundaries[c - 1], x_grads, self._tag(m, _BACKWARD, c - 1, span))
-            else:
+            elif not self._order[index - 1].fused:  # else this W ran with the fused B before it
                 _, weight, _ = held.pop((c, m))
                 if failure is None and isinstance(weight, WeightPass):
                     try:
@@ -414,15 +458,15 @@ class PipelineRuntime:
         return loss * ((stop - start) / total)
 
     def _backward(self, c: int, m: int, held: dict, outs: list[torch.Tensor],
-                  grads: list[torch.Tensor | None]) -> list[torch.Tensor]:
-        """The input gradients of chunk ``c`` for micro-batch ``m`` (the weights' too unless backward is split)."""
+                  grads: list[torch.Tensor | None], split: bool) -> list[torch.Tensor]:
+        """The input gradients of chunk ``c`` for micro-batch ``m`` (the weights' too unless ``split``)."""
         wanting = held[(c, m)][0]
         if c < len(self.chunk_meshes) - 1:
             pairs = [(y, g) for y, g in zip(outs, grads, strict=True) if y.requires_grad]
             outs, grads = [y for y, _ in pairs], [g for _, g in pairs]
         elif outs and not outs[0].requires_grad:
             outs, grads = [], []
-        if self._split_backward:
+        if split:
             params = [p for p in self.pipeline.stages[c].module.parameters() if p.requires_grad]
             x_grads, weight = input_gradient(wanting, outs, grads, params)
             held[(c, m)] = (wanting, weight, None)  # the graph now lives in the weight pass
@@ -483,7 +527,8 @@ class PipelineRuntime:
                         if sent is None:
                             sent = layouts[c].outputs.zeros(self.chunk_meshes[c], self.rank, device)
                         self._send(_FORWARD, boundaries[c], sent, self._tag(m, _FORWARD, c, span))
-        self._outboxes[_FORWARD].flush()
+        for outbox in self._outboxes[_FORWARD::2]:
+            outbox.flush()
         self._settle(failure)
         return results
 

@@ -1,9 +1,9 @@
 """Per-rank action orders of every pipeline schedule (pure functions, no torch).
 
 A rank holds the model chunks ``c`` with ``c % num_ranks == rank`` (one chunk per rank unless the
-schedule interleaves virtual stages). Within a chunk, forwards and backwards run in micro-batch
-order in every schedule, so each transfer lane sees its messages in the order the receiver asks
-for them.
+schedule interleaves virtual stages; the V schedules of ``v_schedule_orders.py`` place theirs in a V).
+Within a chunk, forwards and backwards run in micro-batch order in every schedule, so each transfer
+lane sees its messages in the order the receiver asks for them.
 """
 
 from __future__ import annotations
@@ -14,11 +14,14 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Action:
     """``F`` forward, ``B`` backward (input gradient only where the schedule splits it), ``W`` weight
-    gradient; ``chunk`` is the model chunk (the stage when there are no virtual stages)."""
+    gradient; ``chunk`` is the model chunk (the stage when there are no virtual stages). A ``fused``
+    ``B`` is directly followed by its ``W`` and runs with it as one backward (torch's full backward):
+    less work than two passes, its input gradient sent once both are done."""
 
     kind: str
     microbatch: int
     chunk: int
+    fused: bool = False
 
     def __str__(self) -> str:
         return f"{self.kind}{self.microbatch}"

@@ -23,19 +23,26 @@ from lightning_grendel.pipeline.schedule_orders import (
     one_f_one_b_order,
     zb_h1_order,
 )
+from lightning_grendel.pipeline.v_schedule_orders import dualpipev_order, v_stage, zbv_order
 
 Schedule = Literal["gpipe", "1f1b", "eager_1f1b", "interleaved_1f1b", "eager_interleaved_1f1b",
-                   "zb_h1"]
+                   "zb_h1", "zbv", "dualpipev"]
+Placement = Literal["loop", "v"]
 
 
 @dataclass(frozen=True)
 class PipelineSchedule:
     """``order(rank, num_ranks, num_microbatches, virtual_stages)``; ``virtual``: takes ``v > 1`` chunks
-    per rank; ``split_backward``: ``B`` is the input gradient only and ``W`` the weight gradient."""
+    per rank; ``split_backward``: ``B`` is the input gradient only and ``W`` the weight gradient;
+    ``placement``: ``loop`` puts chunk ``c`` on mesh ``c mod S``, ``v`` runs exactly two chunks per
+    mesh in a V (chunk ``c`` on mesh ``c``, then ``2S-1-c``); ``min_rounds``: at least that many
+    micro-batches per stage mesh."""
 
     order: Callable[[int, int, int, int], list[Action]]
     virtual: bool = False
     split_backward: bool = False
+    placement: Placement = "loop"
+    min_rounds: int = 0
 
 
 SCHEDULES: Mapping[str, PipelineSchedule] = MappingProxyType({
@@ -45,6 +52,8 @@ SCHEDULES: Mapping[str, PipelineSchedule] = MappingProxyType({
     "interleaved_1f1b": PipelineSchedule(interleaved_order, virtual=True),
     "eager_interleaved_1f1b": PipelineSchedule(eager_interleaved_order, virtual=True),
     "zb_h1": PipelineSchedule(zb_h1_order, split_backward=True),
+    "zbv": PipelineSchedule(zbv_order, virtual=True, split_backward=True, placement="v"),
+    "dualpipev": PipelineSchedule(dualpipev_order, virtual=True, split_backward=True, placement="v", min_rounds=2),
 })
 assert set(SCHEDULES) == set(get_args(Schedule))
 
@@ -59,7 +68,30 @@ def check_schedule(name: str, virtual_stages: int = 1) -> PipelineSchedule:
         virtual = tuple(n for n, s in SCHEDULES.items() if s.virtual)
         raise ValueError(f"schedule {name!r} runs one chunk per stage mesh; virtual_stages={virtual_stages} "
                          f"needs one of {virtual}")
+    if schedule.placement == "v" and virtual_stages != 2:
+        raise ValueError(f"schedule {name!r} runs two chunks per stage mesh in a V: virtual_stages must be 2, got "
+                         f"{virtual_stages}")
     return schedule
+
+
+def chunk_stages(name: str, num_stages: int, virtual_stages: int = 1) -> list[int]:
+    """The stage mesh of every chunk under the schedule's placement."""
+    schedule = check_schedule(name, virtual_stages)
+    chunks = range(num_stages * virtual_stages)
+    if schedule.placement == "v":
+        return [v_stage(c, num_stages) for c in chunks]
+    return [c % num_stages for c in chunks]
+
+
+def boundary_lanes(name: str, num_stages: int, virtual_stages: int = 1) -> list[int]:
+    """Per chunk boundary, which transfer lane of its direction it takes (lanes send in FIFO order).
+
+    A send completes only once its receiver takes it, so a lane's messages must leave in the order
+    they are wanted. Under a V a mesh sends both down the V (to the next mesh) and back up it (to the
+    previous one), and one FIFO for both deadlocks ZBV from 4 meshes on: each half of the V gets its own.
+    """
+    placement = check_schedule(name, virtual_stages).placement
+    return [int(placement == "v" and c >= num_stages) for c in range(num_stages * virtual_stages - 1)]
 
 
 def stage_order(name: str, stage: int, num_stages: int, num_microbatches: int,
@@ -69,7 +101,10 @@ def stage_order(name: str, stage: int, num_stages: int, num_microbatches: int,
     if not 0 <= stage < num_stages or num_microbatches < 1:
         raise ValueError(f"need 0 <= stage < num_stages and num_microbatches >= 1, got {stage}, {num_stages}, "
                          f"{num_microbatches}")
-    if schedule.virtual and num_microbatches % num_stages:
+    if num_microbatches < schedule.min_rounds * num_stages:
+        raise ValueError(f"schedule {name!r} needs num_microbatches >= {schedule.min_rounds} x the {num_stages} stage "
+                         f"meshes (one per chunk), got {num_microbatches}")
+    if schedule.virtual and schedule.placement == "loop" and num_microbatches % num_stages:
         raise ValueError(f"schedule {name!r} runs micro-batches in rounds of one per stage mesh: num_microbatches "
                          f"({num_microbatches}) must be a multiple of the {num_stages} stage meshes")
     return schedule.order(stage, num_stages, num_microbatches, virtual_stages)
@@ -100,14 +135,17 @@ def clock_table(name: str, num_stages: int, num_microbatches: int, *, virtual_st
 
     Times are per rank and micro-batch for the rank's whole share of the model, so schedules compare
     directly: a chunk takes ``1/v`` of them. ``backward_time`` is a full backward; a split schedule's
-    ``W`` takes ``weight_time`` (default half) of it and its ``B`` the rest.
+    ``W`` takes ``weight_time`` (default half) of it and its ``B`` the rest. A fused ``B`` (run with
+    its ``W`` as one pass) hands its input gradient on only when its ``W`` is done.
     """
     split = check_schedule(name, virtual_stages).split_backward
     weight = backward_time / 2 if weight_time is None else weight_time
     cost = {"F": forward_time, "B": backward_time - weight if split else backward_time, "W": weight}
     num_chunks = num_stages * virtual_stages
+    placed = chunk_stages(name, num_stages, virtual_stages)
     orders = [stage_order(name, s, num_stages, num_microbatches, virtual_stages) for s in range(num_stages)]
     done: dict[tuple[str, int, int], float] = {}
+    handed: dict[tuple[str, int, int], float] = {}  # when the next chunk may use it, if later than done
     free = [0.0] * num_stages
     position = [0] * num_stages
     slots: list[Slot] = []
@@ -121,10 +159,13 @@ def clock_table(name: str, num_stages: int, num_microbatches: int, *, virtual_st
                     break
                 ready = 0.0
                 if dependency is not None:
-                    ready = done[dependency] + (latency if dependency[2] % num_stages != s else 0.0)
+                    available = done[dependency] if action.kind == "W" else handed.get(dependency, done[dependency])
+                    ready = available + (latency if placed[dependency[2]] != s else 0.0)
                 start = max(free[s], ready)
                 end = start + cost[action.kind] / virtual_stages
                 done[(action.kind, action.microbatch, action.chunk)] = free[s] = end
+                if action.fused:
+                    handed[("B", action.microbatch, action.chunk)] = end + cost["W"] / virtual_stages
                 position[s] += 1
                 slots.append(Slot(s, action, start, end))
                 progressed = True

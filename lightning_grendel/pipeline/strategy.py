@@ -32,7 +32,7 @@ from lightning_grendel.pipeline.precision import clip_over_pipeline
 from lightning_grendel.pipeline.pytree import sample_count, split_microbatches
 from lightning_grendel.pipeline.residency import StageResidency
 from lightning_grendel.pipeline.runtime import PipelineRuntime
-from lightning_grendel.pipeline.schedules import Schedule, check_schedule
+from lightning_grendel.pipeline.schedules import Schedule, check_schedule, chunk_stages
 from lightning_grendel.pipeline.split import TracedPipeline
 from lightning_grendel.pipeline.stages import Pipeline, PipelineStage, get_pipeline
 from lightning_grendel.pipeline.tied import tie_parameters
@@ -74,9 +74,12 @@ class PipelineStrategy(ProcessGroupStrategy):
         mesh_shapes: shape of each stage mesh.
         schedule: ``gpipe``, ``1f1b``, ``eager_1f1b``, ``interleaved_1f1b`` or ``eager_interleaved_1f1b``
             (both need ``num_microbatches`` a multiple of the number of stage meshes), or ``zb_h1`` (zero
-            bubble: backward split into input- and weight-gradient passes, weight passes in the bubbles).
-        virtual_stages: model chunks per stage mesh (``v``); chunk ``c`` runs on mesh ``c mod S``, so
-            ``pipeline_stages()`` returns ``v * S`` stages. Above 1 only with the interleaved schedules.
+            bubble: backward split into input- and weight-gradient passes, weight passes in the bubbles), or
+            ``zbv`` / ``dualpipev`` (two chunks per stage mesh in a V, backward split; ``dualpipev`` needs
+            ``num_microbatches`` at least twice the number of stage meshes).
+        virtual_stages: model chunks per stage mesh (``v``); chunk ``c`` runs on mesh ``c mod S`` (on mesh
+            ``c``, then ``2S-1-c``, for ``zbv`` and ``dualpipev``, which need exactly 2), so
+            ``pipeline_stages()`` returns ``v * S`` stages. Above 1 only with the interleaved and V schedules.
         executor: resharding executor (``send_recv``, ``allgather``, ``broadcast`` (default); ``auto``: the fastest
             per boundary tensor and direction, timed once on its transport when the boundary is first planned).
         sender_mode: sender selection of the resharding plans (``normal`` by default; ``auto``: chosen with the
@@ -183,9 +186,9 @@ class PipelineStrategy(ProcessGroupStrategy):
             self._build_runtime()
 
     def _stage_meshes(self) -> list[Mesh]:
-        """Each stage's (chunk's) mesh: chunk ``c`` runs on stage mesh ``c mod S``."""
+        """Each stage's (chunk's) mesh, as the schedule places it (``c mod S``, or a V)."""
         assert self._pipeline is not None
-        return [self.meshes[c % len(self.meshes)] for c in range(len(self._pipeline.stages))]
+        return [self.meshes[s] for s in chunk_stages(self.schedule, len(self.meshes), self.virtual_stages)]
 
     def _counted_parameters(self, params: list[Tensor]) -> list[Tensor]:
         """The parameters among ``params`` whose gradients this rank counts in the global norm."""

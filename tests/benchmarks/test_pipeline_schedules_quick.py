@@ -19,4 +19,5 @@ def test_pipeline_schedules_quick_prints_results():
               for line in result.stdout.splitlines() if line.startswith("RESULT ")}
     assert {"pipeline.interleaved_gain_fraction", "pipeline.zero_bubble_gain_fraction"} <= set(values)
     assert values["pipeline.zb_h1_step_s"] < values["pipeline.1f1b_step_s"]  # the bubble it removes is 25% here
-    assert "| interleaved_1f1b | 2 |" in result.stdout
+    assert "| interleaved_1f1b | 2 |" in result.stdout and "| zbv | 2 |" in result.stdout
+    assert "pipeline.zbv_gain_fraction" in values  # DualPipeV needs 8 micro-batches: not in quick mode

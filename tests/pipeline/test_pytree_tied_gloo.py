@@ -7,7 +7,9 @@ two meshes of different shapes) and returns a flattened ``[B*T, V]`` output, so 
 only be right if they come from the batch's sample count. The reference is the same model run
 unpipelined in one process: the loss, every gradient, and the tied weight's gradient (the sum of
 both uses) on every rank holding it; and forward-only evaluation's outputs, gathered from the ranks
-that hold each block of samples. An error on one rank only is raised on every rank, naming it.
+that hold each block of samples. An error on one rank only is raised on every rank, naming it. The
+V schedules run four chunks on two meshes: the embedding and its tied head both on the (1,2) mesh,
+the turn on a (3,1) data-parallel mesh handing its pytree over in-process (training and evaluation).
 """
 
 from __future__ import annotations
@@ -59,15 +61,23 @@ class _Head(nn.Module):
         return logits.reshape(-1, VOCAB)  # [B*T, V]: the leading dim is not the sample count
 
 
+class _Relay(_Block):
+    """A block taking what a block hands on (a tuple), so blocks can follow each other."""
+
+    def forward(self, x: tuple) -> tuple:
+        h, parity, n = x
+        return torch.tanh(self.lin(h)), parity, n
+
+
 def _modules(block_width: int = WIDTH) -> list[nn.Module]:
     torch.manual_seed(0)
     return [_Embed(), _Block(block_width), _Head()]
 
 
-def _batch() -> dict:
+def _batch(samples: int = 10) -> dict:
     generator = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, VOCAB, (10, LENGTH), generator=generator)
-    return {"ids": ids, "target": torch.randint(0, VOCAB, (10, LENGTH), generator=generator), "tag": "plain"}
+    ids = torch.randint(0, VOCAB, (samples, LENGTH), generator=generator)
+    return {"ids": ids, "target": torch.randint(0, VOCAB, (samples, LENGTH), generator=generator), "tag": "plain"}
 
 
 def _loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -88,6 +98,45 @@ def _reference() -> tuple[float, list[dict[str, torch.Tensor]]]:
     loss = _loss(modules[2](modules[1](modules[0](batch["ids"]))), batch["target"])
     loss.backward()
     return loss.item(), [{n: p.grad.clone() for n, p in m.named_parameters()} for m in modules]
+
+
+V_MESHES = [Mesh([0, 1], (1, 2)), Mesh([2, 3, 4], (3, 1))]
+
+
+def _v_schedules(rank: int) -> int:
+    """Embedding, block, relay, head in a V: meshes 0 1 1 0, so the tied pair shares mesh 0."""
+    torch.manual_seed(0)
+    reference = [_Embed(), _Block(), _Relay(), _Head()]
+    reference[3].weight = reference[0].weight
+    batch = _batch(12)  # 4 micro-batches of 3 samples, one per rank of the (3,1) mesh
+    loss = _loss(reference[3](reference[2](reference[1](reference[0](batch["ids"])))), batch["target"])
+    loss.backward()
+    checked = 0
+    for schedule, microbatches in (("zbv", 3), ("dualpipev", 4)):
+        torch.manual_seed(0)
+        modules = [_Embed(), _Block(), _Relay(), _Head()]
+        stages = [PipelineStage(modules[0], "S1"), PipelineStage(modules[1], "S0"),
+                  PipelineStage(modules[2], "S0"), PipelineStage(modules[3], ("S1", "S1", "R"))]
+        pipeline = Pipeline(stages, _loss, inputs=lambda batch: batch["ids"], target=lambda batch: batch["target"],
+                            tied=[["0.weight", "3.weight"]])
+        runtime = PipelineRuntime(pipeline, V_MESHES, schedule=schedule, num_microbatches=microbatches)
+        got = runtime.step(batch)
+        found = runtime.evaluate(batch, lambda output, rows: output)  # forward only, through the V and its turn
+        parts: list = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, [(start, value) for _, start, _, value in found] if runtime.contributes()
+                               else [])
+        runtime.close()
+        torch.testing.assert_close(got, loss.detach(), rtol=1e-5, atol=0)
+        outputs = torch.cat([value for _, value in sorted((p for part in parts for p in part), key=lambda p: p[0])])
+        with torch.no_grad():
+            want = reference[3](reference[2](reference[1](reference[0](batch["ids"]))))
+        torch.testing.assert_close(outputs, want, rtol=1e-5, atol=1e-6)
+        assert runtime.chunks == ([0, 3] if rank < 2 else [1, 2])
+        for c in runtime.chunks:
+            for (name, p), want in zip(modules[c].named_parameters(), reference[c].parameters(), strict=True):
+                torch.testing.assert_close(p.grad, want.grad, rtol=1e-5, atol=1e-6, msg=f"{schedule} {c} {name}")
+                checked += 1
+    return checked
 
 
 def _run(rank: int, world: int) -> int:
@@ -129,6 +178,7 @@ def _run(rank: int, world: int) -> int:
         want = modules[2](modules[1](modules[0](_batch()["ids"])))
     torch.testing.assert_close(torch.cat([output for _, _, (output, _) in pieces]), want, rtol=1e-5, atol=1e-6)
     _one_rank_fails(rank, want_loss)
+    checked += _v_schedules(rank)
     dist.barrier()
     return checked
 

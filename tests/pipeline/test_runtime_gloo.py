@@ -4,7 +4,9 @@ Three stages on six ranks: the middle stage runs on a (2,2) mesh, data parallel 
 a column-parallel Linear over axis 1, so activations go 1 -> (rows over 2, replicated over 2) and
 (rows over 2, features over 2) -> 1 through cross-mesh resharding, and gradients come back. The
 interleaved schedule runs six chunks on the same three meshes (two per mesh, chunk c on mesh c mod 3),
-so the last mesh also hands its chunk's output back to the first.
+so the last mesh also hands its chunk's output back to the first. The V schedules (``zbv``,
+``dualpipev``) place them 0 1 2 2 1 0: the turn stays on the last mesh (no transfer), and a second
+run puts the turn on the (2,2) mesh, data parallel, so the in-process hand-over splits samples there.
 """
 
 from __future__ import annotations
@@ -19,12 +21,13 @@ from torch.nn import functional as F
 
 from lightning_grendel.pipeline.residency import StageResidency
 from lightning_grendel.pipeline.runtime import PipelineRuntime
-from lightning_grendel.pipeline.schedules import SCHEDULES
+from lightning_grendel.pipeline.schedules import SCHEDULES, chunk_stages
 from lightning_grendel.pipeline.stages import Pipeline, PipelineStage
 from lightning_grendel.resharding import EXECUTORS, Mesh
 from tests.helpers.distributed import run_distributed
 
 MESHES = [Mesh([0], (1, 1)), Mesh([1, 2, 3, 4], (2, 2)), Mesh([5], (1, 1))]
+V_TURN_MESHES = [Mesh([0], (1, 1)), Mesh([5], (1, 1)), Mesh([1, 2, 3, 4], (2, 2))]  # the V turns on (2,2)
 LR = 0.1
 
 
@@ -40,14 +43,15 @@ def _stages(virtual: int = 1) -> list[nn.Module]:
     return modules
 
 
-def _pipeline(modules: list[nn.Module]) -> Pipeline:
-    return Pipeline([PipelineStage(m, "S0", column_parallel="2") if i % 3 == 1 else PipelineStage(m)
-                     for i, m in enumerate(modules)], F.cross_entropy)
+def _pipeline(modules: list[nn.Module], sharded: tuple[int, ...] = ()) -> Pipeline:
+    """Every third stage column parallel; the ``sharded`` ones data parallel (samples over mesh axis 0)."""
+    return Pipeline([PipelineStage(m, "S0", column_parallel="2") if i % 3 == 1 else
+                     PipelineStage(m, "S0" if i in sharded else "R") for i, m in enumerate(modules)], F.cross_entropy)
 
 
 def _data() -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(1)
-    return torch.randn(10, 5, generator=generator), torch.randint(0, 3, (10,), generator=generator)
+    return torch.randn(12, 5, generator=generator), torch.randint(0, 3, (12,), generator=generator)
 
 
 def _reference(virtual: int) -> tuple[float, list[list[torch.Tensor]], list[list[torch.Tensor]]]:
@@ -60,22 +64,24 @@ def _reference(virtual: int) -> tuple[float, list[list[torch.Tensor]], list[list
     return loss.item(), grads, stepped
 
 
-def _equivalence(rank: int, world: int, schedules, executors, sender_mode, transports) -> int:
+def _equivalence(rank: int, world: int, schedules, executors, sender_mode, transports, meshes=MESHES,
+                 sharded: tuple[int, ...] = ()) -> int:
     x, y = _data()
     checked = 0
     for schedule, executor, transport in itertools.product(schedules, executors, transports):
         virtual = 2 if SCHEDULES[schedule].virtual else 1
         want_loss, want_grads, want_stepped = _reference(virtual)
         modules = _stages(virtual)
-        runtime = PipelineRuntime(_pipeline(modules), MESHES, schedule=schedule, executor=executor,
-                                  sender_mode=sender_mode, num_microbatches=3, transport=transport)
+        runtime = PipelineRuntime(_pipeline(modules, sharded), meshes, schedule=schedule, executor=executor,
+                                  sender_mode=sender_mode, num_microbatches=max(3, 3 * SCHEDULES[schedule].min_rounds),
+                                  transport=transport)
         residency = StageResidency(nn.ModuleList(modules), modules, runtime.chunk_meshes, rank)
         residency.release()  # the step must not need other chunks' weights
         mine = runtime.chunks
         assert all((p.numel() == 0) == (c not in mine) for c, m in enumerate(modules) for p in m.parameters())
         loss = runtime.step((x, y))
         assert torch.allclose(loss, torch.tensor(want_loss), rtol=1e-5, atol=0), (schedule, executor, transport)
-        assert mine == list(range(runtime.stage, len(modules), 3))
+        assert mine == [c for c, s in enumerate(chunk_stages(schedule, 3, virtual)) if s == runtime.stage]
         # The column-parallel Linear's rows are computed on one TP rank each; the stage reduction
         # leaves the full gradient on every rank of the stage, so every parameter compares in full.
         for c in mine:
@@ -135,14 +141,21 @@ def _all_equivalences(rank: int, world: int) -> int:
     checked = _equivalence(rank, world, SCHEDULES, EXECUTORS, "normal", ("dist",))
     checked += _equivalence(rank, world, SCHEDULES, ("broadcast",), "normal", ("shm",))
     checked += _equivalence(rank, world, ("zb_h1", "interleaved_1f1b"), ("auto",), "auto", ("dist", "shm"))
+    checked += _equivalence(rank, world, ("zbv", "dualpipev"), ("broadcast",), "normal", ("dist",), V_TURN_MESHES,
+                            sharded=(2, 3))
+    runtime = PipelineRuntime(_pipeline(_stages(2), sharded=(2,)), V_TURN_MESHES, schedule="zbv", transport="dist")
+    with pytest.raises(ValueError, match=r"stages 2 and 3 both run on stage mesh 2 \(the turn of schedule 'zbv'"):
+        runtime.step(_data())  # samples split at the turn but not after it: refused on every rank, no hang
+    runtime.close()
     _lorentz_equivalence(rank)  # the defaults: broadcast, normal senders, transport auto
     return checked
 
 
 @pytest.mark.timeout(300)
 def test_pipelined_step_equals_unpipelined_for_every_schedule_and_executor():
-    """Every schedule (interleaved with two chunks per mesh) and executor over gloo, every schedule through
-    shared memory, executor="auto" on both transports; plus the Lorentz transformer recipe's model
-    (default executor and transport), in the same processes (start-up dominates here)."""
-    results = run_distributed(_all_equivalences, 6, timeout_s=150)
+    """Every schedule (interleaved and V with two chunks per mesh) and executor over gloo, every schedule
+    through shared memory, executor="auto" on both transports, the V schedules turning on the (2,2) mesh;
+    plus the Lorentz transformer recipe's model (default executor and transport), in the same processes
+    (start-up dominates here)."""
+    results = run_distributed(_all_equivalences, 6, timeout_s=220)
     assert all(n > 0 for n in results)

@@ -1,5 +1,6 @@
-"""Trainer level, interleaved: 4 chunks on 2 processes (v = 2) train like one process, and the
-checkpoint holds every chunk's optimiser state (SGD momentum) equal to the plain run's."""
+"""Trainer level, two chunks per process: 4 chunks on 2 processes (v = 2, interleaved, or in a V with
+DualPipeV) train like one process, and the checkpoint holds every chunk's optimiser state (SGD
+momentum) equal to the plain run's."""
 
 from __future__ import annotations
 
@@ -32,9 +33,10 @@ def _train(strategy, devices: int, folder: Path) -> tuple[dict[str, torch.Tensor
 
 
 @pytest.mark.timeout(300)
-def test_interleaved_pipeline_trains_like_a_single_process(tmp_path):
+@pytest.mark.parametrize("schedule, microbatches", [("interleaved_1f1b", 2), ("dualpipev", 4)])
+def test_two_chunks_per_process_train_like_a_single_process(tmp_path, schedule, microbatches):
     plain, plain_state = _train("auto", 1, tmp_path / "plain")
-    strategy = PipelineStrategy(schedule="interleaved_1f1b", virtual_stages=2, num_microbatches=2,
+    strategy = PipelineStrategy(schedule=schedule, virtual_stages=2, num_microbatches=microbatches,
                                 start_method="spawn", timeout_s=60)
     pipelined, state = _train(strategy, 2, tmp_path / "pipelined")
     for key, value in plain.items():
@@ -45,6 +47,8 @@ def test_interleaved_pipeline_trains_like_a_single_process(tmp_path):
                                    rtol=1e-5, atol=1e-6)
 
 
-def test_virtual_stages_need_an_interleaved_schedule():
+def test_virtual_stages_need_an_interleaved_or_v_schedule():
     with pytest.raises(ValueError, match="virtual_stages=2 needs one of"):
         PipelineStrategy(schedule="1f1b", virtual_stages=2)
+    with pytest.raises(ValueError, match="'zbv' runs two chunks per stage mesh in a V: virtual_stages must be 2"):
+        PipelineStrategy(schedule="zbv")
