@@ -60,18 +60,20 @@ class LorentzKGModule(StopOnNonFinite, L.LightningModule):
             ``"projection"`` (``projx(x + u)``, cheaper, applies ``max_norm`` every step).
         lr_schedule: ``"constant"`` (HyboNet's), ``"plateau"`` (multiply the rate by ``lr_decay`` once
             ``val/mrr`` has not improved for ``lr_patience`` validations; it needs epoch-wise validation) or
-            ``"cosine"`` (from ``lr`` down to ``min_lr`` over ``trainer.max_epochs``).
-        lr_decay: the plateau schedule's factor.
+            ``"cosine"`` (from ``lr`` down to ``min_lr`` over ``trainer.max_epochs``) or ``"step"`` (multiply
+            the rate by ``lr_decay`` at each epoch of ``lr_milestones``).
+        lr_decay: the plateau and step schedules' factor.
         lr_patience: validations without a better ``val/mrr`` before the plateau schedule decays the rate.
-        min_lr: the rate never goes below this.
+        min_lr: the rate never goes below this (plateau and cosine).
+        lr_milestones: epochs at which the step schedule decays the rate.
     """
 
     def __init__(self, num_entities: int | None = None, num_relations: int | None = None, dim: int = 32,
                  k: float = 1.0, max_norm: float = 1.5, max_scale: float = 3.5, margin: float = 8.0,
                  lr: float = 0.005, stabilize: int | None = 1,
                  retraction: Literal["expmap", "projection"] = "expmap",
-                 lr_schedule: Literal["constant", "plateau", "cosine"] = "constant", lr_decay: float = 0.2,
-                 lr_patience: int = 3, min_lr: float = 1e-5) -> None:
+                 lr_schedule: Literal["constant", "plateau", "cosine", "step"] = "constant", lr_decay: float = 0.2,
+                 lr_patience: int = 3, min_lr: float = 1e-5, lr_milestones: list[int] | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.model: HyboNetKG | None = None
@@ -128,6 +130,11 @@ class LorentzKGModule(StopOnNonFinite, L.LightningModule):
         optimizer = LorentzRiemannianAdam(self.parameters(), lr=hp.lr, stabilize=hp.stabilize)
         if hp.lr_schedule == "constant":
             return optimizer
+        if hp.lr_schedule == "step":
+            if not hp.lr_milestones:
+                raise ValueError("lr_schedule='step' decays the rate at --model.lr_milestones: give at least one epoch")
+            scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, hp.lr_milestones, hp.lr_decay)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
         if hp.lr_schedule == "cosine":
             if self.trainer.max_epochs is None or self.trainer.max_epochs < 1:
                 raise ValueError("lr_schedule='cosine' anneals over trainer.max_epochs: set --trainer.max_epochs")
