@@ -44,8 +44,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from resharding import spawn_ranks
+from torch import nn
 
-from lightning_grendel.pipeline import PipelineRuntime
+from lightning_grendel.pipeline import Pipeline, PipelineRuntime
 from lightning_grendel.pipeline.examples.tiny_lm import CausalBlock, TinyTransformerLM, lm_loss
 from lightning_grendel.pipeline.schedules import SCHEDULES as REGISTRY
 from lightning_grendel.pipeline.schedules import chunk_stages
@@ -104,10 +105,8 @@ def _batch(config: Config, index: int) -> tuple[torch.Tensor, torch.Tensor]:
 class _Ours:
     """A step of this project's runtime; every rank passes the whole batch."""
 
-    def __init__(self, schedule: str, config: Config, world: int, chunks: int) -> None:
-        pipeline = _model(config, world * chunks).pipeline_stages()
-        self.runtime = PipelineRuntime(pipeline, [Mesh([r], (1, 1)) for r in range(world)], schedule=schedule,
-                                       num_microbatches=config.microbatches)
+    def __init__(self, pipeline: Pipeline, meshes: list[Mesh], schedule: str, config: Config) -> None:
+        self.runtime = PipelineRuntime(pipeline, meshes, schedule=schedule, num_microbatches=config.microbatches)
         params = [p for module in self.runtime.modules for p in module.parameters()]
         self.optimizer = torch.optim.Adam(params, lr=config.lr)
 
@@ -124,11 +123,11 @@ class _Ours:
 class _Torch:
     """A step of torch's schedule from a plain loop: input on the first stage, target and losses on the last."""
 
-    def __init__(self, schedule: str, ours: str, config: Config, world: int, chunks: int) -> None:
+    def __init__(self, schedule: str, ours: str, config: Config, world: int, chunks: int,
+                 modules: list[nn.Module]) -> None:
         from torch.distributed import pipelining
 
         rank = dist.get_rank()
-        modules = [stage.module for stage in _model(config, world * chunks).pipeline_stages().stages]
         indices = [c for c, stage in enumerate(chunk_stages(ours, world, chunks)) if stage == rank]
         stages = [pipelining.PipelineStage(modules[i], i, world * chunks, torch.device("cpu")) for i in indices]
         cls = getattr(pipelining, schedule)
@@ -183,16 +182,23 @@ def _peak_rss() -> Iterator[list[int]]:
         result[0] = max(peak[0], _rss()) - base
 
 
-def _rank(rank: int, world: int, init: str, config: Config, out: dict) -> None:
+def join(rank: int, world: int, init: str) -> None:
+    """One thread per rank, then the gloo group through the rendezvous file ``init``."""
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=600))
+
+
+def _rank(rank: int, world: int, init: str, config: Config, out: dict) -> None:
+    join(rank, world, init)
     runners: dict[tuple[str, str], _Ours | _Torch] = {}
     cases = runnable(world, config)
     for ours, theirs, chunks in cases:
-        runners[(ours, "ours")] = _Ours(ours, config, world, chunks)
-        runners[(ours, "torch")] = _Torch(theirs, ours, config, world, chunks)
+        pipeline = _model(config, world * chunks).pipeline_stages()
+        runners[(ours, "ours")] = _Ours(pipeline, [Mesh([r], (1, 1)) for r in range(world)], ours, config)
+        modules = [stage.module for stage in _model(config, world * chunks).pipeline_stages().stages]
+        runners[(ours, "torch")] = _Torch(theirs, ours, config, world, chunks, modules)
     losses: dict[tuple[str, str], list[float]] = {key: [] for key in runners}
     seconds: dict[tuple[str, str], list[float]] = {key: [] for key in runners}
     peaks: dict[tuple[str, str], int] = {}
