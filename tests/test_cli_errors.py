@@ -20,7 +20,7 @@ NOTICES = ("Seed set to", "[rank: 1] Seed set to", "GPU available", "TPU availab
 
 def lightning_grendel(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "lightning_grendel", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=280, env={**os.environ, **(env or {})})
+                          text=True, timeout=600, env={**os.environ, **(env or {})})
 
 
 def assert_one_error_line(result: subprocess.CompletedProcess, *needles: str) -> str:

@@ -22,6 +22,6 @@ def test_pipeline_recipe_runs_through_the_cli(tmp_path, recipe, steps):
     command = [sys.executable, "-m", "lightning_grendel", "fit", "-c", str(REPO / "recipes/pipeline" / recipe),
                "--trainer.max_steps", str(steps), "--trainer.logger", "false", "--trainer.enable_progress_bar",
                "false"]
-    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=280)
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"max_steps={steps}" in result.stderr + result.stdout
